@@ -1,0 +1,152 @@
+"""Statuses and result types shared by linear solvers and inner solvers.
+
+A status is an :class:`enum.Enum` whose value is the human-readable message, so that
+``str(result.status)`` reads well in a log and ``result.status is Status.SUCCESS`` is the
+test.  Non-convergence is always reported through the status, never silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+class Status(enum.Enum):
+    """Outcome of a solve.  The value is the message."""
+
+    SUCCESS = "converged to the requested tolerance"
+    COMPLETED = "ran the configured number of steps (no tolerance was set)"
+    MAX_ITERATIONS = "reached the maximum number of iterations before the tolerance"
+    NEGATIVE_CURVATURE = "found non-positive curvature (p^T A p <= 0): the operator is not positive definite"
+    BREAKDOWN = "breakdown (division by a vanishing quantity)"
+    NONFINITE = "a non-finite value (NaN or Inf) appeared"
+    LINESEARCH_FAILED = "the line search could not make progress"
+    EXTERNAL_FAILURE = "the external solver reported failure"
+    UNKNOWN = "the solver reported no status"
+
+    @property
+    def ok(self) -> bool:
+        """True for the statuses that mean the returned point can be trusted."""
+        return self in (Status.SUCCESS, Status.COMPLETED)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.value}"
+
+
+class ConvergenceWarning(UserWarning):
+    """A forward (inner) or backward (linear) solve did not converge."""
+
+
+class ConvergenceError(RuntimeError):
+    """Raised instead of :class:`ConvergenceWarning` when a layer is set to ``on_failure="raise"``."""
+
+
+# Integer codes let batched solvers keep one status per task in a tensor, without a
+# host sync per iteration; they are turned into Status values once, at the end.
+STATUS_CODES: tuple[Status, ...] = tuple(Status)
+
+
+def status_from_codes(codes: Tensor) -> tuple[Status, ...]:
+    """Turn a tensor of integer codes (indices into ``tuple(Status)``) into statuses."""
+    return tuple(STATUS_CODES[int(c)] for c in codes.reshape(-1).tolist())
+
+
+def code(status: Status) -> int:
+    return STATUS_CODES.index(status)
+
+
+def overall_status(statuses: tuple[Status, ...]) -> Status:
+    """SUCCESS/COMPLETED only if every task is; otherwise the first failing status."""
+    for s in statuses:
+        if not s.ok:
+            return s
+    return Status.SUCCESS if all(s is Status.SUCCESS for s in statuses) else Status.COMPLETED
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSolveResult:
+    """Result of a linear solve ``A x = b``.
+
+    Attributes:
+        x: the solution, a tree shaped like ``b``.
+        status: overall :class:`Status` (in batched mode: SUCCESS only if every task converged).
+        iterations: number of iterations (in batched mode: the largest over tasks).
+        residual_norm: final residual norm ``||b - A x||`` (0-d, or ``(B,)`` per task).
+        task_status: per-task statuses in batched mode, else ``None``.
+        task_iterations: per-task iteration counts ``(B,)`` in batched mode, else ``None``.
+    """
+
+    x: Any
+    status: Status
+    iterations: int
+    residual_norm: Tensor
+    task_status: Optional[tuple[Status, ...]] = None
+    task_iterations: Optional[Tensor] = None
+
+    @property
+    def success(self) -> bool:
+        return self.status is Status.SUCCESS
+
+    def summary(self) -> str:
+        """One line: status, iterations, residual norm(s)."""
+        rn = [f"{r:.3g}" for r in self.residual_norm.detach().cpu().reshape(-1).tolist()]
+        return f"{self.status} after {self.iterations} iterations, residual norm {', '.join(rn)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverResult:
+    """Result of an inner solve ``x* = argmin f(x)`` (or a root / fixed point).
+
+    Attributes:
+        x: the solution tree.
+        status: overall :class:`Status` (batched: SUCCESS/COMPLETED only if every task is).
+        iterations: iterations taken (batched: the largest over tasks).
+        grad_norm: final gradient (or residual) norm, 0-d or ``(B,)``.
+        value: final objective value, 0-d or ``(B,)`` (``None`` if not computed).
+        n_fun: number of objective evaluations.
+        n_grad: number of gradient evaluations.
+        n_hvp: number of Hessian-vector products.
+        task_status: per-task statuses in batched mode.
+        task_iterations: per-task iteration counts in batched mode.
+        raw: the external solver's own result object (e.g. ``scipy.optimize.OptimizeResult``).
+        message: extra detail (e.g. the iteration at which a non-finite value appeared).
+    """
+
+    x: Any
+    status: Status
+    iterations: int
+    grad_norm: Optional[Tensor] = None
+    value: Optional[Tensor] = None
+    n_fun: int = 0
+    n_grad: int = 0
+    n_hvp: int = 0
+    task_status: Optional[tuple[Status, ...]] = None
+    task_iterations: Optional[Tensor] = None
+    raw: Any = None
+    message: str = ""
+
+    @property
+    def success(self) -> bool:
+        return self.status.ok
+
+
+def report(status_ok: bool, message: str, on_failure: str) -> None:
+    """Warn, raise or ignore a failed solve according to ``on_failure``."""
+    if status_ok or on_failure == "ignore":
+        return
+    if on_failure == "raise":
+        raise ConvergenceError(message)
+    warnings.warn(message, ConvergenceWarning, stacklevel=4)
+
+
+def as_tensor_norm(x: Any) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.tensor(float(x))
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf appeared in an objective value, a gradient or a solution."""

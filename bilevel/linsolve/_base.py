@@ -1,0 +1,109 @@
+"""Common configuration, validation and bookkeeping of the matrix-free linear solvers."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from .._result import LinearSolveResult, Status, code, overall_status, status_from_codes
+from .._tree import default_tol, tree_dtype, tree_flatten, tree_size
+
+MatVec = Callable[[Any], Any]
+"""``matvec(v) -> A v`` on tensor trees shaped like the right-hand side."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSolver(abc.ABC):
+    """Base class: an immutable configuration, called as ``solver(matvec, b, x0=None)``.
+
+    Args:
+        tol: relative tolerance; the solve stops when ``||r|| <= max(tol * ||b||, atol)``
+            (the scipy rule).  ``None`` picks a default from the dtype of ``b``
+            (:func:`bilevel._tree.default_tol`).
+        atol: absolute tolerance (default 0).
+        maxiter: iteration cap; ``None`` means ``10 * n`` (at least 10), where ``n`` is
+            the number of unknowns (per task).  A cap that computes to 0 is impossible.
+
+    Subclasses set ``requires_symmetric`` when they are only valid for symmetric operators.
+    """
+
+    tol: Optional[float] = None
+    atol: float = 0.0
+    maxiter: Optional[int] = None
+
+    requires_symmetric: ClassVar[bool] = False
+    requires_positive_definite: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.tol is not None and not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
+            raise ValueError(f"{type(self).__name__}: tol must be a float in (0, 1), got {self.tol!r}")
+        if not (isinstance(self.atol, (int, float)) and self.atol >= 0):
+            raise ValueError(f"{type(self).__name__}: atol must be a float >= 0, got {self.atol!r}")
+        if self.maxiter is not None and not (isinstance(self.maxiter, int) and self.maxiter >= 1):
+            raise ValueError(f"{type(self).__name__}: maxiter must be an int >= 1, got {self.maxiter!r}")
+
+    # -- helpers for subclasses -------------------------------------------------------
+    def _tol(self, b: Any) -> float:
+        return self.tol if self.tol is not None else default_tol(tree_dtype(b))
+
+    def _maxiter(self, b: Any, batched: bool) -> int:
+        if self.maxiter is not None:
+            return self.maxiter
+        return max(10, 10 * tree_size(b, batched))
+
+    @abc.abstractmethod
+    def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
+        """Solve ``A x = b``.
+
+        Args:
+            matvec: ``v -> A v`` on trees shaped like ``b``.
+            b: right-hand side, a tensor tree.
+            x0: optional initial guess (zeros by default).
+            batched: every leaf has a leading task dimension ``B``; the tasks are
+                independent systems solved together, with per-task step sizes, residuals
+                and convergence.  ``matvec`` must be block-diagonal over tasks.
+        """
+
+
+def check_rhs(b: Any, batched: bool) -> None:
+    leaves, _ = tree_flatten(b)
+    if not leaves:
+        raise ValueError("the right-hand side is an empty tree")
+    for leaf in leaves:
+        if not leaf.dtype.is_floating_point:
+            raise TypeError(f"linear solvers need floating-point tensors, got {leaf.dtype}")
+        if batched and leaf.dim() == 0:
+            raise ValueError("batched mode needs a leading task dimension on every leaf")
+
+
+def finish(
+    x: Any,
+    rnorm: Tensor,
+    codes: Tensor,
+    iters: Tensor,
+    batched: bool,
+) -> LinearSolveResult:
+    """Build a :class:`LinearSolveResult` from per-task codes (one host sync)."""
+    statuses = status_from_codes(codes)
+    if batched:
+        return LinearSolveResult(
+            x=x,
+            status=overall_status(statuses),
+            iterations=int(iters.max()) if iters.numel() else 0,
+            residual_norm=rnorm,
+            task_status=statuses,
+            task_iterations=iters,
+        )
+    return LinearSolveResult(x=x, status=statuses[0], iterations=int(iters.reshape(-1)[0]), residual_norm=rnorm.reshape(()))
+
+
+def codes_from_masks(shape: torch.Size, device: torch.device, **masks: Tensor) -> Tensor:
+    """Integer status codes: the first mask (in keyword order) that is true wins; else MAX_ITERATIONS."""
+    out = torch.full(shape, code(Status.MAX_ITERATIONS), dtype=torch.long, device=device)
+    for name, m in reversed(list(masks.items())):
+        out = torch.where(m, torch.full_like(out, code(Status[name])), out)
+    return out

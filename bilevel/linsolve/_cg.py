@@ -1,0 +1,95 @@
+"""Conjugate gradient for symmetric positive definite operators (Hestenes & Stiefel, 1952)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+from .._result import LinearSolveResult
+from .._tree import tree_axpy, tree_map, tree_norm, tree_sub, tree_vdot, tree_zeros_like
+from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish
+
+
+@dataclasses.dataclass(frozen=True)
+class CG(LinearSolver):
+    """Preconditioned conjugate gradient on ``A x = b`` with ``A`` symmetric positive definite.
+
+    The invariant it relies on is ``p^T A p > 0`` for every search direction.  When an
+    iteration finds ``p^T A p <= 0`` (the operator is indefinite, e.g. the Hessian of a
+    non-convex loss with too small a proximal weight) the task stops at its last iterate
+    with status ``NEGATIVE_CURVATURE`` — it never reports success on such a system and
+    never divides by a non-positive curvature.
+
+    In batched mode every task has its own step sizes, residual and convergence mask; a
+    converged task stops moving and the loop ends when all tasks have stopped (one host
+    sync per iteration, for that test).
+
+    Args:
+        preconditioner: optional ``r -> M^{-1} r`` on trees, with ``M`` SPD.
+        tol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+    """
+
+    preconditioner: Optional[Callable[[Any], Any]] = None
+
+    requires_symmetric: ClassVar[bool] = True
+    requires_positive_definite: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.preconditioner is not None and not callable(self.preconditioner):
+            raise TypeError("CG: preconditioner must be a callable r -> M^{-1} r")
+
+    def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
+        check_rhs(b, batched)
+        tol = self._tol(b)
+        maxiter = self._maxiter(b, batched)
+        precond = self.preconditioner or (lambda r: r)
+
+        bnorm = tree_norm(b, batched)
+        thresh = torch.clamp(tol * bnorm, min=self.atol)
+        if x0 is None:
+            x = tree_zeros_like(b)
+            r = b
+        else:
+            x = tree_map(lambda t: t.clone(), x0)
+            r = tree_sub(b, matvec(x))
+        z = precond(r)
+        p = z
+        rz = tree_vdot(r, z, batched)
+        rnorm = tree_norm(r, batched)
+        converged = rnorm <= thresh
+        negative = torch.zeros_like(converged)
+        nonfinite = ~torch.isfinite(rnorm)
+        iters = torch.zeros(converged.shape, dtype=torch.long, device=converged.device)
+
+        for _ in range(maxiter):
+            active = ~(converged | negative | nonfinite)
+            if not bool(active.any()):  # the one host sync per iteration: the stopping test
+                break
+            Ap = matvec(p)
+            pAp = tree_vdot(p, Ap, batched)
+            bad = active & ~torch.isfinite(pAp)
+            neg = active & ~bad & (pAp <= 0)
+            nonfinite = nonfinite | bad
+            negative = negative | neg
+            active = active & ~(bad | neg)
+            alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
+            x = tree_axpy(alpha, p, x, batched)
+            r = tree_axpy(-alpha, Ap, r, batched)
+            iters = iters + active.long()
+            rnorm = torch.where(active, tree_norm(r, batched), rnorm)
+            nonfinite = nonfinite | (active & ~torch.isfinite(rnorm))
+            converged = converged | (active & (rnorm <= thresh))
+            z = precond(r)
+            rz_new = tree_vdot(r, z, batched)
+            safe_rz = torch.where(rz == 0, torch.ones_like(rz), rz)
+            beta = torch.where(active, rz_new / safe_rz, torch.zeros_like(rz))
+            p = tree_axpy(beta, p, z, batched)
+            rz = torch.where(active, rz_new, rz)
+
+        codes = codes_from_masks(
+            converged.shape, converged.device, SUCCESS=converged, NONFINITE=nonfinite, NEGATIVE_CURVATURE=negative
+        )
+        return finish(x, rnorm, codes, iters, batched)
