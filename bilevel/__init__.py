@@ -1,7 +1,27 @@
-"""bilevel: differentiable solutions of inner optimisation problems for PyTorch."""
+"""bilevel: differentiable solutions of inner optimisation problems for PyTorch.
+
+Implicit MAML (Rajeswaran, Finn, Kakade & Levine, NeurIPS 2019) as a general library:
+any black-box inner solver, a backward pass by the implicit function theorem solved
+matrix-free, memory independent of the number of inner steps.
+
+Public API:
+
+* layers — :class:`ImplicitLayer` (abstract), :class:`Argmin`, :class:`Proximal`,
+  :class:`FixedPoint`, and the :func:`custom_root` decorator;
+* :mod:`bilevel.linsolve` — CG, MINRES, GMRES, BiCGSTAB, Neumann, Dense;
+* :mod:`bilevel.solvers` — GradientDescent, Adam, LBFGS, NewtonCG, ScipyMinimize, ...;
+* :mod:`bilevel.testing` — hypothesis strategies and :func:`check_implicit_grad`;
+* results and diagnostics — :class:`Status`, :class:`SolverResult`,
+  :class:`LinearSolveResult`, :class:`Diagnostics`, :class:`ConvergenceWarning`,
+  :class:`ConvergenceError`, :class:`NonFiniteError`, :class:`ClosedOverTensorWarning`.
+"""
 
 from __future__ import annotations
 
+from . import linsolve, solvers
+from ._diagnostics import Diagnostics
+from ._implicit import ClosedOverTensorWarning
+from ._layers import Argmin, FixedPoint, ImplicitLayer, Proximal, custom_root
 from ._result import (
     ConvergenceError,
     ConvergenceWarning,
@@ -12,3 +32,21 @@ from ._result import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Argmin",
+    "ClosedOverTensorWarning",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "Diagnostics",
+    "FixedPoint",
+    "ImplicitLayer",
+    "LinearSolveResult",
+    "NonFiniteError",
+    "Proximal",
+    "SolverResult",
+    "Status",
+    "custom_root",
+    "linsolve",
+    "solvers",
+]

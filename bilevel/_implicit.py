@@ -1,0 +1,360 @@
+"""The implicit-function-theorem autograd Function shared by every layer.
+
+Given a black-box ``solve(x0, *args) -> x*`` and a differentiable optimality condition
+``F(x, *args)`` with ``F(x*, args) = 0``, the implicit function theorem gives, with
+``A = dF/dx`` and ``B = dF/dargs`` at the solution, for a cotangent ``v = dl/dx*``::
+
+    solve  A^T u = v          (matrix-free, by the configured linear solver)
+    dl/dargs = -B^T u         (one vector-Jacobian product of F)
+
+(Rajeswaran et al. 2019, "Meta-Learning with Implicit Gradients", Lemma 1 / Eq. 6, for
+the proximal case; Blondel et al. 2022 for the general root form.)  The gradient depends
+on the solution only, never on the solver's path: the forward pass runs the solver under
+``torch.no_grad()`` and saves nothing but the solution and the inputs, so the memory kept
+for backward does not grow with the number of inner steps.
+
+``autograd.Function`` takes no tensor trees: :func:`implicit_apply` flattens at the
+boundary and rebuilds in a thin wrapper.  One module-level Function in the modern form
+(``forward`` without ctx, ``setup_context``, ``backward``) serves every call; the per-call
+configuration travels in a plain :class:`_Spec` object stored on ``ctx`` only, never on a
+layer, so no graph outlives its backward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ._diagnostics import Diagnostics, strip_backward, strip_forward
+from ._result import NonFiniteError, Status, report
+from ._tree import TreeDef, batch_size, tree_flatten, tree_unflatten
+
+_ON_FAILURE = ("warn", "raise", "ignore")
+
+
+class ClosedOverTensorWarning(UserWarning):
+    """A tensor that requires grad is used by the optimality condition without being an argument.
+
+    Such a tensor receives no gradient from the implicit layer (the silent-zero-gradient
+    trap): pass it as an argument of the layer instead of closing over it.
+    """
+
+
+class _Spec:
+    """Per-call configuration handed to the autograd Function (never stored on a layer)."""
+
+    __slots__ = (
+        "solve",
+        "optimality",
+        "x_def",
+        "x_meta",
+        "layout",
+        "linsolve",
+        "symmetric",
+        "batched",
+        "diagnostics",
+        "on_failure",
+        "name",
+    )
+
+    def __init__(self, **kw: Any) -> None:
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+# --------------------------------------------------------------------------------------
+# argument packing: each positional argument is either a tensor tree (its leaves become
+# inputs of the Function, so they can receive gradients) or a static Python object.
+# --------------------------------------------------------------------------------------
+def _pack_args(args: tuple) -> tuple[list[Tensor], list[tuple]]:
+    leaves: list[Tensor] = []
+    layout: list[tuple] = []
+    for a in args:
+        try:
+            ls, d = tree_flatten(a)
+        except TypeError:
+            layout.append(("static", a))
+            continue
+        layout.append(("tree", d, len(ls)))
+        leaves.extend(ls)
+    return leaves, layout
+
+
+def _unpack_args(layout: list[tuple], leaves: tuple | list) -> tuple:
+    out = []
+    i = 0
+    for item in layout:
+        if item[0] == "static":
+            out.append(item[1])
+        else:
+            _, d, n = item
+            out.append(tree_unflatten(d, list(leaves[i : i + n])))
+            i += n
+    return tuple(out)
+
+
+def _solution_of(out: Any, name: str) -> Any:
+    """The solution tree inside whatever the solver returned (a tree or an object with .x)."""
+    if out is None:
+        raise TypeError(f"{name}: the solver returned None instead of a solution")
+    if hasattr(out, "x") and not isinstance(out, Tensor):
+        x = out.x
+        if x is None:
+            raise TypeError(f"{name}: the solver's result has no solution (its .x is None)")
+        return x
+    return out
+
+
+def _describe_bad_tasks(leaves: list[Tensor], batched: bool) -> str:
+    if not batched:
+        return ""
+    bad = torch.zeros(leaves[0].shape[0], dtype=torch.bool, device=leaves[0].device)
+    for leaf in leaves:
+        bad |= ~torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(1)
+    return f" for task(s) {bad.nonzero().reshape(-1).tolist()}"
+
+
+class _ImplicitFunction(torch.autograd.Function):
+    """x* = solve(x0, *args), differentiated by the implicit function theorem."""
+
+    @staticmethod
+    def forward(spec: _Spec, *flat: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        nx = spec.x_def.num_leaves
+        x0 = tree_unflatten(spec.x_def, list(flat[:nx]))
+        args = _unpack_args(spec.layout, flat[nx:])
+        with torch.no_grad():
+            out = spec.solve(x0, *args)
+        x = _solution_of(out, spec.name)
+        try:
+            leaves, d = tree_flatten(x)
+        except TypeError as e:
+            raise TypeError(f"{spec.name}: the solver's solution is not a tensor tree: {e}") from None
+        if d != spec.x_def:
+            raise ValueError(f"{spec.name}: the solution's structure {d!r} differs from the initial point's {spec.x_def!r}")
+        for leaf, (shape, dtype) in zip(leaves, spec.x_meta):
+            if leaf.shape != shape or leaf.dtype != dtype:
+                raise ValueError(
+                    f"{spec.name}: the solver returned a leaf of shape {tuple(leaf.shape)} and dtype {leaf.dtype}; "
+                    f"the initial point's is {tuple(shape)} / {dtype}"
+                )
+        if not all(bool(torch.isfinite(leaf).all()) for leaf in leaves):
+            raise NonFiniteError(
+                f"{spec.name}: the inner solution contains NaN or Inf{_describe_bad_tasks(leaves, spec.batched)}"
+            )
+        if out is not x:
+            spec.diagnostics.forward = strip_forward(out)
+            status = spec.diagnostics.forward.status
+            if status is not Status.UNKNOWN:
+                extra = f" ({spec.diagnostics.forward.message})" if spec.diagnostics.forward.message else ""
+                tasks = spec.diagnostics.forward.task_status
+                if tasks is not None and not status.ok:
+                    extra += f"; failing task(s): {[i for i, s in enumerate(tasks) if not s.ok]}"
+                report(status.ok, f"{spec.name}: the inner solve did not converge: {status}{extra}", spec.on_failure)
+        else:
+            spec.diagnostics.forward = None
+        inputs = {id(t) for t in flat}
+        # An output must not be one of the inputs (a solver that took 0 steps may hand x0 back).
+        return tuple(leaf.detach().clone() if id(leaf) in inputs else leaf.detach() for leaf in leaves)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        spec = inputs[0]
+        nx = spec.x_def.num_leaves
+        ctx.spec = spec
+        ctx.save_for_backward(*output, *inputs[1 + nx :])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        spec: _Spec = ctx.spec
+        nx = spec.x_def.num_leaves
+        saved = ctx.saved_tensors
+        x_leaves = [t.detach() for t in saved[:nx]]
+        arg_leaves = saved[nx:]
+        need = ctx.needs_input_grad[1 + nx :]
+        none_prefix: tuple[None, ...] = (None,) * (1 + nx)
+        if not any(need):
+            return none_prefix + (None,) * len(arg_leaves)
+
+        v_leaves = [torch.zeros_like(xl) if g is None else g for g, xl in zip(grads, x_leaves)]
+        x = tree_unflatten(spec.x_def, x_leaves)
+        v = tree_unflatten(spec.x_def, v_leaves)
+        args_det = _unpack_args(spec.layout, [a.detach() for a in arg_leaves])
+
+        matvec = _operator(spec, x, args_det)
+        with torch.enable_grad():
+            res = spec.linsolve(matvec, v, batched=spec.batched)
+        spec.diagnostics.backward = strip_backward(res)
+        failing = ""
+        if res.task_status is not None and not res.success:
+            failing = f"; failing task(s): {[i for i, s in enumerate(res.task_status) if s is not Status.SUCCESS]}"
+        report(
+            res.success,
+            f"{spec.name}: the backward linear solve ({type(spec.linsolve).__name__}) did not converge: "
+            f"{res.summary()}{failing}",
+            spec.on_failure,
+        )
+        u_leaves, _ = tree_flatten(res.x)
+
+        # dl/dargs = -B^T u: one VJP of F with respect to the arguments.
+        with torch.enable_grad():
+            req = [a.detach().requires_grad_(True) if n else a.detach() for a, n in zip(arg_leaves, need)]
+            args_req = _unpack_args(spec.layout, req)
+            Fx = spec.optimality(x, *args_req)
+            F_leaves, _ = tree_flatten(Fx)
+            targets = [r for r, n in zip(req, need) if n]
+            _warn_closed_over(F_leaves, targets, spec.name)
+            pairs = [(f, -u) for f, u in zip(F_leaves, u_leaves) if f.requires_grad]
+            if pairs:
+                gs = torch.autograd.grad(
+                    [p[0] for p in pairs], targets, grad_outputs=[p[1] for p in pairs], allow_unused=True
+                )
+            else:
+                gs = (None,) * len(targets)
+        it = iter(gs)
+        out = [next(it) if n else None for n in need]
+        return none_prefix + tuple(out)
+
+
+def _check_residual_structure(Fx: Any, x: Any, name: str) -> None:
+    try:
+        fl, fd = tree_flatten(Fx)
+    except TypeError as e:
+        raise TypeError(f"{name}: the optimality residual is not a tensor tree: {e}") from None
+    xl, xd = tree_flatten(x)
+    if fd != xd or any(a.shape != b.shape for a, b in zip(fl, xl)):
+        raise ValueError(
+            f"{name}: the optimality residual must have the structure of x; got {fd!r} with shapes "
+            f"{[tuple(a.shape) for a in fl]}, x is {xd!r} with shapes {[tuple(b.shape) for b in xl]}"
+        )
+
+
+def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
+    """Matrix-free ``u -> A^T u`` at the solution (``A u`` when A is symmetric).
+
+    Symmetric: forward-over-reverse (``torch.func.jvp`` of the optimality map, itself a
+    gradient for Argmin/Proximal), which is vmap-friendly and costs a small multiple of
+    one gradient; if an operation has no forward-mode rule it falls back to
+    reverse-over-reverse on a graph of F built once and reused by every product.
+    Non-symmetric: ``torch.func.vjp`` built once; each product reuses it.
+    """
+
+    def F(y: Any) -> Any:
+        return spec.optimality(y, *args)
+
+    if not spec.symmetric:
+        with torch.enable_grad():
+            Fx, vjp_fn = torch.func.vjp(F, x)
+        _check_residual_structure(Fx, x, spec.name)
+
+        def matvec_t(u: Any) -> Any:
+            return _detach(vjp_fn(u)[0])
+
+        return matvec_t
+
+    state: dict[str, Any] = {"mode": "jvp", "checked": False}
+
+    def reverse(u: Any) -> Any:
+        if "graph" not in state:
+            with torch.enable_grad():
+                xl, xd = tree_flatten(x)
+                xr = [t.detach().requires_grad_(True) for t in xl]
+                Fx = F(tree_unflatten(xd, xr))
+                state["graph"] = (tree_flatten(Fx)[0], xr, xd)
+        F_leaves, xr, xd = state["graph"]
+        ul, _ = tree_flatten(u)
+        with torch.enable_grad():
+            gs = torch.autograd.grad(F_leaves, xr, grad_outputs=ul, retain_graph=True, allow_unused=True)
+        return tree_unflatten(xd, [torch.zeros_like(r) if g is None else g.detach() for g, r in zip(gs, xr)])
+
+    def matvec(u: Any) -> Any:
+        if state["mode"] == "jvp":
+            try:
+                Fx, Au = torch.func.jvp(F, (x,), (u,))
+            except (RuntimeError, NotImplementedError):
+                state["mode"] = "reverse"
+                return reverse(u)
+            if not state["checked"]:
+                _check_residual_structure(Fx, x, spec.name)
+                state["checked"] = True
+            return _detach(Au)
+        return reverse(u)
+
+    return matvec
+
+
+def _detach(t: Any) -> Any:
+    leaves, d = tree_flatten(t)
+    return tree_unflatten(d, [leaf.detach() for leaf in leaves])
+
+
+def _warn_closed_over(outputs: list[Tensor], targets: list[Tensor], name: str) -> None:
+    """Warn when the graph of F reaches a leaf that requires grad but is not an argument."""
+    known = {id(t) for t in targets}
+    seen: set[int] = set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    offenders: list[tuple[int, ...]] = []
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) not in known:
+            offenders.append(tuple(var.shape))
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    if offenders:
+        warnings.warn(
+            f"{name}: the optimality condition uses {len(offenders)} tensor(s) that require grad but are not "
+            f"arguments of the layer (shapes {offenders[:5]}); they will receive no gradient from it. "
+            "Pass them as arguments instead of closing over them.",
+            ClosedOverTensorWarning,
+            stacklevel=3,
+        )
+
+
+def implicit_apply(
+    solve: Callable[..., Any],
+    optimality: Callable[..., Any],
+    x0: Any,
+    args: tuple,
+    *,
+    symmetric: bool,
+    linsolve: Any,
+    batched: bool,
+    diagnostics: Diagnostics,
+    on_failure: str,
+    name: str,
+) -> Any:
+    """Run ``solve`` and return its solution, differentiable w.r.t. the tensor trees in ``args``."""
+    if on_failure not in _ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+    try:
+        x_leaves, x_def = tree_flatten(x0)
+    except TypeError as e:
+        raise TypeError(f"{name}: the initial point must be a tensor tree: {e}") from None
+    if not x_leaves:
+        raise ValueError(f"{name}: the initial point is an empty tree")
+    for leaf in x_leaves:
+        if not leaf.dtype.is_floating_point:
+            raise TypeError(f"{name}: the unknowns must be floating-point tensors, got {leaf.dtype}")
+    if batched:
+        batch_size(x0)
+    arg_leaves, layout = _pack_args(args)
+    spec = _Spec(
+        solve=solve,
+        optimality=optimality,
+        x_def=x_def,
+        x_meta=[(t.shape, t.dtype) for t in x_leaves],
+        layout=layout,
+        linsolve=linsolve,
+        symmetric=symmetric,
+        batched=batched,
+        diagnostics=diagnostics,
+        on_failure=on_failure,
+        name=name,
+    )
+    out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
+    return tree_unflatten(x_def, list(out))

@@ -1,0 +1,494 @@
+"""User-facing implicit layers: ImplicitLayer, Argmin, Proximal, FixedPoint, custom_root."""
+
+from __future__ import annotations
+
+import abc
+import functools
+import math
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ._diagnostics import Diagnostics
+from ._implicit import _ON_FAILURE, implicit_apply
+from ._tree import batch_size, tree_flatten, tree_map, tree_unflatten
+
+InDims = Union[int, None, Sequence[Optional[int]]]
+
+
+def _check_on_failure(on_failure: str) -> str:
+    if on_failure not in _ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+    return on_failure
+
+
+def _is_tree(a: Any) -> bool:
+    try:
+        tree_flatten(a)
+    except TypeError:
+        return False
+    return True
+
+
+def _arg_dims(args: tuple, in_dims: InDims) -> tuple[Optional[int], ...]:
+    """Per-argument vmap dims: ``in_dims`` for tensor trees, ``None`` for static objects."""
+    if in_dims is None or isinstance(in_dims, int):
+        return tuple(in_dims if _is_tree(a) else None for a in args)
+    dims = tuple(in_dims)
+    if len(dims) != len(args):
+        raise ValueError(f"in_dims has {len(dims)} entries for {len(args)} arguments")
+    for a, d in zip(args, dims):
+        if d is not None and not _is_tree(a):
+            raise ValueError(f"in_dims gives dimension {d} to a non-tensor argument of type {type(a).__name__}")
+    return dims
+
+
+def _task_count(args: tuple, dims: tuple[Optional[int], ...]) -> int:
+    sizes = set()
+    for a, d in zip(args, dims):
+        if d is not None:
+            for leaf in tree_flatten(a)[0]:
+                sizes.add(leaf.shape[d])
+    if len(sizes) != 1:
+        raise ValueError(
+            "batched mode needs task data with one common leading (task) dimension; "
+            f"found sizes {sorted(sizes) if sizes else 'none (no batched argument)'}"
+        )
+    return sizes.pop()
+
+
+def _scalar_objective(objective: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
+    @functools.wraps(objective)
+    def f(x: Any, *args: Any) -> Tensor:
+        v = objective(x, *args)
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name}: the objective must return a tensor, got {type(v).__name__}")
+        if v.dim() != 0:
+            raise ValueError(
+                f"{name}: the objective must return a scalar (0-d tensor) per task, got shape {tuple(v.shape)}"
+            )
+        return v
+
+    return f
+
+
+def _sum_grad(objective: Callable[..., Tensor]) -> Callable[..., Any]:
+    """Optimality map ``x -> grad_x sum(objective(x, ...))`` (block-diagonal over tasks)."""
+
+    def F(x: Any, *args: Any) -> Any:
+        return torch.func.grad(lambda y: objective(y, *args).sum())(x)
+
+    return F
+
+
+class ImplicitLayer(abc.ABC):
+    """Abstract base: a black-box ``solve`` made differentiable through ``optimality``.
+
+    Subclass and implement:
+
+    * ``solve(x0, *args)`` — any algorithm (it runs under ``torch.no_grad()`` and may be
+      non-differentiable or external); returns the solution tree or a result with ``.x``.
+    * ``optimality(x, *args)`` — differentiable torch code returning a tree shaped like
+      ``x`` that is zero at the solution.
+
+    Calling ``layer(x0, *args)`` returns x*, differentiable with respect to every tensor
+    (or tensor tree) in ``args`` by the implicit function theorem; the initial point gets
+    no gradient (x* does not depend on it).  If the outer parameters enter only through
+    ``x0`` and not through ``optimality``, their implicit gradient is zero: that is why
+    :class:`Proximal` puts θ into the optimality condition through its proximal term.
+
+    Args:
+        linsolve: linear solver for the backward system (default: ``CG`` when the
+            Jacobian is symmetric, else ``GMRES``).
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when the forward or
+            the backward solve does not converge.
+
+    Attributes:
+        symmetric: class attribute; ``True`` when ``dF/dx`` is symmetric (an argmin).
+        diagnostics: :class:`~bilevel.Diagnostics` of the last forward and backward.
+    """
+
+    symmetric: ClassVar[bool] = False
+
+    def __init__(self, linsolve: Any = None, *, on_failure: str = "warn") -> None:
+        from . import linsolve as _ls
+
+        if linsolve is None:
+            linsolve = _ls.CG() if self.symmetric else _ls.GMRES()
+        if not isinstance(linsolve, _ls.LinearSolver) and not callable(linsolve):
+            raise TypeError(f"linsolve must be a bilevel.linsolve solver, got {type(linsolve).__name__}")
+        if getattr(linsolve, "requires_symmetric", False) and not self.symmetric:
+            raise ValueError(
+                f"{type(linsolve).__name__} needs a symmetric operator but {type(self).__name__}'s Jacobian is not "
+                "symmetric; use GMRES, BiCGSTAB, Neumann or Dense"
+            )
+        self.linsolve = linsolve
+        self.on_failure = _check_on_failure(on_failure)
+        self.diagnostics = Diagnostics()
+
+    @abc.abstractmethod
+    def solve(self, x0: Any, *args: Any) -> Any:
+        """Black-box inner solve (no gradients flow through it)."""
+
+    @abc.abstractmethod
+    def optimality(self, x: Any, *args: Any) -> Any:
+        """Differentiable residual, zero at the solution, shaped like ``x``."""
+
+    def __call__(self, x0: Any, *args: Any, batched: bool = False) -> Any:
+        """Solve and return x*, differentiable w.r.t. the tensors in ``args``.
+
+        With ``batched=True`` every leaf of ``x0`` has a leading task dimension, and
+        ``optimality`` must be block-diagonal over tasks (task ``b`` depends only on slice
+        ``b`` of ``x``); the linear solver then runs batched with per-task convergence.
+        """
+        return implicit_apply(
+            self.solve,
+            self.optimality,
+            x0,
+            args,
+            symmetric=self.symmetric,
+            linsolve=self.linsolve,
+            batched=batched,
+            diagnostics=self.diagnostics,
+            on_failure=self.on_failure,
+            name=type(self).__name__,
+        )
+
+
+class Argmin(ImplicitLayer):
+    """x*(args) = argmin_x objective(x, *args), differentiable w.r.t. ``args``.
+
+    The optimality condition is ``grad_x objective = 0``; its Jacobian is the Hessian,
+    symmetric, so the backward solves ``H u = v`` with CG by default (positive definite
+    when the objective is strongly convex at x*; use ``MINRES`` otherwise).
+
+    Args:
+        objective: ``objective(x, *args) -> scalar tensor`` for one task.
+        solver: an inner solver from :mod:`bilevel.solvers` (default ``NewtonCG()``),
+            or any callable ``solver(objective, x0, *args, batched=...)`` returning a
+            result with ``.x``.
+        linsolve: backward linear solver (default ``CG()``).
+        on_failure: see :class:`ImplicitLayer`.
+
+    Call ``layer(x0, *args, batched=False, in_dims=0)``.  In batched mode the objective is
+    still written for one task; it is vmapped over the leading task dimension of ``x0``
+    and of the arguments whose ``in_dims`` entry is 0 (``None`` marks a shared argument).
+    """
+
+    symmetric = True
+
+    def __init__(
+        self,
+        objective: Callable[..., Tensor],
+        solver: Any = None,
+        linsolve: Any = None,
+        *,
+        on_failure: str = "warn",
+    ) -> None:
+        super().__init__(linsolve, on_failure=on_failure)
+        if not callable(objective):
+            raise TypeError("objective must be callable")
+        if solver is None:
+            from .solvers import NewtonCG
+
+            solver = NewtonCG()
+        if not callable(solver):
+            raise TypeError(f"solver must be callable, got {type(solver).__name__}")
+        self.objective = objective
+        self.solver = solver
+
+    def _full_objective(self) -> Callable[..., Tensor]:
+        return self.objective
+
+    def solve(self, x0: Any, *args: Any) -> Any:
+        return self.solver(_scalar_objective(self._full_objective(), type(self).__name__), x0, *args)
+
+    def optimality(self, x: Any, *args: Any) -> Any:
+        return torch.func.grad(_scalar_objective(self._full_objective(), type(self).__name__))(x, *args)
+
+    def _call(self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, batched: bool) -> Any:
+        name = type(self).__name__
+        obj = _scalar_objective(objective, name)
+        if batched:
+            obj = torch.func.vmap(obj, in_dims=(0, *dims))
+
+        def solve(x0_: Any, *a: Any) -> Any:
+            return self.solver(obj, x0_, *a, batched=True) if batched else self.solver(obj, x0_, *a)
+
+        return implicit_apply(
+            solve,
+            _sum_grad(obj),
+            x0,
+            args,
+            symmetric=True,
+            linsolve=self.linsolve,
+            batched=batched,
+            diagnostics=self.diagnostics,
+            on_failure=self.on_failure,
+            name=name,
+        )
+
+    def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:  # type: ignore[override]
+        dims = _arg_dims(args, in_dims) if batched else ()
+        if batched:
+            n = batch_size(x0)
+            if any(d is not None for d in dims) and _task_count(args, dims) != n:
+                raise ValueError(f"x0 has {n} tasks but the task data has {_task_count(args, dims)}")
+        return self._call(self.objective, x0, args, dims, batched)
+
+
+def _lam_tree(lam: Any, theta: Any, name: str) -> Any:
+    """Validate λ and return it as a tensor or a tree matching θ (leaves 0-d or θ-shaped)."""
+    t_leaves, t_def = tree_flatten(theta)
+    ref = t_leaves[0]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float, Tensor, dict, list, tuple)):
+        raise TypeError(f"{name}: lam must be a float, a tensor or a tree of tensors matching theta, got {type(lam).__name__}")
+    if isinstance(lam, (int, float)):
+        if not math.isfinite(lam) or lam <= 0:
+            raise ValueError(f"{name}: lam must be finite and > 0, got {lam}")
+        return torch.tensor(float(lam), dtype=ref.dtype, device=ref.device)
+    if isinstance(lam, Tensor) and lam.dim() == 0:
+        leaves = [lam]
+    else:
+        try:
+            leaves, d = tree_flatten(lam)
+        except TypeError as e:
+            raise TypeError(f"{name}: lam: {e}") from None
+        if d != t_def:
+            raise ValueError(f"{name}: lam's structure {d!r} must be a scalar or match theta's {t_def!r}")
+        for lt, tt in zip(leaves, t_leaves):
+            if lt.dim() != 0 and lt.shape != tt.shape:
+                raise ValueError(
+                    f"{name}: each leaf of lam must be a scalar (per layer) or have its parameter's shape "
+                    f"(per element); got {tuple(lt.shape)} for a parameter of shape {tuple(tt.shape)}"
+                )
+    for leaf in leaves:
+        if not leaf.dtype.is_floating_point:
+            raise TypeError(f"{name}: lam must be floating point, got {leaf.dtype}")
+        # One host sync per call (not per iteration) to refuse a λ that makes the problem ill-posed.
+        if not bool(torch.isfinite(leaf).all()) or not bool((leaf > 0).all()):
+            raise ValueError(f"{name}: lam must be finite and > 0 everywhere; got min {float(leaf.min())}")
+    return lam
+
+
+def proximal_term(phi: Any, theta: Any, lam: Any) -> Tensor:
+    """½ Σ_j λ_j ‖φ_j − θ_j‖² for λ a scalar, a per-leaf scalar or a per-element tree."""
+    p_leaves, _ = tree_flatten(phi)
+    t_leaves, _ = tree_flatten(theta)
+    if isinstance(lam, Tensor) and lam.dim() == 0:
+        return 0.5 * lam * sum(((p - t) ** 2).sum() for p, t in zip(p_leaves, t_leaves))
+    l_leaves, _ = tree_flatten(lam)
+    return 0.5 * sum((lj * (p - t) ** 2).sum() for p, t, lj in zip(p_leaves, t_leaves, l_leaves))  # type: ignore[return-value]
+
+
+class Proximal(Argmin):
+    """φ*(θ) = argmin_φ inner_loss(φ, *args) + ½ Σ_j λ_j ‖φ_j − θ_j‖²  (implicit MAML).
+
+    The inner solver starts at θ.  The backward solves ``(H + Λ) u = v`` with ``H`` the
+    Hessian of ``inner_loss`` at φ* and returns ``dl/dθ = Λ u`` — for a scalar λ the
+    paper's ``(I + H/λ)^{-1} v`` (Rajeswaran et al. 2019, Eq. 6) — and, as a by-product
+    of the same solve, ``dl/dλ_j = −Σ (φ*_j − θ_j) u_j``.  ``H + Λ`` is SPD whenever λ
+    exceeds the most negative eigenvalue of ``H``, so CG runs on it directly (not on the
+    normal equations).  Memory kept for backward: φ*, θ, λ and the task data, whatever
+    the number of inner steps.
+
+    Args:
+        inner_loss: ``inner_loss(phi, *args) -> scalar`` for one task (e.g. the support
+            loss of a network evaluated with ``torch.func.functional_call``).
+        lam: λ > 0: a float, a 0-d tensor (may require grad), or a tree matching θ whose
+            leaves are 0-d (one λ per parameter tensor) or θ-shaped (one per element).
+            A λ computed from a learned parameter (e.g. ``softplus(rho)``) should be passed
+            per call as ``layer(theta, ..., lam=...)`` so that no graph is kept on the layer.
+        solver: inner solver (default ``NewtonCG()``); it is called with the objective
+            ``inner_loss + proximal term`` and θ as the initial point.
+        linsolve: backward linear solver (default ``CG()``).
+        on_failure: see :class:`ImplicitLayer`.
+
+    Batched (a meta-batch of B tasks in one computation)::
+
+        phi = layer(theta, x_support, y_support, batched=True)   # x_support: (B, K, ...)
+
+    θ and λ are shared; every argument with ``in_dims`` 0 carries the task dimension;
+    every leaf of φ* gets a leading dimension B.  The solver and CG run batched with
+    per-task step sizes and convergence; the gradient w.r.t. θ is the sum of the per-task
+    gradients.
+    """
+
+    def __init__(
+        self,
+        inner_loss: Callable[..., Tensor],
+        lam: Any = 1.0,
+        solver: Any = None,
+        linsolve: Any = None,
+        *,
+        on_failure: str = "warn",
+    ) -> None:
+        super().__init__(inner_loss, solver, linsolve, on_failure=on_failure)
+        if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+            if not math.isfinite(lam) or lam <= 0:
+                raise ValueError(f"Proximal: lam must be finite and > 0, got {lam}")
+        self.lam = lam
+
+    def _full_objective(self) -> Callable[..., Tensor]:
+        """``(phi, theta, lam, *args) -> inner_loss(phi, *args) + proximal term``.
+
+        ``solve``/``optimality`` (inherited) take ``(x, theta, lam, *args)``.
+        """
+        inner = self.objective
+
+        def objective(phi: Any, theta: Any, lam: Any, *a: Any) -> Tensor:
+            return inner(phi, *a) + proximal_term(phi, theta, lam)
+
+        return objective
+
+    def __call__(  # type: ignore[override]
+        self,
+        theta: Any,
+        *args: Any,
+        lam: Any = None,
+        batched: bool = False,
+        in_dims: InDims = 0,
+    ) -> Any:
+        name = type(self).__name__
+        try:
+            tree_flatten(theta)
+        except TypeError as e:
+            raise TypeError(f"{name}: theta must be a tensor tree: {e}") from None
+        lam_t = _lam_tree(self.lam if lam is None else lam, theta, name)
+        objective = self._full_objective()
+
+        if batched:
+            dims = (None, None, *_arg_dims(args, in_dims))
+            n = _task_count(args, dims[2:])
+            x0 = tree_map(lambda t: t.detach().unsqueeze(0).expand(n, *t.shape).clone(), theta)
+        else:
+            dims = ()
+            x0 = tree_map(lambda t: t.detach(), theta)
+        return self._call(objective, x0, (theta, lam_t, *args), dims, batched)
+
+
+class FixedPoint(ImplicitLayer):
+    """x* = fn(x*, *args), differentiable w.r.t. ``args``.
+
+    The optimality condition is ``F(x) = fn(x) − x``; its Jacobian ``J − I`` is not
+    symmetric in general, so the backward solves ``(J − I)^T u = v`` with GMRES by
+    default.  Valid where ``I − J`` is invertible at x* (e.g. ``fn`` a contraction).
+
+    Args:
+        fn: ``fn(x, *args) -> tree shaped like x`` for one task.
+        solver: default ``FixedPointIteration()``; any callable ``solver(fn, x0, *args,
+            batched=...)`` returning a result with ``.x``.
+        linsolve: default ``GMRES()``.
+        on_failure: see :class:`ImplicitLayer`.
+    """
+
+    symmetric = False
+
+    def __init__(self, fn: Callable[..., Any], solver: Any = None, linsolve: Any = None, *, on_failure: str = "warn") -> None:
+        super().__init__(linsolve, on_failure=on_failure)
+        if not callable(fn):
+            raise TypeError("fn must be callable")
+        if solver is None:
+            from .solvers import FixedPointIteration
+
+            solver = FixedPointIteration()
+        self.fn = fn
+        self.solver = solver
+
+    def solve(self, x0: Any, *args: Any) -> Any:
+        return self.solver(self.fn, x0, *args)
+
+    def optimality(self, x: Any, *args: Any) -> Any:
+        return tree_map(torch.sub, self.fn(x, *args), x)
+
+    def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:  # type: ignore[override]
+        fn = self.fn
+        if batched:
+            dims = _arg_dims(args, in_dims)
+            fn = torch.func.vmap(self.fn, in_dims=(0, *dims))
+
+        def solve(x0_: Any, *a: Any) -> Any:
+            return self.solver(fn, x0_, *a, batched=True) if batched else self.solver(fn, x0_, *a)
+
+        def optimality(x: Any, *a: Any) -> Any:
+            return tree_map(torch.sub, fn(x, *a), x)
+
+        return implicit_apply(
+            solve,
+            optimality,
+            x0,
+            args,
+            symmetric=False,
+            linsolve=self.linsolve,
+            batched=batched,
+            diagnostics=self.diagnostics,
+            on_failure=self.on_failure,
+            name=type(self).__name__,
+        )
+
+
+class _CustomRoot(ImplicitLayer):
+    def __init__(self, solve_fn: Callable[..., Any], optimality_fn: Callable[..., Any], symmetric: bool, linsolve: Any, on_failure: str) -> None:
+        self._symmetric = symmetric
+        self._solve_fn = solve_fn
+        self._optimality_fn = optimality_fn
+        super().__init__(linsolve, on_failure=on_failure)
+
+    @property
+    def symmetric(self) -> bool:  # type: ignore[override]
+        return self._symmetric
+
+    def solve(self, x0: Any, *args: Any) -> Any:
+        return self._solve_fn(x0, *args)
+
+    def optimality(self, x: Any, *args: Any) -> Any:
+        return self._optimality_fn(x, *args)
+
+    def __call__(self, x0: Any, *args: Any, batched: bool = False) -> Any:
+        return implicit_apply(
+            self.solve,
+            self.optimality,
+            x0,
+            args,
+            symmetric=self._symmetric,
+            linsolve=self.linsolve,
+            batched=batched,
+            diagnostics=self.diagnostics,
+            on_failure=self.on_failure,
+            name=getattr(self._solve_fn, "__name__", "custom_root"),
+        )
+
+
+def custom_root(
+    optimality_fn: Callable[..., Any],
+    linsolve: Any = None,
+    *,
+    symmetric: bool = False,
+    on_failure: str = "warn",
+) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator: make ``solve(x0, *args)`` differentiable through ``optimality_fn``.
+
+    ``optimality_fn(x, *args)`` returns a tree shaped like x, zero at the solution.  The
+    decorated function becomes differentiable w.r.t. every tensor tree in ``args`` (x0
+    gets no gradient); its ``.diagnostics`` holds the last solves' statistics.
+
+    Args:
+        optimality_fn: the root condition F(x, *args).
+        linsolve: backward linear solver (default ``CG()`` if ``symmetric`` else ``GMRES()``).
+        symmetric: declare ``dF/dx`` symmetric (e.g. F is a gradient), enabling CG/MINRES.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence.
+
+    Example::
+
+        @bilevel.custom_root(lambda x, a: x**2 - a, symmetric=True)
+        def sqrt(x0, a):
+            return newton(x0, a)   # any algorithm, even outside torch
+    """
+
+    def deco(solve_fn: Callable[..., Any]) -> Any:
+        layer = _CustomRoot(solve_fn, optimality_fn, symmetric, linsolve, on_failure)
+        functools.update_wrapper(layer, solve_fn)  # type: ignore[arg-type]
+        return layer
+
+    return deco
