@@ -22,8 +22,9 @@ layer, so no graph outlives its backward.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -41,6 +42,33 @@ class ClosedOverTensorWarning(UserWarning):
     Such a tensor receives no gradient from the implicit layer (the silent-zero-gradient
     trap): pass it as an argument of the layer instead of closing over it.
     """
+
+
+@contextlib.contextmanager
+def _suspended_saved_tensor_hooks() -> Iterator[None]:
+    """Run a block with the user's saved-tensor hooks (``save_on_cpu``, checkpointing,
+    byte counters) set aside.
+
+    The solver runs under ``no_grad`` and saves nothing, but ``torch.func`` transforms
+    refuse to run at all while such hooks are active; setting them aside lets a layer be
+    used inside them.  Relies on torch's hook stack; if that API is absent, it does nothing.
+    """
+    ag = torch._C._autograd
+    if not (hasattr(ag, "_top_saved_tensors_default_hooks") and hasattr(ag, "_pop_saved_tensors_default_hooks")):
+        yield
+        return
+    stack = []
+    while True:
+        top = ag._top_saved_tensors_default_hooks(False)
+        if top is None:
+            break
+        stack.append(top)
+        ag._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(stack):
+            ag._push_saved_tensors_default_hooks(pack, unpack)
 
 
 class _Spec:
@@ -125,7 +153,7 @@ class _ImplicitFunction(torch.autograd.Function):
         nx = spec.x_def.num_leaves
         x0 = tree_unflatten(spec.x_def, list(flat[:nx]))
         args = _unpack_args(spec.layout, flat[nx:])
-        with torch.no_grad():
+        with torch.no_grad(), _suspended_saved_tensor_hooks():
             out = spec.solve(x0, *args)
         x = _solution_of(out, spec.name)
         try:
@@ -183,9 +211,10 @@ class _ImplicitFunction(torch.autograd.Function):
         v = tree_unflatten(spec.x_def, v_leaves)
         args_det = _unpack_args(spec.layout, [a.detach() for a in arg_leaves])
 
-        matvec = _operator(spec, x, args_det)
-        with torch.enable_grad():
-            res = spec.linsolve(matvec, v, batched=spec.batched)
+        with _suspended_saved_tensor_hooks():
+            matvec = _operator(spec, x, args_det)
+            with torch.enable_grad():
+                res = spec.linsolve(matvec, v, batched=spec.batched)
         spec.diagnostics.backward = strip_backward(res)
         failing = ""
         if res.task_status is not None and not res.success:
