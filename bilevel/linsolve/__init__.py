@@ -19,6 +19,11 @@ solver          operators                                   typical use
 from __future__ import annotations
 
 from ._base import LinearSolver, MatVec
+from ._bicgstab import BiCGSTAB
 from ._cg import CG
+from ._dense import Dense
+from ._gmres import GMRES
+from ._minres import MINRES
+from ._neumann import Neumann
 
-__all__ = ["LinearSolver", "MatVec", "CG"]
+__all__ = ["LinearSolver", "MatVec", "CG", "MINRES", "GMRES", "BiCGSTAB", "Neumann", "Dense"]

@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from .._result import LinearSolveResult
-from .._tree import tree_axpy, tree_map, tree_norm, tree_sub, tree_vdot, tree_zeros_like
+from .._tree import tree_axpy, tree_map, tree_norm, tree_sub, tree_vdot, tree_where, tree_zeros_like
 from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish
 
 
@@ -21,6 +21,9 @@ class CG(LinearSolver):
     non-convex loss with too small a proximal weight) the task stops at its last iterate
     with status ``NEGATIVE_CURVATURE`` — it never reports success on such a system and
     never divides by a non-positive curvature.
+
+    The reported residual norm is the recursively updated one (as in scipy), which
+    equals ``||b - A x||`` up to rounding.
 
     In batched mode every task has its own step sizes, residual and convergence mask; a
     converged task stops moving and the loop ends when all tasks have stopped (one host
@@ -59,7 +62,8 @@ class CG(LinearSolver):
         p = z
         rz = tree_vdot(r, z, batched)
         rnorm = tree_norm(r, batched)
-        converged = rnorm <= thresh
+        # isfinite: an infinite right-hand side makes the threshold infinite too (inf <= inf).
+        converged = torch.isfinite(rnorm) & (rnorm <= thresh)
         negative = torch.zeros_like(converged)
         nonfinite = ~torch.isfinite(rnorm)
         iters = torch.zeros(converged.shape, dtype=torch.long, device=converged.device)
@@ -76,8 +80,14 @@ class CG(LinearSolver):
             negative = negative | neg
             active = active & ~(bad | neg)
             alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
-            x = tree_axpy(alpha, p, x, batched)
-            r = tree_axpy(-alpha, Ap, r, batched)
+            # Only active tasks move: a stopped task keeps its last finite iterate (0 * NaN = NaN).
+            x_new = tree_axpy(alpha, p, x, batched)
+            r_new = tree_axpy(-alpha, Ap, r, batched)
+            if batched:
+                x = tree_where(active, x_new, x)
+                r = tree_where(active, r_new, r)
+            elif bool(active):
+                x, r = x_new, r_new
             iters = iters + active.long()
             rnorm = torch.where(active, tree_norm(r, batched), rnorm)
             nonfinite = nonfinite | (active & ~torch.isfinite(rnorm))

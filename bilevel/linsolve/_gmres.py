@@ -1,0 +1,194 @@
+"""Restarted GMRES for general (non-symmetric) operators (Saad & Schultz, 1986).
+
+Y. Saad and M. H. Schultz, "GMRES: a generalized minimal residual algorithm for solving
+nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 7(3), 856-869, 1986.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._result import LinearSolveResult
+from .._tree import (
+    tree_axpy,
+    tree_dtype,
+    tree_flatten,
+    tree_map,
+    tree_norm,
+    tree_scale,
+    tree_size,
+    tree_sub,
+    tree_vdot,
+    tree_where,
+    tree_zeros_like,
+)
+from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish
+
+
+@dataclasses.dataclass(frozen=True)
+class GMRES(LinearSolver):
+    """Restarted GMRES(m) on ``A x = b`` for any non-singular ``A`` (no symmetry needed).
+
+    Each cycle runs up to ``m = min(restart, n)`` Arnoldi steps (modified Gram-Schmidt on
+    tensor trees) from the current residual, reduces the Hessenberg matrix to triangular
+    form with Givens rotations -- which gives the residual norm of the least-squares
+    iterate for free after every step -- and then updates ``x`` by solving the small
+    triangular system.  Within a cycle the iterate minimises ``||b - A x||`` over
+    ``x_0 + K_j(A, r_0)``; restarting bounds memory (``m + 1`` tree-shaped vectors) at the
+    price of possible stagnation on hard problems (reported as ``MAX_ITERATIONS``).
+
+    Every cycle ends with the true residual ``||b - A x||`` (one extra matvec, not counted
+    in ``iterations``): a task is ``SUCCESS`` only if that true residual meets the
+    tolerance, and ``residual_norm`` is always the true residual of the returned ``x``.
+
+    ``maxiter`` counts Arnoldi steps (matvecs) over all cycles, not cycles; the last cycle
+    is shortened so that exactly ``maxiter`` steps are taken when the tolerance is never
+    met.  Breakdown: a zero diagonal after rotation (``A`` singular on the Krylov space)
+    ends the task with ``BREAKDOWN`` after applying the columns built before it; a
+    "happy" breakdown (``h_{j+1,j} = 0``, the exact solution lies in the Krylov space)
+    is simply convergence.
+
+    Batched mode: every task has its own Hessenberg matrix, rotations and convergence
+    mask (the small triangular solves are one batched ``(B, j, j)`` solve per cycle); a
+    task whose estimate meets the tolerance leaves the cycle and stops moving.  One
+    host sync per Arnoldi step, for the stopping test.
+
+    Args:
+        restart: Krylov dimension per cycle (``m``), an int >= 1.
+        tol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+    """
+
+    restart: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.restart, bool) or not isinstance(self.restart, int) or self.restart < 1:
+            raise ValueError(f"GMRES: restart must be an int >= 1, got {self.restart!r}")
+
+    def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
+        check_rhs(b, batched)
+        tol = self._tol(b)
+        maxiter = self._maxiter(b, batched)
+        n = tree_size(b, batched)
+        dtype = tree_dtype(b)
+        device = tree_flatten(b)[0][0].device
+
+        # Per-task scalars are kept as (B,) tensors -- (1,) when not batched -- so that the
+        # Hessenberg bookkeeping is the same in both modes; ``coef`` turns one back into
+        # what the tree helpers expect (a 0-d tensor when not batched).
+        def vdot(u: Any, v: Any) -> Tensor:
+            return tree_vdot(u, v, batched).reshape(-1)
+
+        def norm(u: Any) -> Tensor:
+            return tree_norm(u, batched).reshape(-1)
+
+        def coef(t: Tensor) -> Tensor:
+            return t if batched else t.reshape(())
+
+        bnorm = norm(b)
+        thresh = torch.clamp(tol * bnorm, min=self.atol)
+        zeros = tree_zeros_like(b)
+        if x0 is None:
+            x = tree_zeros_like(b)
+            r = b
+        else:
+            x = tree_map(lambda t: t.clone(), x0)
+            r = tree_sub(b, matvec(x))
+        rnorm = norm(r)
+        # An infinite b gives an infinite threshold: finiteness is part of convergence.
+        converged = torch.isfinite(rnorm) & (rnorm <= thresh)
+        nonfinite = ~torch.isfinite(rnorm)
+        breakdown = torch.zeros_like(converged)
+        iters = torch.zeros(converged.shape, dtype=torch.long, device=device)
+        total = 0  # Arnoldi steps taken by the batch as a whole (bounded by maxiter)
+
+        while total < maxiter:
+            active = ~(converged | nonfinite | breakdown)
+            if not bool(active.any()):  # host sync: the stopping test of the outer loop
+                break
+            m = min(self.restart, n, maxiter - total)
+            one = torch.ones_like(rnorm)
+            zero = torch.zeros_like(rnorm)
+            # Active tasks have rnorm > thresh >= 0; the guard only protects stopped ones.
+            inv = 1 / torch.where(active & (rnorm > 0), rnorm, one)
+            basis = [tree_where(coef(active), tree_scale(coef(inv), r, batched), zeros)]
+            g = [torch.where(active, rnorm, zero)]  # rotated right-hand side beta * e_1
+            cols: list[list[Tensor]] = []  # rotated Hessenberg columns (upper triangular R)
+            cs: list[Tensor] = []
+            sn: list[Tensor] = []
+            ncol = torch.zeros_like(iters)  # columns of R each task actually built
+            live = active
+
+            for j in range(m):
+                if j > 0 and not bool(live.any()):  # host sync: the per-step stopping test
+                    break
+                w = matvec(basis[j])
+                # Modified Gram-Schmidt: orthogonalise against each basis vector in turn
+                # (more stable than classical GS in finite precision).
+                h: list[Tensor] = []
+                for i in range(j + 1):
+                    hij = vdot(w, basis[i])
+                    w = tree_axpy(coef(-hij), basis[i], w, batched)
+                    h.append(hij)
+                hnext = norm(w)
+                # Apply the earlier rotations to the new column, then the new rotation
+                # that annihilates h_{j+1,j}.
+                for i in range(j):
+                    hi, hi1 = h[i], h[i + 1]
+                    h[i] = cs[i] * hi + sn[i] * hi1
+                    h[i + 1] = -sn[i] * hi + cs[i] * hi1
+                gamma = torch.hypot(h[j], hnext)
+                finite = torch.isfinite(torch.stack(h + [hnext])).all(0)
+                bad = live & ~finite
+                brk = live & finite & (gamma == 0)
+                step = live & ~bad & ~brk
+                safe_gamma = torch.where(step, gamma, one)
+                c = torch.where(step, h[j] / safe_gamma, one)
+                s = torch.where(step, hnext / safe_gamma, zero)
+                h[j] = gamma
+                cs.append(c)
+                sn.append(s)
+                cols.append([torch.where(step, hi, zero) for hi in h])
+                gj = g[j]
+                g[j] = torch.where(step, c * gj, gj)
+                g.append(torch.where(step, -s * gj, zero))
+
+                ncol = ncol + step.long()
+                iters = iters + step.long()
+                total += 1
+                nonfinite = nonfinite | bad
+                breakdown = breakdown | brk
+                # |g_{j+1}| is the residual norm of the least-squares iterate: a task whose
+                # estimate meets the tolerance leaves the cycle (verified below).
+                live = step & (g[j + 1].abs() > thresh)
+                safe_h = torch.where(live & (hnext > 0), hnext, one)
+                basis.append(tree_where(coef(live), tree_scale(coef(1 / safe_h), w, batched), zeros))
+
+            # Solve R y = g per task.  Columns a task did not build are replaced by identity
+            # columns with a zero right-hand side, so their y entries are exactly 0.
+            k = len(cols)
+            R = torch.stack(
+                [torch.stack(col + [zero] * (k - len(col)), dim=-1) for col in cols], dim=-1
+            )  # (B, k, k): R[:, i, j] for i <= j
+            unused = torch.arange(k, device=device).unsqueeze(0) >= ncol.unsqueeze(1)  # (B, k)
+            R = R + torch.diag_embed(unused.to(R.dtype))
+            rhs = torch.where(unused, torch.zeros_like(R[:, 0, :]), torch.stack(g[:k], dim=-1))
+            y = torch.linalg.solve_triangular(R.to(dtype), rhs.unsqueeze(-1).to(dtype), upper=True).squeeze(-1)
+            for j in range(k):
+                x = tree_axpy(coef(y[:, j]), basis[j], x, batched)
+
+            # The true residual decides convergence and restarts the next cycle.
+            r = tree_sub(b, matvec(x))
+            rtrue = norm(r)
+            rnorm = torch.where(active, rtrue, rnorm)
+            nonfinite = nonfinite | (active & ~torch.isfinite(rtrue))
+            converged = converged | (active & (rtrue <= thresh))
+
+        codes = codes_from_masks(
+            converged.shape, converged.device, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
+        )
+        return finish(x, rnorm, codes, iters, batched)

@@ -1,0 +1,217 @@
+"""MINRES for symmetric, possibly indefinite operators (Paige & Saunders, 1975).
+
+C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of linear
+equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.  The recurrences below follow
+their Fortran ``MINRES`` (and ``scipy.sparse.linalg.minres``) without a preconditioner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._result import LinearSolveResult
+from .._tree import (
+    tree_axpy,
+    tree_map,
+    tree_norm,
+    tree_scale,
+    tree_sub,
+    tree_vdot,
+    tree_where,
+    tree_zeros_like,
+)
+from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish
+
+# Names of the tree-valued and scalar-valued parts of the MINRES state (see ``_start``).
+_TREES = ("r1", "r2", "y", "w", "w2")
+_SCALARS = ("beta", "oldb", "dbar", "epsln", "phibar", "cs", "sn")
+
+
+@dataclasses.dataclass(frozen=True)
+class MINRES(LinearSolver):
+    """Minimum-residual Krylov method on ``A x = b`` with ``A`` symmetric (maybe indefinite).
+
+    Lanczos builds an orthonormal basis of the Krylov space with a three-term recurrence
+    (valid only because ``A = A^T``), and Givens rotations update the QR factors of the
+    tridiagonal matrix so that ``x_k`` minimises ``||b - A x||`` over ``x0 + K_k``.  Unlike
+    CG it needs no positive definiteness: it is the solver for Hessians of non-convex
+    inner problems (saddle points, indefinite KKT systems).  On a non-symmetric operator
+    the recurrence is meaningless; the true-residual check below still prevents a false
+    ``SUCCESS`` but the method will usually stall (use GMRES or BiCGSTAB).
+
+    Convergence is detected on the recurrence estimate ``phibar`` of ``||r_k||`` (free),
+    then *verified* on the true residual ``||b - A x_k||`` (one extra matvec), because in
+    finite precision the estimate can run below the attainable accuracy.  A task whose
+    true residual misses the tolerance restarts from its current iterate.  The reported
+    ``residual_norm`` is always the true residual of the returned ``x``.
+
+    Breakdown: ``gamma_k = 0`` (the projected tridiagonal is singular, which only happens
+    when ``A`` is singular on the Krylov space) ends the task with ``BREAKDOWN``.  A
+    non-finite Lanczos coefficient ends it with ``NONFINITE`` at its last finite iterate.
+
+    In batched mode every task has its own Lanczos coefficients, rotations and
+    convergence mask; stopped tasks stop moving and the loop ends when all have stopped
+    (one host sync per iteration for that test, plus one at each verification).
+
+    ``iterations`` counts Lanczos steps (one matvec each); verification matvecs are not
+    counted.
+
+    Args:
+        tol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+    """
+
+    requires_symmetric: ClassVar[bool] = True
+
+    def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
+        check_rhs(b, batched)
+        tol = self._tol(b)
+        maxiter = self._maxiter(b, batched)
+
+        bnorm = tree_norm(b, batched)
+        thresh = torch.clamp(tol * bnorm, min=self.atol)
+        zeros = tree_zeros_like(b)
+        if x0 is None:
+            x = tree_zeros_like(b)
+            r0 = b
+        else:
+            x = tree_map(lambda t: t.clone(), x0)
+            r0 = tree_sub(b, matvec(x))
+        rnorm = tree_norm(r0, batched)
+        # ``converged`` is only ever set from a *true* residual (initial or verified).
+        # An infinite b gives an infinite threshold: finiteness is part of convergence.
+        converged = torch.isfinite(rnorm) & (rnorm <= thresh)
+        nonfinite = ~torch.isfinite(rnorm)
+        breakdown = torch.zeros_like(converged)
+        pending = torch.zeros_like(converged)  # the estimate says converged; not yet verified
+        active = ~(converged | nonfinite)
+        iters = torch.zeros(converged.shape, dtype=torch.long, device=converged.device)
+        st = _start(r0, rnorm, zeros)
+
+        for _ in range(maxiter):
+            # The one host sync per iteration: the stopping test (and whether to verify).
+            any_active, any_pending = (bool(f) for f in torch.stack((active.any(), pending.any())).tolist())
+            if any_pending:
+                rtrue = tree_sub(b, matvec(x))
+                rt = tree_norm(rtrue, batched)
+                ok = pending & (rt <= thresh)
+                bad = pending & ~torch.isfinite(rt)
+                again = pending & ~ok & ~bad
+                converged = converged | ok
+                nonfinite = nonfinite | bad
+                rnorm = torch.where(pending, rt, rnorm)
+                # Restart the tasks whose estimate was too optimistic from where they are.
+                st = _merge(again, _start(rtrue, rt, zeros), st)
+                active = active | again
+                pending = torch.zeros_like(pending)
+                any_active = bool(active.any())
+            if not any_active:
+                break
+
+            act = active
+            beta, oldb = st["beta"], st["oldb"]
+            one = torch.ones_like(beta)
+            # Active tasks have beta > 0 (beta == 0 forces phibar == 0, i.e. a claim);
+            # the guards only keep the arithmetic of stopped tasks finite.
+            safe_beta = torch.where(act & (beta > 0), beta, one)
+            v = tree_scale(1 / safe_beta, st["y"], batched)
+            # Stopped tasks feed zeros to matvec, so that a NaN left in their (dead)
+            # state cannot reach a matvec that is only block-diagonal in exact terms.
+            v = tree_where(act, v, zeros)
+            y = matvec(v)
+            c1 = torch.where(act & (oldb != 0), beta / torch.where(oldb != 0, oldb, one), torch.zeros_like(beta))
+            y = tree_axpy(-c1, st["r1"], y, batched)  # - beta_k v_{k-1}
+            alfa = tree_vdot(v, y, batched)
+            y = tree_axpy(-torch.where(act, alfa / safe_beta, torch.zeros_like(beta)), st["r2"], y, batched)
+            r1, r2 = st["r2"], y
+            beta_new = tree_norm(y, batched)
+
+            # Apply the previous rotation to the new tridiagonal column, build the next one.
+            cs, sn, dbar, phibar = st["cs"], st["sn"], st["dbar"], st["phibar"]
+            oldeps = st["epsln"]
+            delta = cs * dbar + sn * alfa
+            gbar = sn * dbar - cs * alfa
+            epsln = sn * beta_new
+            dbar_new = -cs * beta_new
+            gamma = torch.hypot(gbar, beta_new)
+
+            bad = act & ~(torch.isfinite(alfa) & torch.isfinite(beta_new) & torch.isfinite(gamma))
+            brk = act & ~bad & (gamma == 0)
+            step = act & ~bad & ~brk
+            safe_gamma = torch.where(step, gamma, one)
+            cs_new = gbar / safe_gamma
+            sn_new = beta_new / safe_gamma
+            phi = cs_new * phibar
+            phibar_new = sn_new * phibar
+            denom = torch.where(step, 1 / safe_gamma, torch.zeros_like(gamma))
+            # w_k = (v_k - eps_k w_{k-2} - delta_k w_{k-1}) / gamma_k
+            w_new = tree_scale(denom, v, batched)
+            w_new = tree_axpy(-denom * delta, st["w"], w_new, batched)
+            w_new = tree_axpy(-denom * oldeps, st["w2"], w_new, batched)
+            x = tree_where(step, tree_axpy(phi, w_new, x, batched), x)
+
+            keep = lambda new, old: torch.where(step, new, old)  # noqa: E731
+            st = {
+                "r1": r1,
+                "r2": r2,
+                "y": y,
+                "w": w_new,
+                "w2": st["w"],
+                "beta": keep(beta_new, beta),
+                "oldb": keep(beta, oldb),
+                "dbar": keep(dbar_new, dbar),
+                "epsln": keep(epsln, oldeps),
+                "phibar": keep(phibar_new, phibar),
+                "cs": keep(cs_new, cs),
+                "sn": keep(sn_new, sn),
+            }
+            iters = iters + step.long()
+            nonfinite = nonfinite | bad
+            breakdown = breakdown | brk
+            est = phibar_new.abs()
+            rnorm = torch.where(step, est, rnorm)
+            claim = step & (est <= thresh)
+            pending = pending | claim
+            active = step & ~claim
+
+        # Report the true residual of the returned x for every task not already verified
+        # (this also settles a claim made on the last allowed iteration).
+        unverified = ~converged
+        if bool(unverified.any()):
+            rt = tree_norm(tree_sub(b, matvec(x)), batched)
+            converged = converged | (pending & (rt <= thresh))
+            rnorm = torch.where(unverified, rt, rnorm)
+
+        codes = codes_from_masks(
+            converged.shape, converged.device, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
+        )
+        return finish(x, rnorm, codes, iters, batched)
+
+
+def _start(r0: Any, rnorm: Tensor, zeros: Any) -> dict[str, Any]:
+    """Fresh MINRES state for the residual ``r0`` (Paige & Saunders' initialisation)."""
+    z = torch.zeros_like(rnorm)
+    return {
+        "r1": r0,
+        "r2": r0,
+        "y": r0,
+        "w": zeros,
+        "w2": zeros,
+        "beta": rnorm,
+        "oldb": z,  # oldb == 0 marks the first Lanczos step (no beta_k v_{k-1} term)
+        "dbar": z,
+        "epsln": z,
+        "phibar": rnorm,
+        "cs": -torch.ones_like(rnorm),
+        "sn": z,
+    }
+
+
+def _merge(mask: Tensor, new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """Per task: ``new`` state where ``mask``, else ``old``."""
+    out: dict[str, Any] = {k: tree_where(mask, new[k], old[k]) for k in _TREES}
+    out.update({k: torch.where(mask, new[k], old[k]) for k in _SCALARS})
+    return out
