@@ -34,6 +34,7 @@ from ._result import NonFiniteError, Status, report
 from ._tree import TreeDef, batch_size, tree_flatten, tree_unflatten
 
 _ON_FAILURE = ("warn", "raise", "ignore")
+_HVP_MODES = ("forward", "reverse")
 
 
 class ClosedOverTensorWarning(UserWarning):
@@ -85,6 +86,7 @@ class _Spec:
         "batched",
         "diagnostics",
         "on_failure",
+        "hvp",
         "name",
     )
 
@@ -263,10 +265,13 @@ def _check_residual_structure(Fx: Any, x: Any, name: str) -> None:
 def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
     """Matrix-free ``u -> A^T u`` at the solution (``A u`` when A is symmetric).
 
-    Symmetric: forward-over-reverse (``torch.func.jvp`` of the optimality map, itself a
-    gradient for Argmin/Proximal), which is vmap-friendly and costs a small multiple of
-    one gradient; if an operation has no forward-mode rule it falls back to
-    reverse-over-reverse on a graph of F built once and reused by every product.
+    Symmetric, ``hvp="forward"``: forward-over-reverse (``torch.func.jvp`` of the
+    optimality map, itself a gradient for Argmin/Proximal), vmap-friendly; if an
+    operation has no forward-mode rule it falls back to reverse-over-reverse.
+    ``hvp="reverse"``: reverse-over-reverse on a graph of F built once per backward and
+    reused by every product (one extra gradient's memory; in eager PyTorch each product
+    is often several times cheaper than a forward-mode one — ``benchmarks/backward_cost.py``
+    measures both).
     Non-symmetric: ``torch.func.vjp`` built once; each product reuses it.
     """
 
@@ -283,7 +288,7 @@ def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
 
         return matvec_t
 
-    state: dict[str, Any] = {"mode": "jvp", "checked": False}
+    state: dict[str, Any] = {"mode": "jvp" if spec.hvp == "forward" else "reverse", "checked": False}
 
     def reverse(u: Any) -> Any:
         if "graph" not in state:
@@ -291,11 +296,19 @@ def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
                 xl, xd = tree_flatten(x)
                 xr = [t.detach().requires_grad_(True) for t in xl]
                 Fx = F(tree_unflatten(xd, xr))
-                state["graph"] = (tree_flatten(Fx)[0], xr, xd)
+            if not state["checked"]:
+                _check_residual_structure(Fx, x, spec.name)
+                state["checked"] = True
+            state["graph"] = (tree_flatten(Fx)[0], xr, xd)
         F_leaves, xr, xd = state["graph"]
         ul, _ = tree_flatten(u)
+        pairs = [(f, w) for f, w in zip(F_leaves, ul) if f.requires_grad]
+        if not pairs:  # F does not depend on x at all: A = 0
+            return tree_unflatten(xd, [torch.zeros_like(r) for r in xr])
         with torch.enable_grad():
-            gs = torch.autograd.grad(F_leaves, xr, grad_outputs=ul, retain_graph=True, allow_unused=True)
+            gs = torch.autograd.grad(
+                [p[0] for p in pairs], xr, grad_outputs=[p[1] for p in pairs], retain_graph=True, allow_unused=True
+            )
         return tree_unflatten(xd, [torch.zeros_like(r) if g is None else g.detach() for g, r in zip(gs, xr)])
 
     def matvec(u: Any) -> Any:
@@ -356,10 +369,13 @@ def implicit_apply(
     diagnostics: Diagnostics,
     on_failure: str,
     name: str,
+    hvp: str = "forward",
 ) -> Any:
     """Run ``solve`` and return its solution, differentiable w.r.t. the tensor trees in ``args``."""
     if on_failure not in _ON_FAILURE:
         raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+    if hvp not in _HVP_MODES:
+        raise ValueError(f"hvp must be one of {_HVP_MODES}, got {hvp!r}")
     try:
         x_leaves, x_def = tree_flatten(x0)
     except TypeError as e:
@@ -383,6 +399,7 @@ def implicit_apply(
         batched=batched,
         diagnostics=diagnostics,
         on_failure=on_failure,
+        hvp=hvp,
         name=name,
     )
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._diagnostics import Diagnostics
-from ._implicit import _ON_FAILURE, implicit_apply
+from ._implicit import _HVP_MODES, _ON_FAILURE, implicit_apply
 from ._tree import batch_size, tree_flatten, tree_map, tree_unflatten
 
 InDims = Union[int, None, Sequence[Optional[int]]]
@@ -103,6 +103,12 @@ class ImplicitLayer(abc.ABC):
             Jacobian is symmetric, else ``GMRES``).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when the forward or
             the backward solve does not converge.
+        hvp: how symmetric Jacobian-vector products are computed in the backward:
+            ``"forward"`` (default: forward-over-reverse, ``torch.func.jvp`` of the
+            optimality map, vmap-friendly, falling back to reverse mode for operations
+            without a forward-mode rule) or ``"reverse"`` (reverse-over-reverse on a graph
+            of the optimality map built once per backward and reused by every product;
+            often cheaper per product in eager PyTorch — see ``benchmarks/``).
 
     Attributes:
         symmetric: class attribute; ``True`` when ``dF/dx`` is symmetric (an argmin).
@@ -111,7 +117,7 @@ class ImplicitLayer(abc.ABC):
 
     symmetric: ClassVar[bool] = False
 
-    def __init__(self, linsolve: Any = None, *, on_failure: str = "warn") -> None:
+    def __init__(self, linsolve: Any = None, *, on_failure: str = "warn", hvp: str = "forward") -> None:
         from . import linsolve as _ls
 
         if linsolve is None:
@@ -125,6 +131,9 @@ class ImplicitLayer(abc.ABC):
             )
         self.linsolve = linsolve
         self.on_failure = _check_on_failure(on_failure)
+        if hvp not in _HVP_MODES:
+            raise ValueError(f"hvp must be one of {_HVP_MODES}, got {hvp!r}")
+        self.hvp = hvp
         self.diagnostics = Diagnostics()
 
     @abc.abstractmethod
@@ -152,6 +161,7 @@ class ImplicitLayer(abc.ABC):
             batched=batched,
             diagnostics=self.diagnostics,
             on_failure=self.on_failure,
+            hvp=self.hvp,
             name=type(self).__name__,
         )
 
@@ -169,7 +179,7 @@ class Argmin(ImplicitLayer):
             or any callable ``solver(objective, x0, *args, batched=...)`` returning a
             result with ``.x``.
         linsolve: backward linear solver (default ``CG()``).
-        on_failure: see :class:`ImplicitLayer`.
+        on_failure, hvp: see :class:`ImplicitLayer`.
 
     Call ``layer(x0, *args, batched=False, in_dims=0)``.  In batched mode the objective is
     still written for one task; it is vmapped over the leading task dimension of ``x0``
@@ -185,8 +195,9 @@ class Argmin(ImplicitLayer):
         linsolve: Any = None,
         *,
         on_failure: str = "warn",
+        hvp: str = "forward",
     ) -> None:
-        super().__init__(linsolve, on_failure=on_failure)
+        super().__init__(linsolve, on_failure=on_failure, hvp=hvp)
         if not callable(objective):
             raise TypeError("objective must be callable")
         if solver is None:
@@ -226,6 +237,7 @@ class Argmin(ImplicitLayer):
             batched=batched,
             diagnostics=self.diagnostics,
             on_failure=self.on_failure,
+            hvp=self.hvp,
             name=name,
         )
 
@@ -303,7 +315,7 @@ class Proximal(Argmin):
         solver: inner solver (default ``NewtonCG()``); it is called with the objective
             ``inner_loss + proximal term`` and θ as the initial point.
         linsolve: backward linear solver (default ``CG()``).
-        on_failure: see :class:`ImplicitLayer`.
+        on_failure, hvp: see :class:`ImplicitLayer`.
 
     Batched (a meta-batch of B tasks in one computation)::
 
@@ -323,8 +335,9 @@ class Proximal(Argmin):
         linsolve: Any = None,
         *,
         on_failure: str = "warn",
+        hvp: str = "forward",
     ) -> None:
-        super().__init__(inner_loss, solver, linsolve, on_failure=on_failure)
+        super().__init__(inner_loss, solver, linsolve, on_failure=on_failure, hvp=hvp)
         if isinstance(lam, (int, float)) and not isinstance(lam, bool):
             if not math.isfinite(lam) or lam <= 0:
                 raise ValueError(f"Proximal: lam must be finite and > 0, got {lam}")
@@ -380,12 +393,14 @@ class FixedPoint(ImplicitLayer):
         solver: default ``FixedPointIteration()``; any callable ``solver(fn, x0, *args,
             batched=...)`` returning a result with ``.x``.
         linsolve: default ``GMRES()``.
-        on_failure: see :class:`ImplicitLayer`.
+        on_failure, hvp: see :class:`ImplicitLayer`.
     """
 
     symmetric = False
 
-    def __init__(self, fn: Callable[..., Any], solver: Any = None, linsolve: Any = None, *, on_failure: str = "warn") -> None:
+    def __init__(
+        self, fn: Callable[..., Any], solver: Any = None, linsolve: Any = None, *, on_failure: str = "warn"
+    ) -> None:
         super().__init__(linsolve, on_failure=on_failure)
         if not callable(fn):
             raise TypeError("fn must be callable")
@@ -424,16 +439,25 @@ class FixedPoint(ImplicitLayer):
             batched=batched,
             diagnostics=self.diagnostics,
             on_failure=self.on_failure,
+            hvp=self.hvp,
             name=type(self).__name__,
         )
 
 
 class _CustomRoot(ImplicitLayer):
-    def __init__(self, solve_fn: Callable[..., Any], optimality_fn: Callable[..., Any], symmetric: bool, linsolve: Any, on_failure: str) -> None:
+    def __init__(
+        self,
+        solve_fn: Callable[..., Any],
+        optimality_fn: Callable[..., Any],
+        symmetric: bool,
+        linsolve: Any,
+        on_failure: str,
+        hvp: str,
+    ) -> None:
         self._symmetric = symmetric
         self._solve_fn = solve_fn
         self._optimality_fn = optimality_fn
-        super().__init__(linsolve, on_failure=on_failure)
+        super().__init__(linsolve, on_failure=on_failure, hvp=hvp)
 
     @property
     def symmetric(self) -> bool:  # type: ignore[override]
@@ -456,6 +480,7 @@ class _CustomRoot(ImplicitLayer):
             batched=batched,
             diagnostics=self.diagnostics,
             on_failure=self.on_failure,
+            hvp=self.hvp,
             name=getattr(self._solve_fn, "__name__", "custom_root"),
         )
 
@@ -466,6 +491,7 @@ def custom_root(
     *,
     symmetric: bool = False,
     on_failure: str = "warn",
+    hvp: str = "forward",
 ) -> Callable[[Callable[..., Any]], Any]:
     """Decorator: make ``solve(x0, *args)`` differentiable through ``optimality_fn``.
 
@@ -478,6 +504,7 @@ def custom_root(
         linsolve: backward linear solver (default ``CG()`` if ``symmetric`` else ``GMRES()``).
         symmetric: declare ``dF/dx`` symmetric (e.g. F is a gradient), enabling CG/MINRES.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence.
+        hvp: ``"forward"`` or ``"reverse"`` (symmetric case; see :class:`ImplicitLayer`).
 
     Example::
 
@@ -487,7 +514,7 @@ def custom_root(
     """
 
     def deco(solve_fn: Callable[..., Any]) -> Any:
-        layer = _CustomRoot(solve_fn, optimality_fn, symmetric, linsolve, on_failure)
+        layer = _CustomRoot(solve_fn, optimality_fn, symmetric, linsolve, on_failure, hvp)
         functools.update_wrapper(layer, solve_fn)  # type: ignore[arg-type]
         return layer
 

@@ -204,3 +204,53 @@ def test_dense_linsolve_agrees_with_cg() -> None:
         grads.append(torch.autograd.grad(sum((v**2).sum() for v in phi.values()), list(theta.values())))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+class _CubeNoForwardAD(torch.autograd.Function):
+    """x**3 with a backward but no jvp rule: forward-mode AD must fall back to reverse mode."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+@pytest.mark.parametrize("hvp", ["forward", "reverse"])
+def test_hvp_modes_agree_with_closed_form(hvp: str) -> None:
+    X, y = ridge_data(seed=7)
+    theta = torch.randn(6, dtype=DT, requires_grad=True)
+    layer = Proximal(sq_loss, 0.8, solver=DenseNewton(), linsolve=CG(tol=1e-13), hvp=hvp)
+    (g,) = torch.autograd.grad(outer(layer(theta, X, y)), theta)
+    th2 = theta.detach().clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(outer(closed_form(th2, torch.tensor(0.8, dtype=DT), X, y)), th2)
+    torch.testing.assert_close(g, g2, rtol=1e-9, atol=1e-11)
+
+
+def test_forward_mode_falls_back_to_reverse_mode() -> None:
+    """An op with no forward-mode rule: the default hvp='forward' still gives the right gradient."""
+
+    def loss(w: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return sq_loss(w, X, y) + 0.1 * _CubeNoForwardAD.apply(w).pow(2).sum()
+
+    X, y = ridge_data(seed=8)
+    theta = torch.randn(6, dtype=DT, requires_grad=True)
+    grads = []
+    for hvp in ("forward", "reverse"):
+        layer = Proximal(loss, 1.0, solver=PlainGD(lr=0.2, steps=600), linsolve=CG(tol=1e-12), hvp=hvp)
+        grads.append(torch.autograd.grad(outer(layer(theta, X, y)), theta)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    # And both equal the dense reference (I + H/λ)^{-1} v with H from torch.func.hessian.
+    layer = Proximal(loss, 1.0, solver=PlainGD(lr=0.2, steps=600), linsolve=CG(tol=1e-12))
+    phi = layer(theta, X, y).detach().requires_grad_(True)
+    (v,) = torch.autograd.grad(outer(phi), phi)
+    H = torch.autograd.functional.hessian(lambda w: loss(w, X, y), phi.detach())
+    want = torch.linalg.solve(torch.eye(6, dtype=DT) + H, v)
+    torch.testing.assert_close(grads[0], want, rtol=1e-8, atol=1e-10)

@@ -1,0 +1,109 @@
+"""Adam (Kingma & Ba, 2015) as an inner solver."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from .._result import SolverResult, Status
+from .._tree import tree_detach, tree_dtype, tree_map, tree_norm, tree_where, tree_zeros_like
+from ._base import Objective, Solver, check_finite_value, value_and_grad
+from ._linesearch import check_finite_grad, check_int, check_real, check_tol, finish_result, status_codes
+
+
+@dataclasses.dataclass(frozen=True)
+class Adam(Solver):
+    """Adam with bias correction (Kingma & Ba, "Adam: A Method for Stochastic
+    Optimization", ICLR 2015, Algorithm 1)::
+
+        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        x <- x - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    Stopping and statuses follow :class:`GradientDescent`: ``tol=None`` runs ``steps``
+    steps (``COMPLETED``); with a tolerance the run stops when
+    ``||g|| <= tol * max(1, ||g0||)`` (``SUCCESS``) or after ``steps`` steps
+    (``MAX_ITERATIONS``).  In batched mode the test is per task and a converged task stops
+    moving (its moments and step counter freeze), so each task follows the iterates of its
+    own unbatched solve.  Note that Adam's step does not shrink with the gradient (it is
+    about ``lr`` per coordinate), so it only approaches a minimiser to within about
+    ``lr``; a tight ``tol`` needs a small ``lr``.
+
+    Args:
+        lr: step size (> 0).
+        steps: maximum number of steps (>= 0).
+        betas: ``(b1, b2)``, each in [0, 1).
+        eps: denominator offset (> 0).
+        tol: optional gradient-norm tolerance in (0, 1).
+    """
+
+    lr: float = 1e-3
+    steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    tol: Optional[float] = None
+
+    supports_batched: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_real(name, "lr", self.lr, 0.0)
+        check_int(name, "steps", self.steps, 0)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            raise ValueError(f"{name}: betas must be a pair (b1, b2), got {self.betas!r}")
+        check_real(name, "betas[0]", self.betas[0], 0.0, 1.0, lo_open=False)
+        check_real(name, "betas[1]", self.betas[1], 0.0, 1.0, lo_open=False)
+        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
+        check_real(name, "eps", self.eps, 0.0)
+        check_tol(name, self.tol)
+
+    def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
+        self._check_batched(batched)
+        name = type(self).__name__
+        tree_dtype(x0)  # validates the tree
+        b1, b2 = self.betas
+        x = tree_detach(x0)
+        f, g = value_and_grad(objective, x, args, batched)
+        n_eval = 1
+        check_finite_value(f, 0, name)
+        gnorm = tree_norm(g, batched)
+        check_finite_grad(gnorm, 0, name)
+        use_tol = self.tol is not None
+        thresh = (self.tol if use_tol else 0.0) * torch.clamp(gnorm, min=1.0)
+        converged = (gnorm <= thresh) if use_tol else torch.zeros_like(gnorm, dtype=torch.bool)
+        iters = torch.zeros(gnorm.shape, dtype=torch.long, device=gnorm.device)
+        m = tree_zeros_like(g)
+        v = tree_zeros_like(g)
+
+        for k in range(1, self.steps + 1):
+            if use_tol and not bool((~converged).any()):  # one host sync per step (the test)
+                break
+            active = ~converged
+            t = (iters + 1).to(gnorm.dtype)  # per-task step counter (frozen once converged)
+            m = tree_where(active, tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, m, g), m)
+            v = tree_where(active, tree_map(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, v, g), v)
+            c1 = 1 - b1**t
+            c2 = 1 - b2**t
+            step = torch.where(active, torch.full_like(gnorm, self.lr), torch.zeros_like(gnorm))
+
+            def update(xi: torch.Tensor, mi: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
+                shape = (-1,) + (1,) * (xi.dim() - 1) if batched else ()
+                s, a, b = step.reshape(shape), c1.reshape(shape), c2.reshape(shape)
+                return xi - s * (mi / a) / ((vi / b).sqrt() + self.eps)
+
+            x = tree_map(update, x, m, v)
+            iters = iters + active.long()
+            f_new, g_new = value_and_grad(objective, x, args, batched)
+            n_eval += 1
+            check_finite_value(f_new, k, name)
+            f = torch.where(active, f_new, f)
+            g = tree_where(active, g_new, g)
+            gnorm = torch.where(active, tree_norm(g_new, batched), gnorm)
+            check_finite_grad(gnorm, k, name)
+            if use_tol:
+                converged = converged | (active & (gnorm <= thresh))
+
+        default = Status.MAX_ITERATIONS if use_tol else Status.COMPLETED
+        codes = status_codes(gnorm.shape, gnorm.device, default, SUCCESS=converged)
+        return finish_result(x, codes, iters, gnorm, f, batched, n_fun=n_eval, n_grad=n_eval)

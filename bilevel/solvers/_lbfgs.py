@@ -1,0 +1,139 @@
+"""Limited-memory BFGS with a strong Wolfe line search (Nocedal & Wright 2006, Alg. 7.4/7.5)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from .._result import SolverResult, Status
+from .._tree import tree_axpy, tree_detach, tree_dtype, tree_norm, tree_scale, tree_sub, tree_vdot
+from ._base import Objective, Solver, check_finite_value, value_and_grad
+from ._linesearch import (
+    StrongWolfe,
+    check_finite_grad,
+    check_int,
+    check_tol,
+    finish_result,
+    gradient_tol,
+    status_codes,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LBFGS(Solver):
+    """L-BFGS: quasi-Newton directions from the last ``history`` curvature pairs.
+
+    The direction ``d = -H g`` comes from the two-loop recursion (Nocedal & Wright 2006,
+    Alg. 7.4) with the initial scaling ``H0 = (s^T y / y^T y) I`` (eq. 7.20); a strong
+    Wolfe line search (c2 = 0.9) guarantees ``s^T y > 0``, so ``H`` stays positive
+    definite and ``d`` is a descent direction.  A pair whose curvature ``s^T y`` is not
+    safely positive (roundoff) is skipped rather than stored.
+
+    Stops with ``SUCCESS`` when ``||g|| <= tol * max(1, ||g0||)``, ``MAX_ITERATIONS``
+    after ``maxiter`` iterations, or ``LINESEARCH_FAILED`` (returning the last accepted
+    point) when the line search finds no acceptable step even along steepest descent: a
+    failure with a non-empty memory first clears the memory and retries (as L-BFGS-B).  A NaN/Inf value or gradient at
+    an accepted point (in practice: at ``x0``) raises :class:`~bilevel.NonFiniteError`;
+    NaN/Inf at line-search trial points only shortens the step.  Unbatched only.
+
+    Args:
+        tol: gradient-norm tolerance in (0, 1); ``None`` picks
+            :func:`~bilevel.solvers._linesearch.gradient_tol` of the dtype of ``x0``
+            (``eps**0.5``: float64 ~1.5e-8, float32 ~3.5e-4).
+        maxiter: maximum number of iterations (>= 0).
+        history: number of stored curvature pairs (>= 1).
+        line_search: a :class:`StrongWolfe` instance.
+    """
+
+    tol: Optional[float] = None
+    maxiter: int = 100
+    history: int = 10
+    line_search: StrongWolfe = StrongWolfe()
+
+    supports_batched: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_tol(name, self.tol)
+        check_int(name, "maxiter", self.maxiter, 0)
+        check_int(name, "history", self.history, 1)
+        if not isinstance(self.line_search, StrongWolfe):
+            raise ValueError(f"{name}: line_search must be a StrongWolfe instance, got {self.line_search!r}")
+
+    def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
+        self._check_batched(batched)
+        name = type(self).__name__
+        tol = self.tol if self.tol is not None else gradient_tol(tree_dtype(x0))
+        x = tree_detach(x0)
+        f, g = value_and_grad(objective, x, args)
+        n_fun = n_grad = 1
+        check_finite_value(f, 0, name)
+        gnorm = tree_norm(g)
+        check_finite_grad(gnorm, 0, name)
+        thresh = tol * max(1.0, float(gnorm))
+        pairs: collections.deque = collections.deque(maxlen=self.history)  # (s, y, 1 / s^T y)
+        eps = torch.finfo(gnorm.dtype).eps
+
+        status = Status.MAX_ITERATIONS
+        k = 0
+        while True:
+            if float(gnorm) <= thresh:
+                status = Status.SUCCESS
+                break
+            if k >= self.maxiter:
+                break
+            d = self._direction(g, pairs)
+            if not float(tree_vdot(g, d)) < 0:
+                # Roundoff can spoil H's definiteness; restart from steepest descent.
+                pairs.clear()
+                d = tree_scale(-1.0, g)
+            # N&W: the first step of a method without curvature information is scaled so
+            # that it has length <= 1; afterwards H0 carries the scale and a = 1 is tried.
+            a0 = 1.0 if pairs else min(1.0, 1.0 / float(gnorm))
+            ls = self.line_search(objective, x, d, args, f0=f, g0=g, initial_step=a0)
+            n_fun += ls.n_fun
+            n_grad += ls.n_grad
+            if not bool(ls.success):
+                if pairs:
+                    # As L-BFGS-B does: stale or noise-dominated curvature pairs can give a
+                    # poor direction; forget them and retry once from steepest descent.
+                    pairs.clear()
+                    continue
+                status = Status.LINESEARCH_FAILED
+                break
+            k += 1
+            s = tree_sub(ls.x, x)
+            y = tree_sub(ls.grad, g)
+            sy = float(tree_vdot(s, y))
+            if sy > eps * float(tree_norm(s)) * float(tree_norm(y)):
+                pairs.append((s, y, 1.0 / sy))
+            x, f, g = ls.x, ls.value, ls.grad
+            check_finite_value(f, k, name)
+            gnorm = tree_norm(g)
+            check_finite_grad(gnorm, k, name)
+
+        codes = status_codes(gnorm.shape, gnorm.device, status)
+        return finish_result(x, codes, torch.tensor(k), gnorm, f, False, n_fun=n_fun, n_grad=n_grad)
+
+    @staticmethod
+    def _direction(g: Any, pairs: collections.deque) -> Any:
+        """Two-loop recursion: ``-H g`` (Nocedal & Wright 2006, Alg. 7.4)."""
+        q = g
+        alphas = []
+        for s, y, rho in reversed(pairs):
+            a = rho * tree_vdot(s, q)
+            alphas.append(a)
+            q = tree_axpy(-a, y, q)
+        if pairs:
+            s, y, _ = pairs[-1]
+            gamma = tree_vdot(s, y) / tree_vdot(y, y)
+            r = tree_scale(gamma, q)
+        else:
+            r = q
+        for (s, y, rho), a in zip(pairs, reversed(alphas)):
+            b = rho * tree_vdot(y, r)
+            r = tree_axpy(a - b, s, r)
+        return tree_scale(-1.0, r)

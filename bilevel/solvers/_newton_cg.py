@@ -1,0 +1,200 @@
+"""Hessian-free (truncated) Newton-CG with a backtracking line search."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from .._result import NonFiniteError, SolverResult, Status
+from .._tree import (
+    tree_axpy,
+    tree_detach,
+    tree_dtype,
+    tree_norm,
+    tree_scale,
+    tree_size,
+    tree_vdot,
+    tree_where,
+    tree_zeros_like,
+)
+from ._base import Objective, Solver, check_finite_value, hvp, value_and_grad
+from ._linesearch import (
+    BacktrackingArmijo,
+    check_finite_grad,
+    check_int,
+    check_real,
+    check_tol,
+    finish_result,
+    gradient_tol,
+    status_codes,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NewtonCG(Solver):
+    """Line-search Newton-CG using only Hessian-vector products.
+
+    Each iteration approximately solves the Newton system ``H p = -g`` by conjugate
+    gradient on Hessian-vector products (forward-over-reverse, never forming ``H``), then
+    takes a backtracking Armijo step along ``p`` (Nocedal & Wright 2006, Alg. 7.1).  This
+    is the "Hessian-free" inner solver of implicit MAML (Rajeswaran et al., "Meta-Learning
+    with Implicit Gradients", NeurIPS 2019).
+
+    The inner CG is truncated, which keeps ``p`` a descent direction even when ``H`` is
+    indefinite: it stops
+
+    * when the residual ``||H p + g|| <= eta_k ||g||`` with the forcing term
+      ``eta_k = min(0.5, sqrt(||g||))`` (superlinear convergence, N&W eq. 7.3; the scipy
+      choice) or the fixed ``cg_tol`` if given,
+    * on non-positive curvature ``d^T H d <= 0``, returning the last iterate — or the
+      steepest-descent direction ``-g`` if that happens at the first CG iteration,
+    * after ``cg_maxiter`` iterations.
+
+    The outer loop stops with ``SUCCESS`` when ``||g|| <= tol * max(1, ||g0||)``,
+    ``MAX_ITERATIONS`` after ``maxiter`` iterations, or ``LINESEARCH_FAILED`` (that task
+    keeps its last point) when backtracking finds no sufficient decrease.  A NaN/Inf
+    value, gradient or Hessian-vector product at an accepted point raises
+    :class:`~bilevel.NonFiniteError` naming the iteration; NaN/Inf at trial points of the
+    line search only shortens the step.
+
+    Batched mode: per-task CG (own step sizes, residuals, stopping masks), per-task
+    Armijo steps and per-task convergence; a task that stopped does not move.  Each
+    batched objective / gradient / HVP evaluation counts once in ``n_fun``/``n_grad``/
+    ``n_hvp``.
+
+    Args:
+        tol: gradient-norm tolerance in (0, 1); ``None`` picks
+            :func:`~bilevel.solvers._linesearch.gradient_tol` of the dtype of ``x0``
+            (``eps**0.5``: float64 ~1.5e-8, float32 ~3.5e-4).
+        maxiter: maximum number of Newton iterations (>= 0).
+        cg_maxiter: CG iterations per Newton iteration; ``None`` means ``20 * n`` (as
+            scipy), ``n`` the number of unknowns per task.
+        cg_tol: fixed relative CG tolerance in (0, 1), or ``None`` for the forcing term.
+        line_search: a :class:`BacktrackingArmijo` instance (its first trial is the full
+            Newton step ``a = initial_step``, 1 by default).
+    """
+
+    tol: Optional[float] = None
+    maxiter: int = 50
+    cg_maxiter: Optional[int] = None
+    cg_tol: Optional[float] = None
+    line_search: BacktrackingArmijo = BacktrackingArmijo()
+
+    supports_batched: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_tol(name, self.tol)
+        check_int(name, "maxiter", self.maxiter, 0)
+        if self.cg_maxiter is not None:
+            check_int(name, "cg_maxiter", self.cg_maxiter, 1)
+        if self.cg_tol is not None:
+            check_real(name, "cg_tol", self.cg_tol, 0.0, 1.0)
+        if not isinstance(self.line_search, BacktrackingArmijo):
+            raise ValueError(f"{name}: line_search must be a BacktrackingArmijo instance, got {self.line_search!r}")
+
+    def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
+        self._check_batched(batched)
+        name = type(self).__name__
+        tol = self.tol if self.tol is not None else gradient_tol(tree_dtype(x0))
+        cg_maxiter = self.cg_maxiter if self.cg_maxiter is not None else 20 * tree_size(x0, batched)
+        x = tree_detach(x0)
+        f, g = value_and_grad(objective, x, args, batched)
+        counts = {"fun": 1, "grad": 1, "hvp": 0}
+        check_finite_value(f, 0, name)
+        gnorm = tree_norm(g, batched)
+        check_finite_grad(gnorm, 0, name)
+        thresh = tol * torch.clamp(gnorm, min=1.0)
+        converged = gnorm <= thresh
+        failed = torch.zeros_like(converged)
+        iters = torch.zeros(gnorm.shape, dtype=torch.long, device=gnorm.device)
+
+        for k in range(1, self.maxiter + 1):
+            active = ~(converged | failed)
+            if not bool(active.any()):  # one host sync per Newton iteration (the test)
+                break
+            p = self._direction(objective, x, g, gnorm, active, args, batched, cg_maxiter, counts, k, name)
+            ls = self.line_search(objective, x, p, args, f0=f, g0=g, batched=batched, active=active)
+            counts["fun"] += ls.n_fun
+            ls_failed = active & ~ls.success
+            failed = failed | ls_failed
+            moved = active & ~ls_failed
+            x = tree_where(moved, ls.x, x)
+            iters = iters + moved.long()
+            f_new, g_new = value_and_grad(objective, x, args, batched)
+            counts["fun"] += 1
+            counts["grad"] += 1
+            check_finite_value(f_new, k, name)
+            f = torch.where(moved, f_new, f)
+            g = tree_where(moved, g_new, g)
+            gnorm = torch.where(moved, tree_norm(g_new, batched), gnorm)
+            check_finite_grad(gnorm, k, name)
+            converged = converged | (moved & (gnorm <= thresh))
+
+        codes = status_codes(
+            gnorm.shape, gnorm.device, Status.MAX_ITERATIONS, SUCCESS=converged, LINESEARCH_FAILED=failed
+        )
+        return finish_result(
+            x, codes, iters, gnorm, f, batched, n_fun=counts["fun"], n_grad=counts["grad"], n_hvp=counts["hvp"]
+        )
+
+    def _direction(
+        self,
+        objective: Objective,
+        x: Any,
+        g: Any,
+        gnorm: Tensor,
+        active: Tensor,
+        args: tuple,
+        batched: bool,
+        cg_maxiter: int,
+        counts: dict,
+        k: int,
+        name: str,
+    ) -> Any:
+        """Truncated CG on ``H p = -g`` (N&W Alg. 7.1), per task; inactive tasks get ``p = 0``.
+
+        Written out rather than reusing :class:`~bilevel.linsolve.CG` because on negative
+        curvature it must return the *last iterate* (or ``-g``), not stop with a status.
+        """
+        if self.cg_tol is not None:
+            eta = torch.full_like(gnorm, self.cg_tol)
+        else:
+            eta = torch.clamp(gnorm.sqrt(), max=0.5)
+        cg_thresh = eta * gnorm
+        zero = torch.zeros_like(gnorm)
+        z = tree_zeros_like(g)  # CG iterate (the Newton direction being built)
+        r = g  # residual of H z + g
+        d = tree_scale(-1.0, g)
+        rr = gnorm * gnorm
+        running = active.clone()
+        steepest = torch.zeros_like(active)  # negative curvature at the first CG iteration
+        for j in range(cg_maxiter):
+            if not bool(running.any()):  # one host sync per CG iteration (the test)
+                break
+            hd = hvp(objective, x, d, args, batched)
+            counts["hvp"] += 1
+            dhd = tree_vdot(d, hd, batched)
+            if not bool(torch.isfinite(torch.where(running, dhd, zero)).all()):
+                bad = running & ~torch.isfinite(dhd)
+                where = f" for task(s) {bad.nonzero().reshape(-1).tolist()}" if batched else ""
+                raise NonFiniteError(f"{name}: a Hessian-vector product became non-finite at iteration {k}{where}")
+            neg = running & (dhd <= 0)
+            if j == 0:
+                steepest = neg
+            running = running & ~neg
+            alpha = torch.where(running, rr / torch.where(running, dhd, torch.ones_like(dhd)), zero)
+            # tree_where (not just alpha = 0): a stopped task's z and r must not pick up
+            # 0 * inf = NaN from its (unused) direction or product.
+            z = tree_where(running, tree_axpy(alpha, d, z, batched), z)
+            r = tree_where(running, tree_axpy(alpha, hd, r, batched), r)
+            rr_new = torch.where(running, tree_vdot(r, r, batched), rr)
+            running = running & ~(rr_new.sqrt() <= cg_thresh)
+            beta = torch.where(running, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), zero)
+            d = tree_axpy(beta, d, tree_scale(-1.0, r), batched)
+            rr = rr_new
+        p = tree_where(steepest, tree_scale(-1.0, g), z)
+        return tree_where(active, p, tree_zeros_like(p))

@@ -1,0 +1,61 @@
+"""Test utilities for implicit layers: random well-posed problems and gradient checks.
+
+* :func:`check_implicit_grad` — like :func:`torch.autograd.gradcheck`, for functions that
+  contain implicit layers: compares the autograd gradient with central finite
+  differences along random directions (re-solving the inner problem) and, optionally,
+  with an unrolled gradient; returns a :class:`GradCheckReport` (or raises
+  :class:`GradCheckError`).  Needs only torch.
+* Hypothesis strategies of :class:`Problem` — :func:`quadratic_problems` (chosen condition
+  number), :func:`ridge_problems`, :func:`logistic_problems`, :func:`softmax_problems`,
+  :func:`mlp_proximal_problems` and :func:`problems` (any of them); parameters as a
+  Tensor, a tuple or a dict, in float32 or float64.  They need ``hypothesis`` (the
+  ``test`` extra); the deterministic builders ``make_*`` do not.
+
+See ``README_SECTION.md`` ("Testing your own implicit layer") for a walk-through.
+"""
+
+from __future__ import annotations
+
+from ._gradcheck import GradCheckEntry, GradCheckError, GradCheckReport, check_implicit_grad, default_tolerances
+from ._problems import (
+    DTYPES,
+    PARAM_KINDS,
+    PROBLEM_NAMES,
+    Layout,
+    Problem,
+    logistic_problems,
+    make_logistic,
+    make_mlp,
+    make_quadratic,
+    make_ridge,
+    make_softmax,
+    mlp_proximal_problems,
+    problems,
+    quadratic_problems,
+    ridge_problems,
+    softmax_problems,
+)
+
+__all__ = [
+    "DTYPES",
+    "GradCheckEntry",
+    "GradCheckError",
+    "GradCheckReport",
+    "Layout",
+    "PARAM_KINDS",
+    "PROBLEM_NAMES",
+    "Problem",
+    "check_implicit_grad",
+    "default_tolerances",
+    "logistic_problems",
+    "make_logistic",
+    "make_mlp",
+    "make_quadratic",
+    "make_ridge",
+    "make_softmax",
+    "mlp_proximal_problems",
+    "problems",
+    "quadratic_problems",
+    "ridge_problems",
+    "softmax_problems",
+]
