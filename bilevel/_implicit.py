@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._diagnostics import Diagnostics, strip_backward, strip_forward
 from ._result import NonFiniteError, Status, report
@@ -197,6 +198,7 @@ class _ImplicitFunction(torch.autograd.Function):
         ctx.save_for_backward(*output, *inputs[1 + nx :])
 
     @staticmethod
+    @once_differentiable  # the backward is first-order: a double backward raises instead of being silently wrong
     def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
         spec: _Spec = ctx.spec
         nx = spec.x_def.num_leaves

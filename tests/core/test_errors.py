@@ -159,3 +159,12 @@ def test_batched_task_count_mismatch() -> None:
     layer = Argmin(quad, solver=PlainGD(0.1, 3))
     with pytest.raises(ValueError, match="tasks"):
         layer(torch.zeros(2, 3, dtype=DT), torch.ones(4, 3, dtype=DT), batched=True)
+
+
+def test_double_backward_raises_instead_of_wrong_number() -> None:
+    layer = Argmin(quad, solver=DenseNewton())
+    a = torch.ones(3, dtype=DT, requires_grad=True)
+    x = layer(torch.zeros(3, dtype=DT), a)
+    (g,) = torch.autograd.grad((x**3).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|not have been used in the graph"):
+        torch.autograd.grad(g.sum(), a)
