@@ -384,9 +384,10 @@ class Proximal(Argmin):
 class FixedPoint(ImplicitLayer):
     """x* = fn(x*, *args), differentiable w.r.t. ``args``.
 
-    The optimality condition is ``F(x) = fn(x) − x``; its Jacobian ``J − I`` is not
-    symmetric in general, so the backward solves ``(J − I)^T u = v`` with GMRES by
-    default.  Valid where ``I − J`` is invertible at x* (e.g. ``fn`` a contraction).
+    The optimality condition is ``F(x) = x − fn(x)``; its Jacobian ``I − J`` is not
+    symmetric in general, so the backward solves ``(I − J)^T u = v`` with GMRES by
+    default.  Valid where ``I − J`` is invertible at x* (e.g. ``fn`` a contraction, when
+    ``Neumann(alpha=1)`` also converges: its series is then ``Σ (J^T)^k v``).
 
     Args:
         fn: ``fn(x, *args) -> tree shaped like x`` for one task.
@@ -415,7 +416,7 @@ class FixedPoint(ImplicitLayer):
         return self.solver(self.fn, x0, *args)
 
     def optimality(self, x: Any, *args: Any) -> Any:
-        return tree_map(torch.sub, self.fn(x, *args), x)
+        return tree_map(torch.sub, x, self.fn(x, *args))
 
     def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:  # type: ignore[override]
         fn = self.fn
@@ -427,7 +428,9 @@ class FixedPoint(ImplicitLayer):
             return self.solver(fn, x0_, *a, batched=True) if batched else self.solver(fn, x0_, *a)
 
         def optimality(x: Any, *a: Any) -> Any:
-            return tree_map(torch.sub, fn(x, *a), x)
+            # x − fn(x), not fn(x) − x: same root and gradient, but I − J has its spectrum
+            # near +1 for a contraction, which Neumann and positive-definite-leaning solvers need.
+            return tree_map(torch.sub, x, fn(x, *a))
 
         return implicit_apply(
             solve,

@@ -276,7 +276,9 @@ def check_implicit_grad(
     **fn must re-solve its inner problem tightly at every call**: the finite differences
     evaluate it at perturbed inputs, so a solver that stops loosely (or a warm start that
     hides the perturbation) makes the reference noisy.  Declare the accuracy through
-    ``solver_tol``; it widens the tolerances accordingly.
+    ``solver_tol``; it widens the tolerances accordingly.  ``fn`` is called
+    ``1 + 2 * directions * (number of checked inputs)`` times (``unrolled`` once); put
+    several tensors in one tree input to check them together along shared directions.
 
     Tolerances (documented formula; ``C = 10`` is a safety factor for the unknown
     curvature constants, ``u_in``/``u_fd`` the machine epsilons of the input dtype and of

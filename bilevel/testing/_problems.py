@@ -464,9 +464,21 @@ def make_ridge(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> Prob
         return 0.5 * ((Xvd @ z - yvd) ** 2).mean()
 
     return _finish(
-        "ridge", _layout(param_kind, dim), flat_inner, flat_outer, theta, x0, (X, y), lam,
-        float(eig.min()), float(eig.max()), dtype, seed, info=f"alpha={alpha:.3g}", quadratic=(A, b),
-    )  # fmt: skip
+        "ridge",
+        _layout(param_kind, dim),
+        flat_inner,
+        flat_outer,
+        theta,
+        x0,
+        (X, y),
+        lam,
+        float(eig.min()),
+        float(eig.max()),
+        dtype,
+        seed,
+        info=f"alpha={alpha:.3g}",
+        quadratic=(A, b),
+    )
 
 
 def make_logistic(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> Problem:
@@ -496,9 +508,20 @@ def make_logistic(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> P
         return torch.nn.functional.softplus(-yvd * (Xvd @ z)).mean()
 
     return _finish(
-        "logistic", _layout(param_kind, dim), flat_inner, flat_outer, theta, x0, (X, y), lam,
-        alpha, L, dtype, seed, info=f"alpha={alpha:.3g}",
-    )  # fmt: skip
+        "logistic",
+        _layout(param_kind, dim),
+        flat_inner,
+        flat_outer,
+        theta,
+        x0,
+        (X, y),
+        lam,
+        alpha,
+        L,
+        dtype,
+        seed,
+        info=f"alpha={alpha:.3g}",
+    )
 
 
 def make_softmax(features: int, classes: int, dtype: torch.dtype, param_kind: str, seed: int) -> Problem:
@@ -550,9 +573,20 @@ def make_softmax(features: int, classes: int, dtype: torch.dtype, param_kind: st
         return cross_entropy(logits_of(z, Xvd), Yv)
 
     return _finish(
-        "softmax", _layout(param_kind, n, specs), flat_inner, flat_outer, theta, x0,
-        (Xtr, torch.nn.functional.one_hot(ytr, classes).to(_D)), lam, alpha, L, dtype, seed, info=f"features={features}, classes={classes}, alpha={alpha:.3g}",
-    )  # fmt: skip
+        "softmax",
+        _layout(param_kind, n, specs),
+        flat_inner,
+        flat_outer,
+        theta,
+        x0,
+        (Xtr, torch.nn.functional.one_hot(ytr, classes).to(_D)),
+        lam,
+        alpha,
+        L,
+        dtype,
+        seed,
+        info=f"features={features}, classes={classes}, alpha={alpha:.3g}",
+    )
 
 
 def make_mlp(inputs: int, hidden: int, dtype: torch.dtype, param_kind: str, seed: int) -> Problem:
@@ -627,9 +661,20 @@ def make_mlp(inputs: int, hidden: int, dtype: torch.dtype, param_kind: str, seed
             break
         lam *= 2.0
     return _finish(
-        "mlp", lay, flat_inner, flat_outer, theta, x0, (Xtr, ytr), lam, mu, L, dtype, seed,
+        "mlp",
+        lay,
+        flat_inner,
+        flat_outer,
+        theta,
+        x0,
+        (Xtr, ytr),
+        lam,
+        mu,
+        L,
+        dtype,
+        seed,
         info=f"inputs={inputs}, hidden={hidden}",
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------------------
