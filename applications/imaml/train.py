@@ -1,0 +1,288 @@
+"""Meta-training loop: batched meta-gradients, Adam, CSV/TensorBoard logs, atomic checkpoints.
+
+Outputs in ``cfg.out``:
+
+* ``checkpoint.pt`` — written atomically every ``checkpoint_every`` steps and at the end
+  (see :mod:`.checkpoint`); ``--resume`` continues from it exactly;
+* ``log.csv`` — one row per meta-step (columns :data:`CSV_COLUMNS`; a resumed run drops
+  rows logged after the checkpoint it restarts from, then appends);
+* ``config.json`` — the resolved configuration;
+* ``tensorboard/`` — the same scalars, only if ``torch.utils.tensorboard`` imports.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bilevel import NonFiniteError
+
+from .algorithms import MetaLearner
+from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
+from .config import RunConfig
+from .models import build_model
+from .tasks import TaskSource, make_task_source
+
+__all__ = ["CSV_COLUMNS", "Trainer", "build_learner", "train"]
+
+CSV_COLUMNS = (
+    "step",
+    "meta_loss",
+    "query_accuracy",
+    "query_mse",
+    "inner_grad_norm",
+    "cg_residual",
+    "cg_iterations",
+    "cg_failures",
+    "inner_failures",
+    "lam_mean",
+    "lam_min",
+    "lam_max",
+    "step_seconds",
+    "elapsed_seconds",
+    "peak_mem_mb",
+)
+
+# Keys of RunConfig that may differ between a checkpoint and the run that resumes it.
+RESUMABLE_OVERRIDES = ("meta_steps", "device", "data_root", "checkpoint_every", "out", "eval_episodes", "eval_batch")
+
+
+def build_learner(cfg: RunConfig, image_shape: tuple[int, ...]) -> tuple[MetaLearner, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Model (seeded from ``cfg.seed``), learner, meta-parameters θ and raw λ parameters ρ."""
+    torch.manual_seed(cfg.seed)
+    shape = tuple(image_shape) if len(image_shape) == 3 else (1, 28, 28)
+    model = build_model(cfg.dataset, cfg.ways, filters=cfg.filters, image_shape=shape)  # type: ignore[arg-type]
+    model = model.to(device=cfg.device, dtype=cfg.torch_dtype)
+    learner = MetaLearner(model, cfg.learner_config())
+    theta = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
+    rho = {k: r.requires_grad_(True) for k, r in learner.init_rho(theta).items()}
+    return learner, theta, rho
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by tensors during the step; CPU: the process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def memory_meaning(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated during the meta-step (MiB; reset every step)"
+    return "peak resident set size of the whole process so far, getrusage ru_maxrss (MiB; monotone, includes data and Python)"
+
+
+def _open_tensorboard(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # not installed (ImportError) or broken install: TensorBoard is optional
+        return None
+    return SummaryWriter(str(path))
+
+
+class Trainer:
+    """Owns the state of one meta-training run (so that tests can step it)."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / CHECKPOINT_NAME
+        self.progress = progress
+        self.log = log
+        self.device = torch.device(cfg.device)
+        if self.ckpt_path.exists() and not resume and not overwrite:
+            raise FileExistsError(
+                f"{str(self.ckpt_path)!r} exists: pass --resume to continue that run, --overwrite to start over, "
+                "or choose another --out"
+            )
+        if resume and not self.ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {str(self.ckpt_path)!r}")
+
+        self.source: TaskSource = make_task_source(
+            cfg.dataset, "train", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed,
+            data_root=cfg.data_root, split_scheme=cfg.split_scheme,
+        )
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.learner, self.theta, self.rho = build_learner(cfg, self.source.image_shape)
+        groups = [{"params": list(self.theta.values()), "lr": cfg.outer_lr}]
+        if self.rho:
+            groups.append({"params": list(self.rho.values()), "lr": cfg.lam_lr})
+        self.opt = torch.optim.Adam(groups)
+        self.step = 0
+        self.elapsed = 0.0
+        if resume:
+            self._load(load_checkpoint(self.ckpt_path, map_location=self.device))
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self._prepare_csv(resume)
+        self.tb = _open_tensorboard(self.out / "tensorboard")
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "step": self.step,
+            "elapsed_seconds": self.elapsed,
+            "config": self.cfg.to_dict(),
+            "theta": {k: v.detach().clone() for k, v in self.theta.items()},
+            "rho": {k: v.detach().clone() for k, v in self.rho.items()},
+            "optimizer": self.opt.state_dict(),
+            "sampler_position": self.source.position,
+            "rng": capture_rng_state(),
+        }
+
+    def save(self) -> None:
+        atomic_torch_save(self.state_dict(), self.ckpt_path)
+
+    def _load(self, ckpt: dict[str, Any]) -> None:
+        saved = RunConfig.from_dict(ckpt["config"])
+        diffs = {
+            k: (getattr(saved, k), getattr(self.cfg, k))
+            for k in saved.to_dict()
+            if k not in RESUMABLE_OVERRIDES and getattr(saved, k) != getattr(self.cfg, k)
+        }
+        if diffs:
+            pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+            raise ValueError(f"--resume with a different configuration ({pretty}); drop those flags to continue")
+        with torch.no_grad():
+            for k, v in self.theta.items():
+                v.copy_(ckpt["theta"][k])
+            for k, v in self.rho.items():
+                v.copy_(ckpt["rho"][k])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        self.elapsed = float(ckpt.get("elapsed_seconds", 0.0))
+        self.source.position = int(ckpt["sampler_position"])
+        restore_rng_state(ckpt["rng"])
+
+    # -- logs --------------------------------------------------------------------------------
+    def _prepare_csv(self, resume: bool) -> None:
+        self.csv_path = self.out / "log.csv"
+        rows: list[dict[str, str]] = []
+        if resume and self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= self.step]
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.csv_path)
+        meaning = {"peak_mem_mb": memory_meaning(self.device), "device": str(self.device), "torch": torch.__version__}
+        (self.out / "run_info.json").write_text(json.dumps(meaning, indent=2) + "\n")
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_COLUMNS).writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and v != "" and v is not None:
+                    self.tb.add_scalar(k, float(v), int(row["step"]))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One meta-step: sample B tasks, batched meta-gradient, Adam step; returns the log row."""
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        batch = self.source.sample(cfg.meta_batch).to(self.device, cfg.torch_dtype)
+        try:
+            res = self.learner.meta_gradient(self.theta, self.rho, batch)
+        except NonFiniteError as err:
+            raise FloatingPointError(
+                f"meta-step {self.step + 1}: {err}. The inner problem diverged: lower --inner-lr (or --outer-lr) and train again"
+            ) from err
+        for k, p in self.theta.items():
+            p.grad = res.grads[k].detach()
+        for k, p in self.rho.items():
+            p.grad = res.rho_grads[k].detach()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss, metric = float(res.loss), float(res.metric)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"meta-loss became {loss} at step {self.step + 1}; lower --outer-lr or --inner-lr")
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.elapsed += dt
+        st = res.stats
+        lam = self.learner.lam_stats(self.rho) if self.learner.layer is not None else {}
+
+        def fmt(v: Any) -> str:
+            return "" if v is None else f"{float(v):.6g}"
+
+        row = {
+            "step": self.step,
+            "meta_loss": fmt(loss),
+            "query_accuracy": fmt(metric) if cfg.task == "classification" else "",
+            "query_mse": fmt(metric) if cfg.task == "regression" else "",
+            "inner_grad_norm": fmt(st.get("inner_grad_norm")),
+            "cg_residual": fmt(st.get("cg_residual")),
+            "cg_iterations": fmt(st.get("cg_iterations")),
+            "cg_failures": fmt(st.get("cg_failures")),
+            "inner_failures": fmt(st.get("inner_failures")),
+            "lam_mean": fmt(lam.get("lam_mean")),
+            "lam_min": fmt(lam.get("lam_min")),
+            "lam_max": fmt(lam.get("lam_max")),
+            "step_seconds": f"{dt:.4f}",
+            "elapsed_seconds": f"{self.elapsed:.2f}",
+            "peak_mem_mb": f"{peak_memory_mb(self.device):.1f}",
+        }
+        self._write_row(row)
+        return row
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = self.step
+        last: dict[str, Any] = {}
+        metric_name = "acc" if cfg.task == "classification" else "mse"
+        bar = tqdm(total=cfg.meta_steps, initial=start, desc=f"meta-train {cfg.algorithm}", unit="step",
+                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        try:
+            while self.step < cfg.meta_steps:
+                last = self.train_step()
+                m = last["query_accuracy"] or last["query_mse"]
+                bar.set_postfix(loss=last["meta_loss"], **{metric_name: m}, refresh=False)
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.meta_steps:
+                    self.save()
+        finally:
+            bar.close()
+            if self.tb is not None:
+                self.tb.flush()
+        if self.step == start:  # nothing to do (already trained that far): still leave a checkpoint
+            self.save()
+        return {"step": self.step, "last": last, "checkpoint": str(self.ckpt_path), "log": str(self.csv_path)}
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Meta-train ``cfg`` (continuing from ``cfg.out/checkpoint.pt`` with ``resume``)."""
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def read_log(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
