@@ -96,6 +96,10 @@ class LearnerConfig:
             on negative curvature (counted as ``cg_failures``).  MINRES needs only
             symmetry and, with the same budget, minimises the residual over the same
             Krylov space.
+        hvp: how the backward's Hessian-vector products are computed (``bilevel``'s
+            ``hvp=``): ``"reverse"`` (default here: the support-loss gradient graph is
+            built once per backward and reused; cheaper per product in eager PyTorch) or
+            ``"forward"`` (forward-over-reverse).  Both give the same products.
     """
 
     algorithm: str = "imaml"
@@ -109,6 +113,7 @@ class LearnerConfig:
     cg_tol: Optional[float] = None
     hf_cg_steps: int = 5
     linsolve: str = "cg"
+    hvp: str = "reverse"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -178,6 +183,7 @@ class MetaLearner:
                 solver=solver,
                 linsolve=LINSOLVERS[config.linsolve](tol=config.cg_tol, maxiter=config.cg_steps),
                 on_failure="ignore",
+                hvp=config.hvp,
             )
 
     # -- per-task losses (written for ONE task; vmapped by the callers) ----------------

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cg-tol", type=_positive_float, default=None, help="relative CG tolerance (stop early; default dtype's)")
     g.add_argument("--linsolve", choices=("cg", "minres"), default=None,
                    help="backward solver of iMAML (default cg, as the paper; minres tolerates negative curvature)")
+    g.add_argument("--hvp", choices=("reverse", "forward"), default=None,
+                   help="Hessian-vector products of the iMAML backward: reverse-over-reverse (default) or forward-over-reverse")
     g.add_argument("--hf-cg-steps", type=_positive_int, default=None, help="CG iterations per Newton step of iMAML-HF (default 5)")
     g.add_argument("--outer-lr", type=_positive_float, default=None, help="Adam learning rate of the meta-parameters (default 0.001)")
     g.add_argument("--filters", type=_positive_int, default=None, help="conv filters (default 64 Omniglot, 32 Mini-ImageNet)")
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default float32")
     g.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<algorithm>-...)")
     g.add_argument("--checkpoint-every", type=_positive_int, default=None, help="meta-steps between checkpoints (default 500)")
+    g.add_argument("--time-limit", type=_positive_float, default=None,
+                   help="stop training after this many seconds (at a step boundary, with a checkpoint): a compute budget")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
     g.add_argument("--overwrite", action="store_true", help="start over even if OUT/checkpoint.pt exists")
     g.add_argument("--evaluate", action="store_true", help="evaluate on the test episodes after training")
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = (
     "dataset", "data_root", "ways", "shots", "queries", "split_scheme", "algorithm", "meta_steps", "meta_batch",
-    "inner_steps", "inner_lr", "lam", "learn_lam", "lam_min", "lam_lr", "cg_steps", "cg_tol", "hf_cg_steps", "linsolve",
+    "inner_steps", "inner_lr", "lam", "learn_lam", "lam_min", "lam_lr", "cg_steps", "cg_tol", "hf_cg_steps", "linsolve", "hvp",
     "outer_lr", "filters", "seed", "device", "dtype", "out", "checkpoint_every", "eval_episodes", "eval_batch",
     "eval_seed",
 )
@@ -158,7 +162,8 @@ def main(argv: Optional[Sequence[str]] = None, *, log: Callable[[str], None] = p
             _set_threads(args.threads, cfg.dataset, cfg.device)
             log(f"training {cfg.algorithm} on {cfg.dataset} for {cfg.meta_steps} meta-steps "
                 f"(meta-batch {cfg.meta_batch}, device {cfg.device}); outputs in {cfg.out}")
-            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, log=log)
+            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, log=log,
+                            time_limit=args.time_limit)
             log(f"trained to step {summary['step']}; checkpoint {summary['checkpoint']}, log {summary['log']}")
             if args.evaluate:
                 evaluate_checkpoint(summary["checkpoint"], progress=not args.no_progress, log=log)

@@ -54,6 +54,7 @@ class RunConfig:
     cg_tol: Optional[float]
     hf_cg_steps: int
     linsolve: str
+    hvp: str
     outer_lr: float
     seed: int
     device: str
@@ -88,6 +89,7 @@ class RunConfig:
             cg_tol=self.cg_tol,
             hf_cg_steps=self.hf_cg_steps,
             linsolve=self.linsolve,
+            hvp=self.hvp,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,7 +179,10 @@ def resolve_config(**kw: Any) -> RunConfig:
         cg_steps=get("cg_steps", 5),
         cg_tol=kw.get("cg_tol"),
         hf_cg_steps=get("hf_cg_steps", 5),
-        linsolve=get("linsolve", "cg"),
+        # Conv nets with batch norm make H + λI indefinite at λ = 2 (README: "Negative
+        # curvature"): CG then stops early on most tasks, so image datasets default to MINRES.
+        linsolve=get("linsolve", "cg" if dataset == "sinusoid" else "minres"),
+        hvp=get("hvp", "reverse"),
         outer_lr=float(get("outer_lr", 1e-3)),
         seed=get("seed", 0),
         device=get("device", default_device()),

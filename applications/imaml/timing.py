@@ -76,6 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--hvp", default=None, choices=("reverse", "forward"))
+    p.add_argument("--linsolve", default=None, choices=("cg", "minres"))
     p.add_argument("--json", default=None, help="also write the results to this file")
     a = p.parse_args(argv)
     if a.threads:
@@ -83,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = []
     for alg in a.algorithms.split(","):
         r = time_algorithm(alg, a.steps, a.warmup, dataset=a.dataset, data_root=a.data_root, ways=a.ways, shots=a.shots,
-                           meta_batch=a.meta_batch, filters=a.filters, device=a.device)
+                           meta_batch=a.meta_batch, filters=a.filters, device=a.device,
+                           **{k: v for k, v in (("hvp", a.hvp), ("linsolve", a.linsolve)) if v is not None})
         results.append(r)
         print(f"{alg:9s} {r['median_s']:.3f} s/meta-step (median of {a.steps}; mean {r['mean_s']:.3f}), "
               f"meta-batch {r['meta_batch']}, inner steps {r['inner_steps']}, peak mem {r['peak_mem_mb']:.0f} MiB, "

@@ -21,7 +21,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -245,9 +245,13 @@ class Trainer:
         self._write_row(row)
         return row
 
-    def run(self) -> dict[str, Any]:
+    def run(self, time_limit: Optional[float] = None) -> dict[str, Any]:
+        """Train up to ``cfg.meta_steps``; with ``time_limit`` (seconds of this call), stop
+        earlier at a step boundary once it is exceeded (a compute budget), checkpointing there."""
         cfg = self.cfg
         start = self.step
+        t_start = time.perf_counter()
+        stopped_by_time = False
         last: dict[str, Any] = {}
         metric_name = "acc" if cfg.task == "classification" else "mse"
         bar = tqdm(total=cfg.meta_steps, initial=start, desc=f"meta-train {cfg.algorithm}", unit="step",
@@ -260,13 +264,19 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.meta_steps:
                     self.save()
+                if time_limit is not None and time.perf_counter() - t_start > time_limit and self.step < cfg.meta_steps:
+                    stopped_by_time = True
+                    self.save()
+                    self.log(f"time limit of {time_limit:g} s reached: stopped after meta-step {self.step} of {cfg.meta_steps}")
+                    break
         finally:
             bar.close()
             if self.tb is not None:
                 self.tb.flush()
         if self.step == start:  # nothing to do (already trained that far): still leave a checkpoint
             self.save()
-        return {"step": self.step, "last": last, "checkpoint": str(self.ckpt_path), "log": str(self.csv_path)}
+        return {"step": self.step, "last": last, "checkpoint": str(self.ckpt_path), "log": str(self.csv_path),
+                "stopped_by_time_limit": stopped_by_time}
 
     def close(self) -> None:
         if self.tb is not None:
@@ -274,11 +284,14 @@ class Trainer:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Meta-train ``cfg`` (continuing from ``cfg.out/checkpoint.pt`` with ``resume``)."""
+          log: Callable[[str], None] = print, time_limit: Optional[float] = None) -> dict[str, Any]:
+    """Meta-train ``cfg`` (continuing from ``cfg.out/checkpoint.pt`` with ``resume``).
+
+    ``time_limit``: optional wall-clock budget in seconds for this call (see :meth:`Trainer.run`).
+    """
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log)
     try:
-        return trainer.run()
+        return trainer.run(time_limit=time_limit)
     finally:
         trainer.close()
 
