@@ -151,18 +151,35 @@ class ImplicitLayer(abc.ABC):
         ``optimality`` must be block-diagonal over tasks (task ``b`` depends only on slice
         ``b`` of ``x``); the linear solver then runs batched with per-task convergence.
         """
+        return self._implicit_apply(self.solve, self.optimality, x0, args, batched)
+
+    def _implicit_apply(
+        self,
+        solve: Callable[..., Any],
+        optimality: Callable[..., Any],
+        x0: Any,
+        args: tuple,
+        batched: bool,
+        *,
+        symmetric: Optional[bool] = None,
+        name: Optional[str] = None,
+    ) -> Any:
+        """:func:`~bilevel._implicit.implicit_apply` with this layer's configuration.
+
+        ``symmetric`` defaults to ``self.symmetric`` and ``name`` to the class name.
+        """
         return implicit_apply(
-            self.solve,
-            self.optimality,
+            solve,
+            optimality,
             x0,
             args,
-            symmetric=self.symmetric,
+            symmetric=self.symmetric if symmetric is None else symmetric,
             linsolve=self.linsolve,
             batched=batched,
             diagnostics=self.diagnostics,
             on_failure=self.on_failure,
             hvp=self.hvp,
-            name=type(self).__name__,
+            name=type(self).__name__ if name is None else name,
         )
 
 
@@ -227,19 +244,7 @@ class Argmin(ImplicitLayer):
         def solve(x0_: Any, *a: Any) -> Any:
             return self.solver(obj, x0_, *a, batched=True) if batched else self.solver(obj, x0_, *a)
 
-        return implicit_apply(
-            solve,
-            _sum_grad(obj),
-            x0,
-            args,
-            symmetric=True,
-            linsolve=self.linsolve,
-            batched=batched,
-            diagnostics=self.diagnostics,
-            on_failure=self.on_failure,
-            hvp=self.hvp,
-            name=name,
-        )
+        return self._implicit_apply(solve, _sum_grad(obj), x0, args, batched, symmetric=True, name=name)
 
     def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:  # type: ignore[override]
         dims = _arg_dims(args, in_dims) if batched else ()
@@ -432,19 +437,7 @@ class FixedPoint(ImplicitLayer):
             # near +1 for a contraction, which Neumann and positive-definite-leaning solvers need.
             return tree_map(torch.sub, x, fn(x, *a))
 
-        return implicit_apply(
-            solve,
-            optimality,
-            x0,
-            args,
-            symmetric=False,
-            linsolve=self.linsolve,
-            batched=batched,
-            diagnostics=self.diagnostics,
-            on_failure=self.on_failure,
-            hvp=self.hvp,
-            name=type(self).__name__,
-        )
+        return self._implicit_apply(solve, optimality, x0, args, batched, symmetric=False)
 
 
 class _CustomRoot(ImplicitLayer):
@@ -473,17 +466,13 @@ class _CustomRoot(ImplicitLayer):
         return self._optimality_fn(x, *args)
 
     def __call__(self, x0: Any, *args: Any, batched: bool = False) -> Any:
-        return implicit_apply(
+        return self._implicit_apply(
             self.solve,
             self.optimality,
             x0,
             args,
+            batched,
             symmetric=self._symmetric,
-            linsolve=self.linsolve,
-            batched=batched,
-            diagnostics=self.diagnostics,
-            on_failure=self.on_failure,
-            hvp=self.hvp,
             name=getattr(self._solve_fn, "__name__", "custom_root"),
         )
 

@@ -10,7 +10,17 @@ import torch
 from torch import Tensor
 
 from .._result import LinearSolveResult, Status, code, overall_status, status_from_codes
-from .._tree import default_tol, tree_dtype, tree_flatten, tree_size
+from .._tree import (
+    default_tol,
+    tree_dtype,
+    tree_flatten,
+    tree_map,
+    tree_norm,
+    tree_size,
+    tree_sub,
+    tree_where,
+    tree_zeros_like,
+)
 
 MatVec = Callable[[Any], Any]
 """``matvec(v) -> A v`` on tensor trees shaped like the right-hand side."""
@@ -106,4 +116,87 @@ def codes_from_masks(shape: torch.Size, device: torch.device, **masks: Tensor) -
     out = torch.full(shape, code(Status.MAX_ITERATIONS), dtype=torch.long, device=device)
     for name, m in reversed(list(masks.items())):
         out = torch.where(m, torch.full_like(out, code(Status[name])), out)
+    return out
+
+
+def initial_guess(matvec: MatVec, b: Any, x0: Any) -> tuple[Any, Any]:
+    """The starting iterate (a copy of ``x0``; zeros by default) and its residual ``b - A x``."""
+    if x0 is None:
+        return tree_zeros_like(b), b
+    x = tree_map(lambda t: t.clone(), x0)
+    return x, tree_sub(b, matvec(x))
+
+
+def initial_status(rnorm: Tensor, thresh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-task ``(converged, nonfinite, iterations)`` at the starting iterate.
+
+    An infinite ``b`` gives an infinite threshold: finiteness is part of convergence.
+    """
+    converged = torch.isfinite(rnorm) & (rnorm <= thresh)
+    nonfinite = ~torch.isfinite(rnorm)
+    iters = torch.zeros(converged.shape, dtype=torch.long, device=converged.device)
+    return converged, nonfinite, iters
+
+
+def verify_claims(
+    matvec: MatVec,
+    b: Any,
+    x: Any,
+    pending: Tensor,
+    thresh: Tensor,
+    converged: Tensor,
+    nonfinite: Tensor,
+    rnorm: Tensor,
+    batched: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Any, Tensor]:
+    """Check the tasks whose residual *estimate* claims convergence on the true residual.
+
+    For the solvers whose convergence test runs on a recurrence (BiCGSTAB, MINRES): one
+    extra matvec computes ``b - A x``; a ``pending`` task converges if its true residual
+    meets ``thresh``, is non-finite if that residual is, and otherwise must restart.
+
+    Returns:
+        ``(converged, nonfinite, rnorm, again, r, r_norm)``: the updated masks and reported
+        residual norms, the pending tasks to restart from their current iterate, and the
+        true residual tree with its (per-task) norm.
+    """
+    rtrue = tree_sub(b, matvec(x))
+    rt = tree_norm(rtrue, batched)
+    ok = pending & (rt <= thresh)
+    bad = pending & ~torch.isfinite(rt)
+    again = pending & ~ok & ~bad
+    return converged | ok, nonfinite | bad, torch.where(pending, rt, rnorm), again, rtrue, rt
+
+
+def verify_final(
+    matvec: MatVec,
+    b: Any,
+    x: Any,
+    pending: Tensor,
+    thresh: Tensor,
+    converged: Tensor,
+    rnorm: Tensor,
+    batched: bool,
+) -> tuple[Tensor, Tensor]:
+    """Report the true residual of the returned ``x`` for every task not already verified.
+
+    This also settles a claim (``pending``) made on the last allowed iteration.
+
+    Returns:
+        ``(converged, rnorm)``, updated.
+    """
+    unverified = ~converged
+    if bool(unverified.any()):
+        rt = tree_norm(tree_sub(b, matvec(x)), batched)
+        converged = converged | (pending & (rt <= thresh))
+        rnorm = torch.where(unverified, rt, rnorm)
+    return converged, rnorm
+
+
+def merge_state(
+    mask: Tensor, new: dict[str, Any], old: dict[str, Any], trees: tuple[str, ...], scalars: tuple[str, ...]
+) -> dict[str, Any]:
+    """Per task: ``new`` solver state where ``mask``, else ``old`` (tree and scalar entries)."""
+    out: dict[str, Any] = {k: tree_where(mask, new[k], old[k]) for k in trees}
+    out.update({k: torch.where(mask, new[k], old[k]) for k in scalars})
     return out

@@ -8,8 +8,8 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from .._result import LinearSolveResult
-from .._tree import tree_axpy, tree_map, tree_norm, tree_sub, tree_vdot, tree_where, tree_zeros_like
-from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish
+from .._tree import tree_axpy, tree_norm, tree_vdot, tree_where
+from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish, initial_guess, initial_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,21 +52,14 @@ class CG(LinearSolver):
 
         bnorm = tree_norm(b, batched)
         thresh = torch.clamp(tol * bnorm, min=self.atol)
-        if x0 is None:
-            x = tree_zeros_like(b)
-            r = b
-        else:
-            x = tree_map(lambda t: t.clone(), x0)
-            r = tree_sub(b, matvec(x))
+        x, r = initial_guess(matvec, b, x0)
         z = precond(r)
         p = z
         rz = tree_vdot(r, z, batched)
         rnorm = tree_norm(r, batched)
         # isfinite: an infinite right-hand side makes the threshold infinite too (inf <= inf).
-        converged = torch.isfinite(rnorm) & (rnorm <= thresh)
+        converged, nonfinite, iters = initial_status(rnorm, thresh)
         negative = torch.zeros_like(converged)
-        nonfinite = ~torch.isfinite(rnorm)
-        iters = torch.zeros(converged.shape, dtype=torch.long, device=converged.device)
 
         for _ in range(maxiter):
             active = ~(converged | negative | nonfinite)

@@ -17,7 +17,6 @@ from .._tree import (
     tree_axpy,
     tree_dtype,
     tree_flatten,
-    tree_map,
     tree_norm,
     tree_scale,
     tree_size,
@@ -26,7 +25,7 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
-from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish
+from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish, initial_guess, initial_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,18 +91,10 @@ class GMRES(LinearSolver):
         bnorm = norm(b)
         thresh = torch.clamp(tol * bnorm, min=self.atol)
         zeros = tree_zeros_like(b)
-        if x0 is None:
-            x = tree_zeros_like(b)
-            r = b
-        else:
-            x = tree_map(lambda t: t.clone(), x0)
-            r = tree_sub(b, matvec(x))
+        x, r = initial_guess(matvec, b, x0)
         rnorm = norm(r)
-        # An infinite b gives an infinite threshold: finiteness is part of convergence.
-        converged = torch.isfinite(rnorm) & (rnorm <= thresh)
-        nonfinite = ~torch.isfinite(rnorm)
+        converged, nonfinite, iters = initial_status(rnorm, thresh)
         breakdown = torch.zeros_like(converged)
-        iters = torch.zeros(converged.shape, dtype=torch.long, device=device)
         total = 0  # Arnoldi steps taken by the batch as a whole (bounded by maxiter)
 
         while total < maxiter:

@@ -16,15 +16,24 @@ from torch import Tensor
 from .._result import LinearSolveResult
 from .._tree import (
     tree_axpy,
-    tree_map,
     tree_norm,
     tree_scale,
-    tree_sub,
     tree_vdot,
     tree_where,
     tree_zeros_like,
 )
-from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish
+from ._base import (
+    LinearSolver,
+    MatVec,
+    check_rhs,
+    codes_from_masks,
+    finish,
+    initial_guess,
+    initial_status,
+    merge_state,
+    verify_claims,
+    verify_final,
+)
 
 # Names of the tree-valued and scalar-valued parts of the MINRES state (see ``_start``).
 _TREES = ("r1", "r2", "y", "w", "w2")
@@ -74,37 +83,24 @@ class MINRES(LinearSolver):
         bnorm = tree_norm(b, batched)
         thresh = torch.clamp(tol * bnorm, min=self.atol)
         zeros = tree_zeros_like(b)
-        if x0 is None:
-            x = tree_zeros_like(b)
-            r0 = b
-        else:
-            x = tree_map(lambda t: t.clone(), x0)
-            r0 = tree_sub(b, matvec(x))
+        x, r0 = initial_guess(matvec, b, x0)
         rnorm = tree_norm(r0, batched)
         # ``converged`` is only ever set from a *true* residual (initial or verified).
-        # An infinite b gives an infinite threshold: finiteness is part of convergence.
-        converged = torch.isfinite(rnorm) & (rnorm <= thresh)
-        nonfinite = ~torch.isfinite(rnorm)
+        converged, nonfinite, iters = initial_status(rnorm, thresh)
         breakdown = torch.zeros_like(converged)
         pending = torch.zeros_like(converged)  # the estimate says converged; not yet verified
         active = ~(converged | nonfinite)
-        iters = torch.zeros(converged.shape, dtype=torch.long, device=converged.device)
         st = _start(r0, rnorm, zeros)
 
         for _ in range(maxiter):
             # The one host sync per iteration: the stopping test (and whether to verify).
             any_active, any_pending = (bool(f) for f in torch.stack((active.any(), pending.any())).tolist())
             if any_pending:
-                rtrue = tree_sub(b, matvec(x))
-                rt = tree_norm(rtrue, batched)
-                ok = pending & (rt <= thresh)
-                bad = pending & ~torch.isfinite(rt)
-                again = pending & ~ok & ~bad
-                converged = converged | ok
-                nonfinite = nonfinite | bad
-                rnorm = torch.where(pending, rt, rnorm)
+                converged, nonfinite, rnorm, again, rtrue, rt = verify_claims(
+                    matvec, b, x, pending, thresh, converged, nonfinite, rnorm, batched
+                )
                 # Restart the tasks whose estimate was too optimistic from where they are.
-                st = _merge(again, _start(rtrue, rt, zeros), st)
+                st = merge_state(again, _start(rtrue, rt, zeros), st, _TREES, _SCALARS)
                 active = active | again
                 pending = torch.zeros_like(pending)
                 any_active = bool(active.any())
@@ -177,13 +173,7 @@ class MINRES(LinearSolver):
             pending = pending | claim
             active = step & ~claim
 
-        # Report the true residual of the returned x for every task not already verified
-        # (this also settles a claim made on the last allowed iteration).
-        unverified = ~converged
-        if bool(unverified.any()):
-            rt = tree_norm(tree_sub(b, matvec(x)), batched)
-            converged = converged | (pending & (rt <= thresh))
-            rnorm = torch.where(unverified, rt, rnorm)
+        converged, rnorm = verify_final(matvec, b, x, pending, thresh, converged, rnorm, batched)
 
         codes = codes_from_masks(
             converged.shape, converged.device, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
@@ -209,9 +199,3 @@ def _start(r0: Any, rnorm: Tensor, zeros: Any) -> dict[str, Any]:
         "sn": z,
     }
 
-
-def _merge(mask: Tensor, new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
-    """Per task: ``new`` state where ``mask``, else ``old``."""
-    out: dict[str, Any] = {k: tree_where(mask, new[k], old[k]) for k in _TREES}
-    out.update({k: torch.where(mask, new[k], old[k]) for k in _SCALARS})
-    return out

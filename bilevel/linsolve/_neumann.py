@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from .._result import LinearSolveResult
-from .._tree import tree_axpy, tree_map, tree_norm, tree_sub, tree_where, tree_zeros_like
-from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish
+from .._tree import tree_axpy, tree_norm, tree_where
+from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish, initial_guess, initial_status
 
 DEFAULT_NEUMANN_TERMS = 50
 """Default ``maxiter`` (number of series terms) of :class:`Neumann`."""
@@ -77,17 +77,9 @@ class Neumann(LinearSolver):
 
         bnorm = tree_norm(b, batched)
         thresh = torch.clamp(tol * bnorm, min=self.atol)
-        if x0 is None:
-            x = tree_zeros_like(b)
-            r = b
-        else:
-            x = tree_map(lambda t: t.clone(), x0)
-            r = tree_sub(b, matvec(x))
+        x, r = initial_guess(matvec, b, x0)
         rnorm = tree_norm(r, batched)
-        # An infinite b gives an infinite threshold: finiteness is part of convergence.
-        converged = torch.isfinite(rnorm) & (rnorm <= thresh)
-        nonfinite = ~torch.isfinite(rnorm)
-        iters = torch.zeros(converged.shape, dtype=torch.long, device=converged.device)
+        converged, nonfinite, iters = initial_status(rnorm, thresh)
 
         for _ in range(maxiter):
             active = ~(converged | nonfinite)

@@ -7,10 +7,9 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from .._result import SolverResult, Status
-from .._tree import tree_detach, tree_dtype, tree_map, tree_norm, tree_where, tree_zeros_like
-from ._base import Objective, Solver, check_finite_value, value_and_grad
-from ._linesearch import check_finite_grad, check_int, check_real, check_tol, finish_result, status_codes
+from .._result import SolverResult
+from .._tree import tree_detach, tree_dtype, tree_map, tree_where, tree_zeros_like
+from ._base import GradientTracker, Objective, Solver, check_int, check_real, check_tol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,23 +63,16 @@ class Adam(Solver):
         tree_dtype(x0)  # validates the tree
         b1, b2 = self.betas
         x = tree_detach(x0)
-        f, g = value_and_grad(objective, x, args, batched)
-        n_eval = 1
-        check_finite_value(f, 0, name)
-        gnorm = tree_norm(g, batched)
-        check_finite_grad(gnorm, 0, name)
-        use_tol = self.tol is not None
-        thresh = (self.tol if use_tol else 0.0) * torch.clamp(gnorm, min=1.0)
-        converged = (gnorm <= thresh) if use_tol else torch.zeros_like(gnorm, dtype=torch.bool)
-        iters = torch.zeros(gnorm.shape, dtype=torch.long, device=gnorm.device)
-        m = tree_zeros_like(g)
-        v = tree_zeros_like(g)
+        st = GradientTracker.start(objective, x, args, self.tol, name, batched)
+        m = tree_zeros_like(st.g)
+        v = tree_zeros_like(st.g)
 
         for k in range(1, self.steps + 1):
-            if use_tol and not bool((~converged).any()):  # one host sync per step (the test)
+            if st.all_converged():  # one host sync per step (the test)
                 break
-            active = ~converged
-            t = (iters + 1).to(gnorm.dtype)  # per-task step counter (frozen once converged)
+            active = ~st.converged
+            g, gnorm = st.g, st.gnorm
+            t = (st.iters + 1).to(gnorm.dtype)  # per-task step counter (frozen once converged)
             m = tree_where(active, tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, m, g), m)
             v = tree_where(active, tree_map(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, v, g), v)
             c1 = 1 - b1**t
@@ -93,17 +85,6 @@ class Adam(Solver):
                 return xi - s * (mi / a) / ((vi / b).sqrt() + self.eps)
 
             x = tree_map(update, x, m, v)
-            iters = iters + active.long()
-            f_new, g_new = value_and_grad(objective, x, args, batched)
-            n_eval += 1
-            check_finite_value(f_new, k, name)
-            f = torch.where(active, f_new, f)
-            g = tree_where(active, g_new, g)
-            gnorm = torch.where(active, tree_norm(g_new, batched), gnorm)
-            check_finite_grad(gnorm, k, name)
-            if use_tol:
-                converged = converged | (active & (gnorm <= thresh))
+            st.advance(objective, x, args, active, k, name, batched)
 
-        default = Status.MAX_ITERATIONS if use_tol else Status.COMPLETED
-        codes = status_codes(gnorm.shape, gnorm.device, default, SUCCESS=converged)
-        return finish_result(x, codes, iters, gnorm, f, batched, n_fun=n_eval, n_grad=n_eval)
+        return st.result(x, batched)

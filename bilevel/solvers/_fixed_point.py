@@ -9,8 +9,7 @@ import torch
 
 from .._result import SolverResult, Status
 from .._tree import default_tol, tree_detach, tree_dtype, tree_flatten, tree_map, tree_norm, tree_sub, tree_where
-from ._base import Solver
-from ._linesearch import check_int, check_real, check_tol, finish_result, status_codes
+from ._base import Solver, check_int, check_real, check_tol, finish_result, status_codes
 
 
 @dataclasses.dataclass(frozen=True)

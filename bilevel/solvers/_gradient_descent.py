@@ -7,10 +7,9 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from .._result import SolverResult, Status
-from .._tree import tree_axpy, tree_detach, tree_dtype, tree_norm, tree_where, tree_zeros_like
-from ._base import Objective, Solver, check_finite_value, value_and_grad
-from ._linesearch import check_int, check_real, check_tol, check_finite_grad, finish_result, status_codes
+from .._result import SolverResult
+from .._tree import tree_axpy, tree_detach, tree_dtype, tree_where, tree_zeros_like
+from ._base import GradientTracker, Objective, Solver, check_int, check_real, check_tol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,21 +63,14 @@ class GradientDescent(Solver):
         name = type(self).__name__
         tree_dtype(x0)  # validates the tree (raises on a non-tensor leaf or an empty tree)
         x = tree_detach(x0)
-        f, g = value_and_grad(objective, x, args, batched)
-        n_eval = 1
-        check_finite_value(f, 0, name)
-        gnorm = tree_norm(g, batched)
-        check_finite_grad(gnorm, 0, name)
-        use_tol = self.tol is not None
-        thresh = (self.tol if use_tol else 0.0) * torch.clamp(gnorm, min=1.0)
-        converged = (gnorm <= thresh) if use_tol else torch.zeros_like(gnorm, dtype=torch.bool)
-        iters = torch.zeros(gnorm.shape, dtype=torch.long, device=gnorm.device)
-        vel = tree_zeros_like(g) if self.momentum > 0 else None
+        st = GradientTracker.start(objective, x, args, self.tol, name, batched)
+        vel = tree_zeros_like(st.g) if self.momentum > 0 else None
 
         for k in range(1, self.steps + 1):
-            if use_tol and not bool((~converged).any()):  # one host sync per step (the test)
+            if st.all_converged():  # one host sync per step (the test)
                 break
-            active = ~converged
+            active = ~st.converged
+            g = st.g
             if vel is not None:
                 new_vel = tree_axpy(self.momentum, vel, g)
                 vel = tree_where(active, new_vel, vel)
@@ -86,19 +78,8 @@ class GradientDescent(Solver):
             else:
                 upd = g
             # Converged tasks take a zero step: they stay exactly where they converged.
-            lr = torch.where(active, torch.full_like(gnorm, self.lr), torch.zeros_like(gnorm))
+            lr = torch.where(active, torch.full_like(st.gnorm, self.lr), torch.zeros_like(st.gnorm))
             x = tree_axpy(-lr, upd, x, batched)
-            iters = iters + active.long()
-            f_new, g_new = value_and_grad(objective, x, args, batched)
-            n_eval += 1
-            check_finite_value(f_new, k, name)
-            f = torch.where(active, f_new, f)
-            g = tree_where(active, g_new, g)
-            gnorm = torch.where(active, tree_norm(g_new, batched), gnorm)
-            check_finite_grad(gnorm, k, name)
-            if use_tol:
-                converged = converged | (active & (gnorm <= thresh))
+            st.advance(objective, x, args, active, k, name, batched)
 
-        default = Status.MAX_ITERATIONS if use_tol else Status.COMPLETED
-        codes = status_codes(gnorm.shape, gnorm.device, default, SUCCESS=converged)
-        return finish_result(x, codes, iters, gnorm, f, batched, n_fun=n_eval, n_grad=n_eval)
+        return st.result(x, batched)

@@ -10,16 +10,18 @@ import torch
 
 from .._result import SolverResult, Status
 from .._tree import tree_axpy, tree_detach, tree_dtype, tree_norm, tree_scale, tree_sub, tree_vdot
-from ._base import Objective, Solver, check_finite_value, value_and_grad
-from ._linesearch import (
-    StrongWolfe,
-    check_finite_grad,
+from ._base import (
+    Objective,
+    Solver,
     check_int,
     check_tol,
+    checked_grad_norm,
     finish_result,
     gradient_tol,
     status_codes,
+    value_and_grad,
 )
+from ._linesearch import StrongWolfe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,7 @@ class LBFGS(Solver):
 
     Args:
         tol: gradient-norm tolerance in (0, 1); ``None`` picks
-            :func:`~bilevel.solvers._linesearch.gradient_tol` of the dtype of ``x0``
+            :func:`~bilevel.solvers._base.gradient_tol` of the dtype of ``x0``
             (``eps**0.5``: float64 ~1.5e-8, float32 ~3.5e-4).
         maxiter: maximum number of iterations (>= 0).
         history: number of stored curvature pairs (>= 1).
@@ -70,9 +72,7 @@ class LBFGS(Solver):
         x = tree_detach(x0)
         f, g = value_and_grad(objective, x, args)
         n_fun = n_grad = 1
-        check_finite_value(f, 0, name)
-        gnorm = tree_norm(g)
-        check_finite_grad(gnorm, 0, name)
+        gnorm = checked_grad_norm(f, g, 0, name)
         thresh = tol * max(1.0, float(gnorm))
         pairs: collections.deque = collections.deque(maxlen=self.history)  # (s, y, 1 / s^T y)
         eps = torch.finfo(gnorm.dtype).eps
@@ -111,9 +111,7 @@ class LBFGS(Solver):
             if sy > eps * float(tree_norm(s)) * float(tree_norm(y)):
                 pairs.append((s, y, 1.0 / sy))
             x, f, g = ls.x, ls.value, ls.grad
-            check_finite_value(f, k, name)
-            gnorm = tree_norm(g)
-            check_finite_grad(gnorm, k, name)
+            gnorm = checked_grad_norm(f, g, k, name)
 
         codes = status_codes(gnorm.shape, gnorm.device, status)
         return finish_result(x, codes, torch.tensor(k), gnorm, f, False, n_fun=n_fun, n_grad=n_grad)

@@ -1,4 +1,4 @@
-"""Line searches shared by the inner solvers, and the bookkeeping those solvers share.
+"""Line searches shared by the inner solvers.
 
 A line search looks at the one-dimensional function ``phi(a) = f(x + a d)`` of the step
 ``a`` along a direction ``d`` (a tensor tree shaped like ``x``), starting from the value
@@ -34,9 +34,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .._result import NonFiniteError, SolverResult, Status, code, overall_status, status_from_codes
 from .._tree import tree_axpy, tree_vdot
-from ._base import Objective, value, value_and_grad
+from ._base import Objective, check_int, check_real, value, value_and_grad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,112 +59,6 @@ class LineSearchResult:
     n_fun: int
     n_grad: int
     success: Tensor
-
-
-# ----------------------------------------------------------------------------------------
-# Validation and result helpers shared by the solvers of this package.
-# ----------------------------------------------------------------------------------------
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_real(
-    owner: str, name: str, v: Any, lo: float, hi: float = math.inf, lo_open: bool = True, hi_open: bool = True
-) -> None:
-    """Raise ValueError unless ``v`` is a finite real number in the given interval."""
-    ok = _is_real(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(f"{owner}: {name} must be a real number in {lb}{lo}, {hi}{rb}, got {v!r}")
-
-
-def check_int(owner: str, name: str, v: Any, lo: int) -> None:
-    """Raise ValueError unless ``v`` is an int ``>= lo``."""
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
-        raise ValueError(f"{owner}: {name} must be an int >= {lo}, got {v!r}")
-
-
-def check_tol(owner: str, tol: Any) -> None:
-    if tol is not None:
-        check_real(owner, "tol", tol, 0.0, 1.0)
-
-
-def gradient_tol(dtype: torch.dtype) -> float:
-    """Default tolerance on the gradient norm of the minimisers: ``eps**0.5`` of ``dtype``.
-
-    float64: ~1.5e-8, float32: ~3.5e-4 (relative, as the solvers use it: ``||g|| <= tol *
-    max(1, ||g0||)``).  Not :func:`bilevel._tree.default_tol` (``eps**0.75``), which is not
-    reliably reachable by line-search methods: near a minimiser a step decreases ``f`` by
-    about ``||g||^2 / (2 L)``, which drops below the rounding of ``f`` once ``||g||`` is
-    about ``sqrt(2 L eps |f|)`` -- ``eps**0.5`` at unit scale.  The rounding allowance of
-    the line searches (module docstring) lets Newton-CG go further, but L-BFGS's curvature
-    pairs ``(s, y)`` are then dominated by rounding too: measured on a float64 quadratic
-    with condition number 1e3, L-BFGS (ours, and equally scipy's L-BFGS-B and
-    ``torch.optim.LBFGS`` with exact textbook line searches) stalls between 1e-10 and 1e-7
-    in the gradient norm.  ``eps**0.5`` is reached in all our test problems in float32 and
-    float64 and leaves implicit gradients accurate to about ``tol / lambda_min(H)``; pass
-    a smaller ``tol`` explicitly for more (Newton-CG reaches ~1e-12 in float64).
-    """
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
-    return float(eps**0.5)
-
-
-def finish_result(
-    x: Any,
-    codes: Tensor,
-    iters: Tensor,
-    grad_norm: Optional[Tensor],
-    val: Optional[Tensor],
-    batched: bool,
-    n_fun: int,
-    n_grad: int,
-    n_hvp: int = 0,
-    message: str = "",
-) -> SolverResult:
-    """Build a :class:`SolverResult` from per-task integer status codes (one host sync)."""
-    statuses = status_from_codes(codes)
-    if batched:
-        return SolverResult(
-            x=x,
-            status=overall_status(statuses),
-            iterations=int(iters.max()) if iters.numel() else 0,
-            grad_norm=grad_norm,
-            value=val,
-            n_fun=n_fun,
-            n_grad=n_grad,
-            n_hvp=n_hvp,
-            task_status=statuses,
-            task_iterations=iters,
-            message=message,
-        )
-    return SolverResult(
-        x=x,
-        status=statuses[0],
-        iterations=int(iters.reshape(-1)[0]),
-        grad_norm=None if grad_norm is None else grad_norm.reshape(()),
-        value=None if val is None else val.reshape(()),
-        n_fun=n_fun,
-        n_grad=n_grad,
-        n_hvp=n_hvp,
-        message=message,
-    )
-
-
-def status_codes(shape: torch.Size, device: torch.device, default: Status, **masks: Tensor) -> Tensor:
-    """Per-task integer codes: the first true mask (keyword order) wins, else ``default``."""
-    out = torch.full(shape, code(default), dtype=torch.long, device=device)
-    for name, m in reversed(list(masks.items())):
-        out = torch.where(m, torch.full_like(out, code(Status[name])), out)
-    return out
-
-
-def check_finite_grad(gnorm: Tensor, iteration: int, solver: str) -> None:
-    """Raise :class:`NonFiniteError` if a gradient (norm) is NaN/Inf, naming the iteration."""
-    bad = ~torch.isfinite(gnorm)
-    if bool(bad.any()):
-        where = f" for task(s) {bad.nonzero().reshape(-1).tolist()}" if gnorm.dim() == 1 else ""
-        raise NonFiniteError(f"{solver}: the gradient became non-finite at iteration {iteration}{where}")
 
 
 # ----------------------------------------------------------------------------------------

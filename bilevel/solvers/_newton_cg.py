@@ -20,17 +20,22 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
-from ._base import Objective, Solver, check_finite_value, hvp, value_and_grad
-from ._linesearch import (
-    BacktrackingArmijo,
+from ._base import (
+    Objective,
+    Solver,
     check_finite_grad,
+    check_finite_value,
     check_int,
     check_real,
     check_tol,
+    checked_grad_norm,
     finish_result,
     gradient_tol,
+    hvp,
     status_codes,
+    value_and_grad,
 )
+from ._linesearch import BacktrackingArmijo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +72,7 @@ class NewtonCG(Solver):
 
     Args:
         tol: gradient-norm tolerance in (0, 1); ``None`` picks
-            :func:`~bilevel.solvers._linesearch.gradient_tol` of the dtype of ``x0``
+            :func:`~bilevel.solvers._base.gradient_tol` of the dtype of ``x0``
             (``eps**0.5``: float64 ~1.5e-8, float32 ~3.5e-4).
         maxiter: maximum number of Newton iterations (>= 0).
         cg_maxiter: CG iterations per Newton iteration; ``None`` means ``20 * n`` (as
@@ -104,9 +109,7 @@ class NewtonCG(Solver):
         x = tree_detach(x0)
         f, g = value_and_grad(objective, x, args, batched)
         counts = {"fun": 1, "grad": 1, "hvp": 0}
-        check_finite_value(f, 0, name)
-        gnorm = tree_norm(g, batched)
-        check_finite_grad(gnorm, 0, name)
+        gnorm = checked_grad_norm(f, g, 0, name, batched)
         thresh = tol * torch.clamp(gnorm, min=1.0)
         converged = gnorm <= thresh
         failed = torch.zeros_like(converged)

@@ -13,8 +13,7 @@ import torch
 
 from .._result import SolverResult, Status
 from .._tree import tree_detach, tree_dtype, tree_ravel, tree_unravel
-from ._base import Objective, Solver, _total, hvp, value, value_and_grad
-from ._linesearch import check_real
+from ._base import Objective, Solver, _total, check_real, hvp, value, value_and_grad
 
 # Method names as scipy spells them; matched case-insensitively, as scipy does.
 SCIPY_METHODS: tuple[str, ...] = (

@@ -435,6 +435,26 @@ def _regression_data(g: torch.Generator, m: int, dim: int) -> tuple[Tensor, Tens
     return X, X @ w + 0.3 * torch.randn(2 * m, generator=g, dtype=_D)
 
 
+def _regression_draws(dim: int, seed: int) -> tuple[int, Tensor, Tensor, float, float, Tensor, Tensor]:
+    """The random draws shared by :func:`make_ridge` and :func:`make_logistic`.
+
+    Returns:
+        ``(m, X, s, alpha, lam, theta, x0)``: the training-set size ``m = 2 dim + 4``,
+        ``2 m`` samples of :func:`_regression_data` (training then validation), ``alpha``
+        log-uniform in ``[0.01, 1]``, ``lam`` in ``[0.1, 10]``, and the starting points.
+    """
+    if dim < 2:
+        raise ValueError(f"dim must be >= 2, got {dim}")
+    g = torch.Generator().manual_seed(seed)
+    m = 2 * dim + 4
+    Xa, sa = _regression_data(g, m, dim)
+    alpha = _log_uniform(g, 0.01, 1.0)
+    lam = _log_uniform(g, 0.1, 10.0)
+    theta = torch.randn(dim, generator=g, dtype=_D)
+    x0 = 0.1 * torch.randn(dim, generator=g, dtype=_D)
+    return m, Xa, sa, alpha, lam, theta, x0
+
+
 def make_ridge(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> Problem:
     """Ridge regression ``1/2 mean (X z - y)^2 + alpha/2 ||z||^2`` (last feature = bias).
 
@@ -442,16 +462,8 @@ def make_ridge(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> Prob
     validation squared error); ``alpha`` log-uniform in ``[0.01, 1]``, ``lam`` in
     ``[0.1, 10]``.  Closed form available (:meth:`Problem.exact_proximal`).
     """
-    if dim < 2:
-        raise ValueError(f"dim must be >= 2, got {dim}")
-    g = torch.Generator().manual_seed(seed)
-    m = 2 * dim + 4
-    Xa, ya = _regression_data(g, m, dim)
+    m, Xa, ya, alpha, lam, theta, x0 = _regression_draws(dim, seed)
     X, y, Xv, yv = Xa[:m], ya[:m], Xa[m:], ya[m:]
-    alpha = _log_uniform(g, 0.01, 1.0)
-    lam = _log_uniform(g, 0.1, 10.0)
-    theta = torch.randn(dim, generator=g, dtype=_D)
-    x0 = 0.1 * torch.randn(dim, generator=g, dtype=_D)
     A = X.T @ X / m + alpha * torch.eye(dim, dtype=_D)
     b = X.T @ y / m
     eig = torch.linalg.eigvalsh(A)
@@ -487,17 +499,9 @@ def make_logistic(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> P
     Hessian bounds: ``alpha <= H <= alpha + ||X||_2^2 / (4 m)``.  The outer loss is the
     validation logistic loss.
     """
-    if dim < 2:
-        raise ValueError(f"dim must be >= 2, got {dim}")
-    g = torch.Generator().manual_seed(seed)
-    m = 2 * dim + 4
-    Xa, sa = _regression_data(g, m, dim)
+    m, Xa, sa, alpha, lam, theta, x0 = _regression_draws(dim, seed)
     ya = torch.where(sa >= 0, 1.0, -1.0).to(_D)
     X, y, Xv, yv = Xa[:m], ya[:m], Xa[m:], ya[m:]
-    alpha = _log_uniform(g, 0.01, 1.0)
-    lam = _log_uniform(g, 0.1, 10.0)
-    theta = torch.randn(dim, generator=g, dtype=_D)
-    x0 = 0.1 * torch.randn(dim, generator=g, dtype=_D)
     L = alpha + float(torch.linalg.matrix_norm(X, 2)) ** 2 / (4 * m)
     Xvd, yvd = Xv.to(dtype), yv.to(dtype)
 
@@ -714,6 +718,21 @@ def _seeds() -> Any:
     return _st().integers(0, 2**31 - 1)
 
 
+def _builds(make: Callable[..., Problem], dtype: DtypeSpec, param_kind: KindSpec, **sizes: Any) -> Any:
+    """Strategy of ``make(**sizes, dtype=..., param_kind=..., seed=...)`` over drawn arguments.
+
+    ``sizes`` are strategies (e.g. from :func:`_ints`); ``dtype`` and ``param_kind`` are
+    validated and drawn with :func:`_choice`, and a seed is drawn last.
+    """
+    return _st().builds(
+        make,
+        **sizes,
+        dtype=_choice(dtype, "dtype", DTYPES),
+        param_kind=_choice(param_kind, "param_kind", PARAM_KINDS),
+        seed=_seeds(),
+    )
+
+
 def quadratic_problems(
     *,
     dim: IntSpec = (2, 8),
@@ -743,36 +762,17 @@ def quadratic_problems(
         cond = st.floats(math.log(lo), math.log(hi)).map(math.exp) if hi > lo else st.just(lo)
     if not 1.0 <= lo <= hi:
         raise ValueError(f"condition must be >= 1 (or a range 1 <= lo <= hi), got {condition!r}")
-    return st.builds(
-        make_quadratic,
-        dim=_ints(dim, "dim", 2),
-        condition=cond,
-        dtype=_choice(dtype, "dtype", DTYPES),
-        param_kind=_choice(param_kind, "param_kind", PARAM_KINDS),
-        seed=_seeds(),
-    )
+    return _builds(make_quadratic, dtype, param_kind, dim=_ints(dim, "dim", 2), condition=cond)
 
 
 def ridge_problems(*, dim: IntSpec = (2, 8), dtype: DtypeSpec = DTYPES, param_kind: KindSpec = PARAM_KINDS) -> Any:
     """Ridge regression problems (see :func:`make_ridge`)."""
-    return _st().builds(
-        make_ridge,
-        dim=_ints(dim, "dim", 2),
-        dtype=_choice(dtype, "dtype", DTYPES),
-        param_kind=_choice(param_kind, "param_kind", PARAM_KINDS),
-        seed=_seeds(),
-    )
+    return _builds(make_ridge, dtype, param_kind, dim=_ints(dim, "dim", 2))
 
 
 def logistic_problems(*, dim: IntSpec = (2, 8), dtype: DtypeSpec = DTYPES, param_kind: KindSpec = PARAM_KINDS) -> Any:
     """L2-regularised logistic regression problems (see :func:`make_logistic`)."""
-    return _st().builds(
-        make_logistic,
-        dim=_ints(dim, "dim", 2),
-        dtype=_choice(dtype, "dtype", DTYPES),
-        param_kind=_choice(param_kind, "param_kind", PARAM_KINDS),
-        seed=_seeds(),
-    )
+    return _builds(make_logistic, dtype, param_kind, dim=_ints(dim, "dim", 2))
 
 
 def softmax_problems(
@@ -783,13 +783,8 @@ def softmax_problems(
     param_kind: KindSpec = PARAM_KINDS,
 ) -> Any:
     """Softmax regression problems, ``features * classes + classes`` unknowns (see :func:`make_softmax`)."""
-    return _st().builds(
-        make_softmax,
-        features=_ints(features, "features", 1),
-        classes=_ints(classes, "classes", 2),
-        dtype=_choice(dtype, "dtype", DTYPES),
-        param_kind=_choice(param_kind, "param_kind", PARAM_KINDS),
-        seed=_seeds(),
+    return _builds(
+        make_softmax, dtype, param_kind, features=_ints(features, "features", 1), classes=_ints(classes, "classes", 2)
     )
 
 
@@ -801,14 +796,7 @@ def mlp_proximal_problems(
     param_kind: KindSpec = PARAM_KINDS,
 ) -> Any:
     """Small tanh-MLP problems with a proximal weight strong enough for convexity (see :func:`make_mlp`)."""
-    return _st().builds(
-        make_mlp,
-        inputs=_ints(inputs, "inputs", 1),
-        hidden=_ints(hidden, "hidden", 1),
-        dtype=_choice(dtype, "dtype", DTYPES),
-        param_kind=_choice(param_kind, "param_kind", PARAM_KINDS),
-        seed=_seeds(),
-    )
+    return _builds(make_mlp, dtype, param_kind, inputs=_ints(inputs, "inputs", 1), hidden=_ints(hidden, "hidden", 1))
 
 
 PROBLEM_NAMES: tuple[str, ...] = ("quadratic", "ridge", "logistic", "softmax", "mlp")

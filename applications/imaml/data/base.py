@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "load_npz_cache",
     "pil_resample_lanczos",
     "resolve_cache_dir",
+    "tensors_to",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,3 +204,19 @@ def default_transform(images: Tensor) -> Tensor:
 
 
 TransformFn = Callable[[Tensor], Tensor]
+
+
+_D = TypeVar("_D")
+
+
+def tensors_to(batch: _D, device: torch.device | str) -> _D:
+    """A copy of the dataclass instance ``batch`` with every tensor field moved to ``device``.
+
+    Other fields (e.g. an ``index``) are kept as they are.
+    """
+    moved: dict[str, Any] = {}
+    for f in dataclasses.fields(batch):  # type: ignore[arg-type]
+        value = getattr(batch, f.name)
+        if isinstance(value, Tensor):
+            moved[f.name] = value.to(device)
+    return dataclasses.replace(batch, **moved)  # type: ignore[type-var]

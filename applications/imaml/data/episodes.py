@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import default_transform
+from .base import default_transform, tensors_to
 
 __all__ = ["Episode", "EpisodeSampler"]
 
@@ -56,14 +56,7 @@ class Episode:
 
     def to(self, device: torch.device | str) -> "Episode":
         """A copy with all tensors moved to ``device``."""
-        return Episode(
-            self.support_x.to(device),
-            self.support_y.to(device),
-            self.query_x.to(device),
-            self.query_y.to(device),
-            self.classes.to(device),
-            self.index,
-        )
+        return tensors_to(self, device)
 
 
 class EpisodeSampler:

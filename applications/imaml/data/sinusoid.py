@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .base import tensors_to
+
 __all__ = ["SinusoidBatch", "SinusoidTasks", "sinusoid"]
 
 
@@ -51,15 +53,7 @@ class SinusoidBatch:
 
     def to(self, device: torch.device | str) -> "SinusoidBatch":
         """A copy with all tensors moved to ``device``."""
-        return SinusoidBatch(
-            self.support_x.to(device),
-            self.support_y.to(device),
-            self.query_x.to(device),
-            self.query_y.to(device),
-            self.amplitude.to(device),
-            self.phase.to(device),
-            self.index,
-        )
+        return tensors_to(self, device)
 
 
 class SinusoidTasks:
