@@ -148,3 +148,16 @@ def test_bad_input_gives_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt")])
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_time_limit_stops_at_a_step_boundary_with_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "budget"
+    lines = _run(
+        ["train", "--dataset", "sinusoid", "--meta-steps", "100000", "--meta-batch", "4", "--inner-steps", "2",
+         "--time-limit", "0.5", "--out", str(out), "--no-progress", "--device", "cpu"],
+        capsys,
+    )
+    assert any("time limit of 0.5 s reached" in line for line in lines)
+    steps = len(read_log(out / "log.csv"))
+    assert 1 <= steps < 100000
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == steps
