@@ -382,7 +382,8 @@ class Proximal(Argmin):
             x0 = tree_map(lambda t: t.detach().unsqueeze(0).expand(n, *t.shape).clone(), theta)
         else:
             dims = ()
-            x0 = tree_map(lambda t: t.detach(), theta)
+            # A copy: a solver that updates its initial point in place must not touch θ.
+            x0 = tree_map(lambda t: t.detach().clone(), theta)
         return self._call(objective, x0, (theta, lam_t, *args), dims, batched)
 
 
