@@ -171,7 +171,8 @@ class _ImplicitFunction(torch.autograd.Function):
                     f"{spec.name}: the solver returned a leaf of shape {tuple(leaf.shape)} and dtype {leaf.dtype}; "
                     f"the initial point's is {tuple(shape)} / {dtype}"
                 )
-        if not all(bool(torch.isfinite(leaf).all()) for leaf in leaves):
+        # One host sync for the whole tree (not one per leaf).
+        if not bool(torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all()):
             raise NonFiniteError(
                 f"{spec.name}: the inner solution contains NaN or Inf{_describe_bad_tasks(leaves, spec.batched)}"
             )

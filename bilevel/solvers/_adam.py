@@ -68,9 +68,9 @@ class Adam(Solver):
         v = tree_zeros_like(st.g)
 
         for k in range(1, self.steps + 1):
-            if st.all_converged():  # one host sync per step (the test)
+            if st.all_converged():  # with a tolerance: one host sync per step (the test); none without
                 break
-            active = ~st.converged
+            active = st.active
             g, gnorm = st.g, st.gnorm
             t = (st.iters + 1).to(gnorm.dtype)  # per-task step counter (frozen once converged)
             m = tree_where(active, tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, m, g), m)
@@ -87,4 +87,4 @@ class Adam(Solver):
             x = tree_map(update, x, m, v)
             st.advance(objective, x, args, active, k, name, batched)
 
-        return st.result(x, batched)
+        return st.result(x, batched, name)

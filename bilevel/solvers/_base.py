@@ -232,6 +232,12 @@ class GradientTracker:
     moving (the solver passes ``active`` masks); without one every task runs all steps.
     The objective and gradient are evaluated once at ``x0`` and once after each step.
 
+    Non-finite values after a step are recorded on the device (the first iteration per
+    task) rather than tested on the host: a step then costs no host sync when no tolerance
+    is set (iMAML's fixed-step inner loop on a GPU).  The failing task stops moving, and
+    :meth:`result` raises :class:`NonFiniteError` naming the first such iteration and the
+    tasks.  The starting point is checked at once.
+
     Attributes:
         f: objective value(s) at the current iterate.
         g: gradient tree at the current iterate.
@@ -240,6 +246,8 @@ class GradientTracker:
         converged: bool mask of the converged tasks.
         iters: per-task step counts.
         use_tol: whether a tolerance is in force.
+        first_bad: per task, the first iteration with a non-finite value or gradient (-1: none).
+        bad_value: per task, whether that was the objective value (else the gradient).
         n_eval: objective (= gradient) evaluations so far.
     """
 
@@ -250,6 +258,8 @@ class GradientTracker:
     converged: Tensor
     iters: Tensor
     use_tol: bool
+    first_bad: Tensor
+    bad_value: Tensor
     n_eval: int = 1
 
     @classmethod
@@ -263,29 +273,64 @@ class GradientTracker:
         thresh = (tol if use_tol else 0.0) * torch.clamp(gnorm, min=1.0)
         converged = (gnorm <= thresh) if use_tol else torch.zeros_like(gnorm, dtype=torch.bool)
         iters = torch.zeros(gnorm.shape, dtype=torch.long, device=gnorm.device)
-        return cls(f=f, g=g, gnorm=gnorm, thresh=thresh, converged=converged, iters=iters, use_tol=use_tol)
+        return cls(
+            f=f,
+            g=g,
+            gnorm=gnorm,
+            thresh=thresh,
+            converged=converged,
+            iters=iters,
+            use_tol=use_tol,
+            first_bad=torch.full_like(iters, -1),
+            bad_value=torch.zeros_like(converged),
+        )
+
+    @property
+    def active(self) -> Tensor:
+        """Tasks still moving: neither converged nor failed on a non-finite value."""
+        return ~(self.converged | (self.first_bad >= 0))
 
     def all_converged(self) -> bool:
-        """Whether a tolerance is in force and every task met it (one host sync)."""
-        return self.use_tol and not bool((~self.converged).any())
+        """Whether a tolerance is in force and no task is left to move (one host sync)."""
+        return self.use_tol and not bool(self.active.any())
 
     def advance(
         self, objective: Objective, x: Any, args: tuple, active: Tensor, iteration: int, solver: str, batched: bool
     ) -> None:
         """Record a step of the ``active`` tasks to ``x``: evaluate there and update the tasks that moved."""
-        self.iters = self.iters + active.long()
         f_new, g_new = value_and_grad(objective, x, args, batched)
         self.n_eval += 1
-        check_finite_value(f_new, iteration, solver)
-        self.f = torch.where(active, f_new, self.f)
-        self.g = tree_where(active, g_new, self.g)
-        self.gnorm = torch.where(active, tree_norm(g_new, batched), self.gnorm)
-        check_finite_grad(self.gnorm, iteration, solver)
+        gn_new = tree_norm(g_new, batched)
+        value_bad = ~torch.isfinite(f_new)
+        bad = active & (value_bad | ~torch.isfinite(gn_new))
+        newly = bad & (self.first_bad < 0)
+        self.first_bad = torch.where(newly, torch.full_like(self.first_bad, iteration), self.first_bad)
+        self.bad_value = torch.where(newly, value_bad, self.bad_value)
+        moved = active & ~bad
+        self.iters = self.iters + moved.long()
+        self.f = torch.where(moved, f_new, self.f)
+        self.g = tree_where(moved, g_new, self.g)
+        self.gnorm = torch.where(moved, gn_new, self.gnorm)
         if self.use_tol:
-            self.converged = self.converged | (active & (self.gnorm <= self.thresh))
+            self.converged = self.converged | (moved & (self.gnorm <= self.thresh))
 
-    def result(self, x: Any, batched: bool) -> SolverResult:
-        """``SUCCESS`` for converged tasks, else ``MAX_ITERATIONS`` (``COMPLETED`` without a tolerance)."""
+    def raise_if_nonfinite(self, solver: str) -> None:
+        """Raise :class:`NonFiniteError` for the first non-finite iteration (one host sync)."""
+        failed = self.first_bad >= 0
+        if not bool(failed.any()):
+            return
+        first = int(self.first_bad[failed].min())
+        what = "objective value" if bool(self.bad_value[failed & (self.first_bad == first)].any()) else "gradient"
+        where = f" for task(s) {(failed & (self.first_bad == first)).nonzero().reshape(-1).tolist()}" if failed.dim() == 1 else ""
+        raise NonFiniteError(f"{solver}: the {what} became non-finite at iteration {first}{where}")
+
+    def result(self, x: Any, batched: bool, solver: str = "solver") -> SolverResult:
+        """``SUCCESS`` for converged tasks, else ``MAX_ITERATIONS`` (``COMPLETED`` without a tolerance).
+
+        Raises:
+            NonFiniteError: if a step produced a non-finite value or gradient.
+        """
+        self.raise_if_nonfinite(solver)
         default = Status.MAX_ITERATIONS if self.use_tol else Status.COMPLETED
         codes = status_codes(self.gnorm.shape, self.gnorm.device, default, SUCCESS=self.converged)
         return finish_result(x, codes, self.iters, self.gnorm, self.f, batched, n_fun=self.n_eval, n_grad=self.n_eval)

@@ -67,9 +67,9 @@ class GradientDescent(Solver):
         vel = tree_zeros_like(st.g) if self.momentum > 0 else None
 
         for k in range(1, self.steps + 1):
-            if st.all_converged():  # one host sync per step (the test)
+            if st.all_converged():  # with a tolerance: one host sync per step (the test); none without
                 break
-            active = ~st.converged
+            active = st.active
             g = st.g
             if vel is not None:
                 new_vel = tree_axpy(self.momentum, vel, g)
@@ -82,4 +82,4 @@ class GradientDescent(Solver):
             x = tree_axpy(-lr, upd, x, batched)
             st.advance(objective, x, args, active, k, name, batched)
 
-        return st.result(x, batched)
+        return st.result(x, batched, name)
