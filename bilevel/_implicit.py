@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from ._diagnostics import Diagnostics, strip_backward, strip_forward
 from ._result import NonFiniteError, Status, report
-from ._tree import TreeDef, batch_size, tree_flatten, tree_unflatten
+from ._tree import batch_size, tree_flatten, tree_unflatten
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 _HVP_MODES = ("forward", "reverse")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._diagnostics import Diagnostics
 from ._implicit import _HVP_MODES, _ON_FAILURE, implicit_apply
-from ._tree import batch_size, tree_flatten, tree_map, tree_unflatten
+from ._tree import batch_size, tree_flatten, tree_map
 
 InDims = Union[int, None, Sequence[Optional[int]]]
 

@@ -18,7 +18,7 @@ form one input, so that direction moves both.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -32,13 +32,6 @@ from bilevel.testing import Problem, check_implicit_grad, make_logistic
 DT = torch.float64
 TOL = 1e-12
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # One small, non-quadratic, tree-valued problem (logistic regression, θ = {'w', 'b'}).

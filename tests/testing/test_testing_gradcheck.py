@@ -9,7 +9,7 @@ documented tolerance formula.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -28,13 +28,6 @@ from bilevel.testing import (
 
 DT = torch.float64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class _Scaled(torch.autograd.Function):

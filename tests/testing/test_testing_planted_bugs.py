@@ -15,7 +15,7 @@ Planted bugs:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -29,14 +29,6 @@ from bilevel.testing import GradCheckError, Problem, check_implicit_grad, make_l
 
 DT = torch.float64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny problems: OpenMP threads only add overhead (and contention on a shared CI box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class HandProximal(ImplicitLayer):

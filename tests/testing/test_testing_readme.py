@@ -10,10 +10,8 @@ import contextlib
 import io
 import pathlib
 import re
-from typing import Iterator
 
 import pytest
-import torch
 
 
 README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
@@ -28,13 +26,6 @@ def _section() -> str:
 
 pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _blocks(lang: str) -> list[str]:

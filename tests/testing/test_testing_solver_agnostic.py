@@ -24,7 +24,7 @@ vacuously with a solver that did not converge.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -47,13 +47,6 @@ DT = torch.float64
 # See test_testing_strategies.py: keeps hypothesis's failure report readable.
 pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # Small problems of every family (conditioning kept moderate so that first-order solvers

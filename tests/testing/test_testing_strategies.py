@@ -9,7 +9,7 @@ quadratics; closed forms agree with a solver; reproducible from the seed.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -42,13 +42,6 @@ DT = torch.float64
 # falsifying example into a pytest INTERNALERROR.
 pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cast(tree: Any, dtype: torch.dtype) -> Any:
