@@ -52,6 +52,8 @@ def strip_forward(res: Any) -> SolverResult:
             raw=None,
             grad_norm=None if res.grad_norm is None else res.grad_norm.detach(),
             value=None if res.value is None else res.value.detach(),
+            grad_norm_initial=None if res.grad_norm_initial is None else res.grad_norm_initial.detach(),
+            grad_norm_monotone=None if res.grad_norm_monotone is None else res.grad_norm_monotone.detach(),
         )
     status = getattr(res, "status", None)
     return SolverResult(

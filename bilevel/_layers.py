@@ -183,6 +183,18 @@ class ImplicitLayer(abc.ABC):
         )
 
 
+def _damped(optimality: Callable[..., Any], damping: float) -> Callable[..., Any]:
+    """``F(x, *args) + δ (x − stop_gradient(x))``: the same value and the same ``∂F/∂args``,
+    but ``∂F/∂x + δI``.  The backward therefore solves ``(A + δI) u = v`` while the VJP
+    with respect to the arguments, ``−Bᵀu``, is unchanged (Tikhonov damping of the
+    adjoint system only; the inner solver never sees the term)."""
+
+    def F(x: Any, *args: Any) -> Any:
+        return tree_map(lambda g, xi: g + damping * (xi - xi.detach()), optimality(x, *args), x)
+
+    return F
+
+
 class Argmin(ImplicitLayer):
     """x*(args) = argmin_x objective(x, *args), differentiable w.r.t. ``args``.
 
@@ -235,7 +247,9 @@ class Argmin(ImplicitLayer):
     def optimality(self, x: Any, *args: Any) -> Any:
         return torch.func.grad(_scalar_objective(self._full_objective(), type(self).__name__))(x, *args)
 
-    def _call(self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, batched: bool) -> Any:
+    def _call(
+        self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, batched: bool, damping: float = 0.0
+    ) -> Any:
         name = type(self).__name__
         obj = _scalar_objective(objective, name)
         if batched:
@@ -244,7 +258,10 @@ class Argmin(ImplicitLayer):
         def solve(x0_: Any, *a: Any) -> Any:
             return self.solver(obj, x0_, *a, batched=True) if batched else self.solver(obj, x0_, *a)
 
-        return self._implicit_apply(solve, _sum_grad(obj), x0, args, batched, symmetric=True, name=name)
+        optimality = _sum_grad(obj)
+        if damping:
+            optimality = _damped(optimality, damping)
+        return self._implicit_apply(solve, optimality, x0, args, batched, symmetric=True, name=name)
 
     def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:  # type: ignore[override]
         dims = _arg_dims(args, in_dims) if batched else ()
@@ -320,6 +337,14 @@ class Proximal(Argmin):
         solver: inner solver (default ``NewtonCG()``); it is called with the objective
             ``inner_loss + proximal term`` and θ as the initial point.
         linsolve: backward linear solver (default ``CG()``).
+        damping: δ ≥ 0 added to the backward system only: it solves ``(H + Λ + δI) u = v``
+            and returns ``Λ u`` (and ``−(φ* − θ) u`` for λ).  The forward is unchanged.
+            δ > 0 keeps the system positive definite where ``H`` has eigenvalues below
+            ``−λ`` (batch-norm nets far from a minimiser), at the price of a **biased**
+            gradient: for scalar λ it is ``λ (H + (λ + δ) I)^{-1} v`` instead of
+            ``(I + H/λ)^{-1} v`` — shrunk towards ``λ/(λ+δ) · v`` along directions of small
+            curvature.  The official iMAML code's ``(1 + c) I + H/(λ + δ')`` system is
+            this with ``lam = λ + δ'`` and ``damping = c (λ + δ')``.  Default 0 (exact).
         on_failure, hvp: see :class:`ImplicitLayer`.
 
     Batched (a meta-batch of B tasks in one computation)::
@@ -339,6 +364,7 @@ class Proximal(Argmin):
         solver: Any = None,
         linsolve: Any = None,
         *,
+        damping: float = 0.0,
         on_failure: str = "warn",
         hvp: str = "forward",
     ) -> None:
@@ -346,7 +372,10 @@ class Proximal(Argmin):
         if isinstance(lam, (int, float)) and not isinstance(lam, bool):
             if not math.isfinite(lam) or lam <= 0:
                 raise ValueError(f"Proximal: lam must be finite and > 0, got {lam}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
+            raise ValueError(f"Proximal: damping must be a finite float >= 0, got {damping!r}")
         self.lam = lam
+        self.damping = float(damping)
 
     def _full_objective(self) -> Callable[..., Tensor]:
         """``(phi, theta, lam, *args) -> inner_loss(phi, *args) + proximal term``.
@@ -384,7 +413,7 @@ class Proximal(Argmin):
             dims = ()
             # A copy: a solver that updates its initial point in place must not touch θ.
             x0 = tree_map(lambda t: t.detach().clone(), theta)
-        return self._call(objective, x0, (theta, lam_t, *args), dims, batched)
+        return self._call(objective, x0, (theta, lam_t, *args), dims, batched, self.damping)
 
 
 class FixedPoint(ImplicitLayer):

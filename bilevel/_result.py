@@ -115,6 +115,12 @@ class SolverResult:
         task_iterations: per-task iteration counts in batched mode.
         raw: the external solver's own result object (e.g. ``scipy.optimize.OptimizeResult``).
         message: extra detail (e.g. the iteration at which a non-finite value appeared).
+        grad_norm_initial: gradient norm at the starting point, 0-d or ``(B,)`` (first-order
+            solvers; ``None`` otherwise).  ``grad_norm / grad_norm_initial`` says how far a
+            fixed-budget solve got.
+        grad_norm_monotone: bool, 0-d or ``(B,)``: the gradient norm never rose from one
+            step to the next (first-order solvers).  ``False`` on a fixed-step loop is the
+            signature of a step size above ``2 / (largest curvature)``: the iterates oscillate.
     """
 
     x: Any
@@ -129,6 +135,8 @@ class SolverResult:
     task_iterations: Optional[Tensor] = None
     raw: Any = None
     message: str = ""
+    grad_norm_initial: Optional[Tensor] = None
+    grad_norm_monotone: Optional[Tensor] = None
 
     @property
     def success(self) -> bool:

@@ -248,6 +248,8 @@ class GradientTracker:
         use_tol: whether a tolerance is in force.
         first_bad: per task, the first iteration with a non-finite value or gradient (-1: none).
         bad_value: per task, whether that was the objective value (else the gradient).
+        gnorm0: gradient norm(s) at the starting point.
+        monotone: per task, whether the gradient norm never rose between two steps.
         n_eval: objective (= gradient) evaluations so far.
     """
 
@@ -260,6 +262,8 @@ class GradientTracker:
     use_tol: bool
     first_bad: Tensor
     bad_value: Tensor
+    gnorm0: Tensor
+    monotone: Tensor
     n_eval: int = 1
 
     @classmethod
@@ -283,6 +287,8 @@ class GradientTracker:
             use_tol=use_tol,
             first_bad=torch.full_like(iters, -1),
             bad_value=torch.zeros_like(converged),
+            gnorm0=gnorm,
+            monotone=torch.ones_like(converged),
         )
 
     @property
@@ -307,6 +313,8 @@ class GradientTracker:
         self.first_bad = torch.where(newly, torch.full_like(self.first_bad, iteration), self.first_bad)
         self.bad_value = torch.where(newly, value_bad, self.bad_value)
         moved = active & ~bad
+        # On the device, no sync: the health statistic of a fixed-step loop.
+        self.monotone = self.monotone & ~(moved & (gn_new > self.gnorm))
         self.iters = self.iters + moved.long()
         self.f = torch.where(moved, f_new, self.f)
         self.g = tree_where(moved, g_new, self.g)
@@ -333,4 +341,5 @@ class GradientTracker:
         self.raise_if_nonfinite(solver)
         default = Status.MAX_ITERATIONS if self.use_tol else Status.COMPLETED
         codes = status_codes(self.gnorm.shape, self.gnorm.device, default, SUCCESS=self.converged)
-        return finish_result(x, codes, self.iters, self.gnorm, self.f, batched, n_fun=self.n_eval, n_grad=self.n_eval)
+        res = finish_result(x, codes, self.iters, self.gnorm, self.f, batched, n_fun=self.n_eval, n_grad=self.n_eval)
+        return dataclasses.replace(res, grad_norm_initial=self.gnorm0, grad_norm_monotone=self.monotone)
