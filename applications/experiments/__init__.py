@@ -1,0 +1,13 @@
+"""Experiments of the iMAML paper, reproduced with :mod:`bilevel`.
+
+Rajeswaran, Finn, Kakade & Levine, *Meta-Learning with Implicit Gradients*, NeurIPS 2019.
+
+* :mod:`applications.experiments.fig2a` — Figure 2a: accuracy of the meta-gradient of
+  MAML (unrolled), first-order MAML and iMAML (implicit, CG in the backward) against the
+  number of inner gradient steps and against compute, on a synthetic regression family
+  whose exact meta-gradient is known in closed form.
+
+Each experiment is a module with ``main(argv=None) -> int``, run as
+``python -m applications.experiments.<name>``; results go to
+``applications/experiments/results/`` (see ``README.md`` in this folder).
+"""
