@@ -58,7 +58,7 @@ from .tasks import TaskBatch
 
 __all__ = [
     "ALGORITHMS",
-    "IMPLICIT",
+    "Algorithm",
     "LearnerConfig",
     "MetaGradient",
     "MetaLearner",
@@ -70,7 +70,7 @@ __all__ = [
 
 Params = dict[str, Tensor]
 
-IMPLICIT = ("imaml", "imaml-hf")
+RECIPES = ("proximal", "imaml-dev")
 LINSOLVERS = {"cg": CG, "minres": MINRES}
 
 
@@ -96,6 +96,20 @@ class LearnerConfig:
             on negative curvature (counted as ``cg_failures``).  MINRES needs only
             symmetry and, with the same budget, minimises the residual over the same
             Krylov space.
+        recipe: ``"proximal"`` (default: the paper's algorithm as stated — GD on the proximal
+            objective, exact implicit gradient) or ``"imaml-dev"`` (the official code,
+            aravindr93/imaml_dev: ``inner_steps`` plain SGD steps on the support loss, then
+            one pull-back step ``φ ← φ − inner_lr·λ(φ − θ)``; the backward solves the damped
+            system ``((1 + c) I + H/(λ + δ)) g = v`` with ``c = cg_damping``, ``δ =
+            lam_damping``; evaluation adapts with plain SGD, no proximal term).  The second
+            is not the gradient of any well-defined function of θ: it is the exact
+            gradient only as δ, c → 0 *and* the inner loop converges to the proximal point.
+        cg_damping: ``c`` of the imaml-dev recipe (default 1).
+        lam_damping: ``δ`` of the imaml-dev recipe (default 10).
+        power_iters: with ``> 0``, after each inner solve, that many power iterations on
+            the support-loss Hessian at φ estimate ``inner_lr·(H_max + λ)`` (reported as
+            ``inner_lr_curvature``; above 2 the fixed-step inner GD is unstable).  Costs
+            ``power_iters`` Hessian-vector products per task.
         hvp: how the backward's Hessian-vector products are computed (``bilevel``'s
             ``hvp=``): ``"reverse"`` (default here: the support-loss gradient graph is
             built once per backward and reused; cheaper per product in eager PyTorch) or
@@ -114,13 +128,17 @@ class LearnerConfig:
     hf_cg_steps: int = 5
     linsolve: str = "cg"
     hvp: str = "reverse"
+    recipe: str = "proximal"
+    cg_damping: float = 1.0
+    lam_damping: float = 10.0
+    power_iters: int = 0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}")
-        if self.inner_steps < 0 or (self.algorithm not in IMPLICIT and self.inner_steps < 1):
+        if self.inner_steps < 0 or (not ALGORITHMS[self.algorithm].implicit and self.inner_steps < 1):
             raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
         if not (self.inner_lr > 0 and math.isfinite(self.inner_lr)):
             raise ValueError(f"inner_lr must be > 0, got {self.inner_lr}")
@@ -132,6 +150,19 @@ class LearnerConfig:
             raise ValueError("cg_steps and hf_cg_steps must be >= 1")
         if self.linsolve not in LINSOLVERS:
             raise ValueError(f"unknown linsolve {self.linsolve!r}; choose one of {', '.join(LINSOLVERS)}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if self.recipe == "imaml-dev":
+            if self.algorithm != "imaml":
+                raise ValueError(f"--recipe imaml-dev applies to --algorithm imaml only, not {self.algorithm!r}")
+            if self.learn_lam:
+                raise ValueError("--recipe imaml-dev has a fixed λ (its backward damps λ + δ): drop --learn-lam")
+        for name in ("cg_damping", "lam_damping"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {v}")
+        if self.power_iters < 0:
+            raise ValueError(f"power_iters must be >= 0, got {self.power_iters}")
 
 
 @dataclasses.dataclass
@@ -171,20 +202,8 @@ class MetaLearner:
         for p in model.parameters():
             p.requires_grad_(False)
         self.config = config
-        self.layer: Optional[bilevel.Proximal] = None
-        if config.algorithm in IMPLICIT:
-            if config.algorithm == "imaml":
-                solver: Any = GradientDescent(lr=config.inner_lr, steps=config.inner_steps)
-            else:
-                solver = NewtonCG(maxiter=config.inner_steps, cg_maxiter=config.hf_cg_steps)
-            self.layer = bilevel.Proximal(
-                self.support_loss,
-                lam=config.lam,
-                solver=solver,
-                linsolve=LINSOLVERS[config.linsolve](tol=config.cg_tol, maxiter=config.cg_steps),
-                on_failure="ignore",
-                hvp=config.hvp,
-            )
+        # The algorithm builds its own inner procedure (None: the baselines' unrolled SGD).
+        self.layer: Optional[bilevel.Proximal] = ALGORITHMS[config.algorithm].build_layer(self)
 
     # -- per-task losses (written for ONE task; vmapped by the callers) ----------------
     def loss_and_metric(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,7 +253,7 @@ class MetaLearner:
         """Task-specific parameters ``φ_b`` (leading dim B), without gradients (evaluation)."""
         th = {k: v.detach() for k, v in theta.items()}
         with torch.no_grad():
-            if self.layer is not None:
+            if self.layer is not None and self.config.recipe != "imaml-dev":
                 lam = self.lam_value({k: r.detach() for k, r in rho.items()})
                 return self.layer(th, batch.support_x, batch.support_y, lam=lam, batched=True)
             return vmap(self.sgd_adapt, in_dims=(None, 0, 0))(th, batch.support_x, batch.support_y)
@@ -255,8 +274,35 @@ class MetaLearner:
             g = vmap(grad(self.support_loss))({k: v.detach() for k, v in phi.items()}, batch.support_x, batch.support_y)
             return torch.sqrt(sum(t.reshape(t.shape[0], -1).square().sum(1) for t in g.values()))
 
+    def hessian_max(self, phi: Params, batch: TaskBatch, iters: int) -> Tensor:
+        """Per-task estimate of the largest eigenvalue of the support-loss Hessian at ``φ_b``
+        (``iters`` power iterations on Hessian-vector products, forward-over-reverse)."""
+        p = {k: v.detach() for k, v in phi.items()}
+
+        def hvp(pp: Params, vv: Params, xs: Tensor, ys: Tensor) -> Params:
+            # Reverse-over-reverse: forward mode through F.mse_loss's backward fails in torch 2.13
+            # ("ZeroTensors are immutable").
+            def gv(q: Params) -> Tensor:
+                g = grad(self.support_loss)(q, xs, ys)
+                return sum((g[k] * vv[k]).sum() for k in g)  # type: ignore[return-value]
+
+            return grad(gv)(pp)
+
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for k, t in p.items()}
+        est = torch.zeros(next(iter(p.values())).shape[0], dtype=next(iter(p.values())).dtype)
+        with torch.no_grad():
+            for _ in range(max(1, iters)):
+                n = torch.sqrt(sum(t.reshape(t.shape[0], -1).square().sum(1) for t in v.values()))
+                v = {k: t / n.reshape(-1, *([1] * (t.dim() - 1))) for k, t in v.items()}
+                hv = vmap(hvp)(p, v, batch.support_x, batch.support_y)
+                # Rayleigh quotient: a signed estimate (the dominant eigenvalue by magnitude).
+                est = sum((hv[k] * v[k]).reshape(hv[k].shape[0], -1).sum(1) for k in v)
+                v = hv
+        return est
+
     def meta_gradient(self, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
-        return ALGORITHMS[self.config.algorithm](self, theta, rho, batch)
+        return ALGORITHMS[self.config.algorithm].meta_gradient(self, theta, rho, batch)
 
 
 # --------------------------------------------------------------------------------------
@@ -284,6 +330,7 @@ def imaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch:
     if fwd is not None:
         if fwd.grad_norm is not None:
             stats["inner_grad_norm"] = float(fwd.grad_norm.mean())
+        stats.update(inner_health(fwd))
         stats["inner_failures"] = float(sum(not s.ok for s in fwd.task_status)) if fwd.task_status else 0.0
     if bwd is not None:
         rn = bwd.residual_norm.reshape(-1)
@@ -294,7 +341,76 @@ def imaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch:
         statuses = bwd.task_status or (bwd.status,)
         stats["cg_failures"] = float(sum(s.name in ("NEGATIVE_CURVATURE", "NONFINITE", "BREAKDOWN") for s in statuses))
     stats.update(learner.lam_stats(rho))
+    cfg = learner.config
+    if cfg.power_iters > 0 and cfg.algorithm == "imaml":
+        hmax = learner.hessian_max(phi, batch, cfg.power_iters)
+        # The GD step that runs in the inner loop: on L + ½λ‖φ−θ‖² (proximal) or on L alone
+        # (imaml-dev, whose λ acts only in the pull-back step).
+        shift = stats.get("lam_max", cfg.lam) if cfg.recipe == "proximal" else 0.0
+        stats["inner_lr_curvature"] = float((cfg.inner_lr * (hmax + shift)).max())
     return MetaGradient(loss.detach(), metrics.mean(), grads, rho_grads, stats)
+
+
+def inner_health(res: Any) -> dict[str, float]:
+    """Inner-loop health of a first-order inner solve (``bilevel.SolverResult``): the mean
+    over tasks of ``‖∇f(φ)‖ / ‖∇f(θ)‖`` and the fraction of tasks whose gradient norm fell
+    monotonically.  A ratio near or above 1, or oscillation, means a fixed-step GD with a step
+    size above ``2 / (H_max + λ)``: the inner problem is not solved, and the implicit gradient
+    (which assumes ``∇f(φ) = 0``) describes a point the solver never reached."""
+    out: dict[str, float] = {}
+    g0, mono = getattr(res, "grad_norm_initial", None), getattr(res, "grad_norm_monotone", None)
+    if g0 is not None and res.grad_norm is not None:
+        out["inner_grad_ratio"] = float((res.grad_norm / g0.clamp_min(torch.finfo(g0.dtype).tiny)).mean())
+    if mono is not None:
+        out["inner_monotone"] = float(mono.to(torch.float64).mean())
+    return out
+
+
+class PullbackSGD:
+    """The official iMAML code's inner procedure (aravindr93/imaml_dev, Omniglot): ``steps``
+    plain SGD steps on the *unregularised* support loss from θ, then one step on the
+    proximal term alone, ``φ ← φ − lr·λ(φ − θ)``.
+
+    It is a black-box solver for :class:`bilevel.Proximal`: it is called with the proximal
+    objective and ``(θ, λ', x_s, y_s)`` but ignores that objective and λ' (the backward's
+    damped λ) and uses the learner's support loss and its own λ, as the official code does.
+    Its result reports the health statistics of the SGD part (gradient norms of the support
+    loss).
+    """
+
+    def __init__(self, learner: "MetaLearner", lr: float, steps: int, lam: float) -> None:
+        self.learner, self.lr, self.steps, self.lam = learner, lr, steps, lam
+
+    def __call__(self, objective: Any, x0: Params, theta: Params, lam: Any, xs: Tensor, ys: Tensor,
+                 batched: bool = False) -> Any:
+        from bilevel import SolverResult, Status
+
+        g_fn = grad(self.learner.support_loss)
+        if batched:
+            g_fn = vmap(g_fn, in_dims=(0, 0, 0))
+
+        def norm(g: Params) -> Tensor:
+            flat = [t.reshape(t.shape[0], -1) if batched else t.reshape(1, -1) for t in g.values()]
+            return torch.sqrt(sum(f.square().sum(1) for f in flat))
+
+        phi = {k: v.detach() for k, v in x0.items()}
+        g = g_fn(phi, xs, ys)
+        g0 = prev = norm(g)
+        mono = torch.ones_like(g0, dtype=torch.bool)
+        for _ in range(self.steps):
+            phi = {k: phi[k] - self.lr * g[k] for k in phi}
+            g = g_fn(phi, xs, ys)
+            gn = norm(g)
+            mono, prev = mono & (gn <= prev), gn
+        th = {k: (v.unsqueeze(0) if batched else v) for k, v in theta.items()}
+        phi = {k: phi[k] - self.lr * self.lam * (phi[k] - th[k]) for k in phi}
+        shape = (lambda t: t) if batched else (lambda t: t.reshape(()))
+        n = int(g0.shape[0]) if batched else 1
+        return SolverResult(
+            x=phi, status=Status.COMPLETED, iterations=self.steps, grad_norm=shape(prev), n_grad=self.steps + 1,
+            task_status=(Status.COMPLETED,) * n if batched else None, grad_norm_initial=shape(g0),
+            grad_norm_monotone=shape(mono),
+        )
 
 
 def maml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
@@ -339,10 +455,76 @@ def reptile_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batc
     return MetaGradient(losses.mean(), metrics.mean(), grads, {}, stats)
 
 
-ALGORITHMS: dict[str, Callable[[MetaLearner, Params, Params, TaskBatch], MetaGradient]] = {
-    "imaml": imaml_meta_gradient,
-    "imaml-hf": imaml_meta_gradient,
-    "maml": maml_meta_gradient,
-    "fomaml": fomaml_meta_gradient,
-    "reptile": reptile_meta_gradient,
-}
+# --------------------------------------------------------------------------------------
+# the registry: adding an algorithm touches only this file
+# --------------------------------------------------------------------------------------
+def _backward_linsolve(cfg: LearnerConfig) -> Any:
+    return LINSOLVERS[cfg.linsolve](tol=cfg.cg_tol, maxiter=cfg.cg_steps)
+
+
+def _imaml_gd_layer(learner: MetaLearner) -> bilevel.Proximal:
+    cfg = learner.config
+    if cfg.recipe == "imaml-dev":
+        solver: Any = PullbackSGD(learner, cfg.inner_lr, cfg.inner_steps, cfg.lam)
+        # ((1+c)I + H/(λ+δ))^{-1} v  =  λ'(H + λ'I + cλ'I)^{-1} v  with λ' = λ + δ:
+        # Proximal's backward with lam = λ' and damping = c·λ'.
+        lam = cfg.lam + cfg.lam_damping
+        damping = cfg.cg_damping * lam
+    else:
+        solver, lam, damping = GradientDescent(lr=cfg.inner_lr, steps=cfg.inner_steps), cfg.lam, 0.0
+    return bilevel.Proximal(learner.support_loss, lam=lam, solver=solver, linsolve=_backward_linsolve(cfg),
+                            damping=damping, on_failure="ignore", hvp=cfg.hvp)
+
+
+def _imaml_hf_layer(learner: MetaLearner) -> bilevel.Proximal:
+    cfg = learner.config
+    return bilevel.Proximal(learner.support_loss, lam=cfg.lam,
+                            solver=NewtonCG(maxiter=cfg.inner_steps, cg_maxiter=cfg.hf_cg_steps),
+                            linsolve=_backward_linsolve(cfg), on_failure="ignore", hvp=cfg.hvp)
+
+
+def _no_layer(learner: MetaLearner) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """One meta-learning algorithm of the harness.
+
+    Attributes:
+        name: the ``--algorithm`` value.
+        meta_gradient: ``(learner, theta, rho, batch) -> MetaGradient``.
+        build_layer: builds the learner's implicit layer (its inner procedure), or returns
+            ``None`` for the algorithms that adapt by unrolled SGD (:meth:`MetaLearner.sgd_adapt`).
+        inner_defaults: ``{dataset: (steps for 5-way, steps for 20-way, lr)}``; ``steps``
+            are GD/SGD steps, or Newton iterations for iMAML-HF.
+    """
+
+    name: str
+    meta_gradient: Callable[[MetaLearner, Params, Params, TaskBatch], MetaGradient]
+    build_layer: Callable[[MetaLearner], Optional[bilevel.Proximal]]
+    inner_defaults: dict[str, tuple[int, int, float]]
+
+    @property
+    def implicit(self) -> bool:
+        return self.build_layer is not _no_layer
+
+    def inner(self, dataset: str, ways: int) -> tuple[int, float]:
+        """Default (inner steps, inner lr) for a dataset and number of ways."""
+        five, twenty, lr = self.inner_defaults[dataset]
+        return (five if ways <= 5 else twenty), lr
+
+
+_SGD_BASELINE = {"sinusoid": (1, 1, 0.01), "omniglot": (1, 5, 0.4), "miniimagenet": (5, 5, 0.01)}
+_ALL = (
+    Algorithm("imaml", imaml_meta_gradient, _imaml_gd_layer,
+              {"sinusoid": (16, 16, 0.01), "omniglot": (16, 16, 0.1), "miniimagenet": (16, 16, 0.01)}),
+    Algorithm("imaml-hf", imaml_meta_gradient, _imaml_hf_layer,
+              {"sinusoid": (5, 5, 0.01), "omniglot": (5, 5, 0.1), "miniimagenet": (5, 5, 0.01)}),
+    Algorithm("maml", maml_meta_gradient, _no_layer, _SGD_BASELINE),
+    Algorithm("fomaml", fomaml_meta_gradient, _no_layer, _SGD_BASELINE),
+    Algorithm("reptile", reptile_meta_gradient, _no_layer,
+              {"sinusoid": (10, 10, 0.01), "omniglot": (10, 10, 0.1), "miniimagenet": (10, 10, 0.01)}),
+)
+#: name -> :class:`Algorithm`, in the order the CLI lists them.
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in _ALL}

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import plot
 from .algorithms import ALGORITHMS
 from .config import resolve_config
 from .evaluate import evaluate_checkpoint
@@ -24,7 +25,7 @@ __all__ = ["DEFAULT_RUN", "build_parser", "main"]
 
 #: The embedded default run (no arguments).
 DEFAULT_RUN = dict(dataset="sinusoid", algorithm="imaml", shots=5, meta_steps=1000, meta_batch=16, outer_lr=3e-3,
-                   device="cpu", out="runs/sinusoid-imaml")
+                   device="cpu", out="runs/sinusoid-imaml", eval_every=100)
 # device="cpu" even where CUDA exists: the 1.7k-parameter MLP is launch-bound on a GPU
 # (measured on an H200: ~0.2 s per meta-step, against ~0.1 s on one CPU core).
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Few-shot meta-learning with implicit MAML (and MAML, first-order MAML, Reptile baselines). "
         "With no arguments: train iMAML-GD on sinusoid regression and evaluate it (about 2 minutes on 2 CPU cores).",
     )
-    sub = p.add_subparsers(dest="command", metavar="{train,evaluate}")
+    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,plot}")
 
     t = sub.add_parser("train", help="meta-train a model")
     g = t.add_argument_group("data")
@@ -71,20 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--algorithm", choices=tuple(ALGORITHMS), default="imaml")
     g.add_argument("--meta-steps", type=_nonneg_int, default=None, help="meta-iterations (default 30000; sinusoid 70000)")
     g.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-iteration (default 32 Omniglot 5-way, 16 20-way / sinusoid, 4 Mini-ImageNet)")
-    g.add_argument("--inner-steps", type=_nonneg_int, default=None, help="inner GD/SGD steps, iMAML-HF: Newton iterations (default per dataset/algorithm, see README)")
-    g.add_argument("--inner-lr", type=_positive_float, default=None, help="inner step size (default per dataset/algorithm, see README)")
-    g.add_argument("--lam", type=_positive_float, default=None, help="proximal weight λ of iMAML, initial value if learned (default 2; sinusoid 1, Mini-ImageNet 0.5)")
+    g.add_argument("--inner-steps", type=_nonneg_int, default=None, help="inner GD/SGD steps, iMAML-HF: Newton iterations (default: iMAML-GD 16, MAML/FOMAML 1 (5 for 20-way), "
+                   "Reptile 10, iMAML-HF 5; README 'Algorithms and defaults')")
+    g.add_argument("--inner-lr", type=_positive_float, default=None, help="inner step size (default: Omniglot 0.1, MAML/FOMAML 5-way 0.4; sinusoid and Mini-ImageNet 0.01)")
+    g.add_argument("--lam", type=_positive_float, default=None, help="proximal weight λ of iMAML, initial value if learned (default: Omniglot 0.1, sinusoid 1, Mini-ImageNet 0.5; "
+                   "2 with --recipe imaml-dev)")
     g.add_argument("--learn-lam", action="store_true", default=None, help="learn one λ per parameter tensor (iMAML)")
     g.add_argument("--lam-min", type=float, default=None, help="floor of a learned λ: λ = lam_min + softplus(ρ) (default 0.1)")
     g.add_argument("--lam-lr", type=_positive_float, default=None, help="Adam lr of the λ parameters ρ (default 0.01)")
     g.add_argument("--cg-steps", type=_positive_int, default=None, help="Krylov (CG/MINRES) iterations of the iMAML backward solve (default 5)")
     g.add_argument("--cg-tol", type=_positive_float, default=None, help="relative CG tolerance (stop early; default dtype's)")
     g.add_argument("--linsolve", choices=("cg", "minres"), default=None,
-                   help="backward solver of iMAML (default cg, as the paper; minres tolerates negative curvature)")
+                   help="Krylov solver of iMAML's backward (default minres for Omniglot/Mini-ImageNet, whose batch-norm Hessians are "
+                   "indefinite; cg for sinusoid; cg is the paper's)")
     g.add_argument("--hvp", choices=("reverse", "forward"), default=None,
                    help="Hessian-vector products of the iMAML backward: reverse-over-reverse (default) or forward-over-reverse")
+    g.add_argument("--recipe", choices=("proximal", "imaml-dev"), default=None,
+                   help="iMAML-GD procedure: proximal (default: GD on support loss + λ/2‖φ−θ‖², exact implicit gradient) or "
+                   "imaml-dev (the official code: plain SGD, one pull-back step, damped backward ((1+c)I + H/(λ+δ)), "
+                   "evaluation without the proximal term, Adam eps 1e-3)")
+    g.add_argument("--cg-damping", type=float, default=None, help="c of --recipe imaml-dev (default 1)")
+    g.add_argument("--lam-damping", type=float, default=None, help="δ of --recipe imaml-dev (default 10)")
+    g.add_argument("--power-iters", type=_nonneg_int, default=None,
+                   help="power iterations per meta-step estimating inner_lr·(H_max+λ) for the log (default 0: off)")
     g.add_argument("--hf-cg-steps", type=_positive_int, default=None, help="CG iterations per Newton step of iMAML-HF (default 5)")
     g.add_argument("--outer-lr", type=_positive_float, default=None, help="Adam learning rate of the meta-parameters (default 0.001)")
+    g.add_argument("--adam-eps", type=_positive_float, default=None, help="Adam eps of the outer optimiser (default 1e-8; 1e-3 with --recipe imaml-dev)")
     g.add_argument("--filters", type=_positive_int, default=None, help="conv filters (default 64 Omniglot, 32 Mini-ImageNet)")
     g = t.add_argument_group("run")
     g.add_argument("--seed", type=_nonneg_int, default=None, help="seed of the initialisation and the training tasks (default 0)")
@@ -99,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true", help="evaluate on the test episodes after training")
     g.add_argument("--eval-episodes", type=_positive_int, default=None, help="test episodes (default 600)")
     g.add_argument("--eval-batch", type=_positive_int, default=None, help="episodes per batched evaluation step")
-    g.add_argument("--eval-seed", type=_nonneg_int, default=None, help="seed of the test episodes (default 0)")
+    g.add_argument("--eval-seed", type=_nonneg_int, default=None, help="seed of the test and validation episodes (default 0)")
+    g.add_argument("--eval-every", type=_nonneg_int, default=None,
+                   help="validate every N meta-steps on the validation split (val.csv, best.pt); Omniglot then trains on the "
+                   "training characters without the validation ones (default 0: off)")
+    g.add_argument("--val-episodes", type=_positive_int, default=None, help="validation episodes (default 200)")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default: 1 for sinusoid, whose tiny MLP only loses from intra-op threads; "
                    "else torch's default)")
@@ -113,12 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", default=None, help="override the data folder stored in the checkpoint")
     e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    plot.add_parser(sub)
     return p
 
 
 _TRAIN_KEYS = (
     "dataset", "data_root", "ways", "shots", "queries", "split_scheme", "algorithm", "meta_steps", "meta_batch",
     "inner_steps", "inner_lr", "lam", "learn_lam", "lam_min", "lam_lr", "cg_steps", "cg_tol", "hf_cg_steps", "linsolve", "hvp",
+    "recipe", "cg_damping", "lam_damping", "power_iters", "adam_eps", "eval_every", "val_episodes",
     "outer_lr", "filters", "seed", "device", "dtype", "out", "checkpoint_every", "eval_episodes", "eval_batch",
     "eval_seed",
 )
@@ -154,6 +173,8 @@ def main(argv: Optional[Sequence[str]] = None, *, log: Callable[[str], None] = p
         parser.print_help()
         return 2
     try:
+        if args.command == "plot":
+            return plot.run(args, log=log)
         if args.command == "train":
             kw = _resume_config(args) if args.resume else {k: getattr(args, k) for k in _TRAIN_KEYS}
             if args.download:
@@ -217,7 +238,7 @@ def _default_run(log: Callable[[str], None]) -> int:
     _set_threads(None, cfg.dataset, cfg.device)
     log("No arguments given: running the embedded default (see --help for the train/evaluate commands).")
     log(f"  dataset   : sinusoid regression (generated, no download), {cfg.shots} support / {cfg.queries} query points per task")
-    log(f"  algorithm : iMAML-GD (λ = {cfg.lam:g}, {cfg.inner_steps} inner GD steps of {cfg.inner_lr:g}, {cfg.cg_steps} CG steps), "
+    log(f"  algorithm : iMAML-GD (λ = {cfg.learner.lam:g}, {cfg.learner.inner_steps} inner GD steps of {cfg.learner.inner_lr:g}, {cfg.learner.cg_steps} CG steps), "
         f"MLP 1-40-40-1, Adam lr {cfg.outer_lr:g}")
     log(f"  training  : {cfg.meta_steps} meta-steps x {cfg.meta_batch} tasks on {cfg.device} (a tiny MLP: faster on CPU than on a GPU), "
         f"then evaluation on {cfg.eval_episodes} test tasks")
@@ -226,5 +247,8 @@ def _default_run(log: Callable[[str], None]) -> int:
     rows = summary["last"]
     log(f"trained {summary['step']} meta-steps in {time.perf_counter() - t0:.0f} s; "
         f"last meta-batch query MSE {rows.get('query_mse', '?')}")
+    curves = plot.plot_learning_curves([cfg.out], f"{cfg.out}/curves.png")
+    fits = plot.plot_sinusoid_fits(summary["checkpoint"], f"{cfg.out}/fits.png")
+    log(f"pictures: {curves} (learning curves), {fits} (adapted fits of 4 test tasks against the truth)")
     evaluate_checkpoint(summary["checkpoint"], progress=True, log=log)  # prints the result line last
     return 0

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from .config import RunConfig, default_device
 from .tasks import make_task_source
-from .train import build_learner
+from .train import load_learner
 
 __all__ = ["evaluate_checkpoint", "format_result"]
 
@@ -33,6 +33,28 @@ __all__ = ["evaluate_checkpoint", "format_result"]
 def format_result(metric: str, mean: float, ci: float, episodes: int) -> str:
     """``accuracy: 0.9912 ± 0.0031 (95% CI, 600 episodes)`` (or ``mse: ...``)."""
     return f"{metric}: {mean:.4f} ± {ci:.4f} (95% CI, {episodes} episodes)"
+
+
+def evaluate_episodes(learner: Any, theta: dict, rho: dict, source: Any, n: int, batch_size: int, cfg: RunConfig, *,
+                      progress: bool = False, desc: str = "evaluate") -> dict[str, float]:
+    """Adapt to episodes ``0 .. n-1`` of ``source`` (fixed, index-addressed) in batches and
+    return the mean metric, its 95% CI half-width (normal approximation), std and mean loss."""
+    values: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
+    bar = tqdm(total=n, desc=desc, unit="episode", disable=not progress, file=sys.stderr, dynamic_ncols=True, leave=False)
+    try:
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            batch = source.batch(idx).to(cfg.device, cfg.torch_dtype)
+            loss, metric = learner.evaluate(theta, rho, batch)
+            values.append(metric.detach().double().cpu())
+            losses.append(loss.detach().double().cpu())
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    vals = torch.cat(values)
+    std = float(vals.std(unbiased=True)) if n > 1 else 0.0
+    return {"mean": float(vals.mean()), "ci95": 1.96 * std / math.sqrt(n), "std": std, "loss": float(torch.cat(losses).mean())}
 
 
 def evaluate_checkpoint(
@@ -70,33 +92,12 @@ def evaluate_checkpoint(
         cfg.dataset, "test", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.eval_seed,
         data_root=cfg.data_root, split_scheme=cfg.split_scheme,
     )
-    learner, theta, rho = build_learner(cfg, source.image_shape)
-    with torch.no_grad():
-        for k, v in theta.items():
-            v.copy_(ckpt["theta"][k])
-        for k, v in rho.items():
-            v.copy_(ckpt["rho"][k])
+    learner, theta, rho = load_learner(cfg, source.image_shape, ckpt)
 
     metric_name = "accuracy" if cfg.task == "classification" else "mse"
-    values: list[torch.Tensor] = []
-    losses: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=n, desc=f"evaluate {cfg.algorithm}", unit="episode", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    try:
-        for start in range(0, n, bs):
-            idx = range(start, min(n, start + bs))
-            batch = source.batch(idx).to(cfg.device, cfg.torch_dtype)
-            loss, metric = learner.evaluate(theta, rho, batch)
-            values.append(metric.detach().double().cpu())
-            losses.append(loss.detach().double().cpu())
-            bar.update(len(idx))
-    finally:
-        bar.close()
-    vals = torch.cat(values)
-    mean = float(vals.mean())
-    std = float(vals.std(unbiased=True)) if n > 1 else 0.0
-    ci = 1.96 * std / math.sqrt(n)
+    stats = evaluate_episodes(learner, theta, rho, source, n, bs, cfg, progress=progress, desc=f"evaluate {cfg.algorithm}")
+    mean, ci, std = stats["mean"], stats["ci95"], stats["std"]
     seconds = time.perf_counter() - t0
     result = {
         "metric": metric_name,
@@ -104,7 +105,7 @@ def evaluate_checkpoint(
         "ci95": ci,
         "std": std,
         "episodes": n,
-        "query_loss_mean": float(torch.cat(losses).mean()),
+        "query_loss_mean": stats["loss"],
         "checkpoint": str(path),
         "step": int(ckpt["step"]),
         "dataset": cfg.dataset,

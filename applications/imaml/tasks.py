@@ -10,13 +10,9 @@ classification (Omniglot, Mini-ImageNet) task sources: :class:`TaskSource` with
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
-import torch
-from torch import Tensor
-
-from .data import SinusoidTasks, load_dataset
+from .data import SinusoidTasks, TaskBatch, TaskSampler, load_dataset
 
 __all__ = ["DATASETS", "TaskBatch", "TaskSource", "make_task_source", "resolve_data_root"]
 
@@ -26,32 +22,10 @@ _ENV = {"omniglot": "BILEVEL_OMNIGLOT", "miniimagenet": "BILEVEL_MINIIMAGENET"}
 SINUSOID_EVAL_SEED_OFFSET = 1_000_000
 
 
-@dataclass(frozen=True)
-class TaskBatch:
-    """A meta-batch: support ``(B, K, ...)`` and query ``(B, Q, ...)`` inputs and targets."""
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
-
-    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "TaskBatch":
-        def cast(t: Tensor) -> Tensor:
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            return t.to(device)
-
-        return TaskBatch(cast(self.support_x), cast(self.support_y), cast(self.query_x), cast(self.query_y))
-
-    @property
-    def num_tasks(self) -> int:
-        return int(self.support_x.shape[0])
-
-
 class TaskSource:
     """A seeded stream of tasks of one dataset split (wraps the data layer's samplers)."""
 
-    def __init__(self, sampler: Any, kind: str, image_shape: tuple[int, ...], description: str) -> None:
+    def __init__(self, sampler: TaskSampler, kind: str, image_shape: tuple[int, ...], description: str) -> None:
         self._sampler = sampler
         self.kind = kind  # "regression" or "classification"
         self.image_shape = image_shape
@@ -67,19 +41,11 @@ class TaskSource:
 
     def sample(self, batch_size: int) -> TaskBatch:
         """The next ``batch_size`` tasks (advances :attr:`position`)."""
-        if self.kind == "regression":
-            b = self._sampler.sample(batch_size)
-        else:
-            b = self._sampler.sample_batch(batch_size)
-        return TaskBatch(b.support_x, b.support_y, b.query_x, b.query_y)
+        return self._sampler.sample(batch_size)
 
     def batch(self, indices: Iterable[int]) -> TaskBatch:
         """Tasks ``indices`` (independent of :attr:`position`)."""
-        if self.kind == "regression":
-            b = self._sampler.tasks(indices)
-        else:
-            b = self._sampler.episodes(indices)
-        return TaskBatch(b.support_x, b.support_y, b.query_x, b.query_y)
+        return self._sampler.tasks(indices)
 
 
 def resolve_data_root(dataset: str, data_root: Optional[str]) -> str:
@@ -106,8 +72,13 @@ def make_task_source(
     seed: int,
     data_root: Optional[str] = None,
     split_scheme: str = "maml",
+    hold_out_val: bool = False,
 ) -> TaskSource:
-    """Task source of ``dataset``/``split`` (``"train"`` or ``"test"``).
+    """Task source of ``dataset``/``split`` (``"train"``, ``"val"`` or ``"test"``).
+
+    ``hold_out_val`` (training with validation, ``--eval-every``): the ``"train"`` split
+    excludes the validation characters/classes, so that validation tasks are unseen.
+    Sinusoid validation tasks come from the seed stream ``seed + 2_000_000``.
 
     Omniglot: the meta-training split is MAML's (1200 characters × 4 rotations, the
     data layer's ``trainval`` of the ``maml`` scheme, or of ``vinyals`` with
@@ -123,14 +94,16 @@ def make_task_source(
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; choose train, val or test")
     if dataset == "sinusoid":
-        s = seed + SINUSOID_EVAL_SEED_OFFSET if split == "test" else seed
+        s = seed + {"test": SINUSOID_EVAL_SEED_OFFSET, "val": 2 * SINUSOID_EVAL_SEED_OFFSET}.get(split, 0)
         tasks = SinusoidTasks(shots=shots, queries=queries, seed=s)
         return TaskSource(tasks, "regression", (1,), f"sinusoid regression, {shots} support / {queries} query points")
 
     root = resolve_data_root(dataset, data_root)
     if dataset == "omniglot":
-        data_split = "trainval" if split == "train" else split
+        data_split = "trainval" if (split == "train" and not hold_out_val) else split
         ds = load_dataset("omniglot", root, data_split, split_scheme=split_scheme)
     else:
         ds = load_dataset("miniimagenet", root, split)

@@ -7,6 +7,11 @@ Outputs in ``cfg.out``:
 * ``log.csv`` — one row per meta-step (columns :data:`CSV_COLUMNS`; a resumed run drops
   rows logged after the checkpoint it restarts from, then appends);
 * ``config.json`` — the resolved configuration;
+* ``val.csv`` and ``best.pt`` — with ``eval_every > 0``: every ``eval_every`` meta-steps (and
+  at the last) the meta-parameters are evaluated on ``val_episodes`` fixed episodes of the
+  validation split (columns :data:`VAL_COLUMNS`; ``elapsed_seconds`` counts training time
+  only), and the best so far is kept in ``best.pt`` (a checkpoint like ``checkpoint.pt``).
+  Omniglot then meta-trains on the training characters without the validation ones.
 * ``tensorboard/`` — the same scalars, only if ``torch.utils.tensorboard`` imports.
 """
 
@@ -35,7 +40,7 @@ from .config import RunConfig
 from .models import build_model
 from .tasks import TaskSource, make_task_source
 
-__all__ = ["CSV_COLUMNS", "Trainer", "build_learner", "train"]
+__all__ = ["CSV_COLUMNS", "VAL_COLUMNS", "Trainer", "build_learner", "load_learner", "train"]
 
 CSV_COLUMNS = (
     "step",
@@ -47,6 +52,9 @@ CSV_COLUMNS = (
     "cg_iterations",
     "cg_failures",
     "inner_failures",
+    "inner_grad_ratio",
+    "inner_monotone",
+    "inner_lr_curvature",
     "lam_mean",
     "lam_min",
     "lam_max",
@@ -55,8 +63,11 @@ CSV_COLUMNS = (
     "peak_mem_mb",
 )
 
+VAL_COLUMNS = ("step", "elapsed_seconds", "val_metric", "val_ci95", "val_loss", "episodes")
+BEST_NAME = "best.pt"
+
 # Keys of RunConfig that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_OVERRIDES = ("meta_steps", "device", "data_root", "checkpoint_every", "out", "eval_episodes", "eval_batch")
+RESUMABLE_OVERRIDES = ("meta_steps", "device", "data_root", "checkpoint_every", "out", "eval_episodes", "eval_batch", "power_iters")
 
 
 def build_learner(cfg: RunConfig, image_shape: tuple[int, ...]) -> tuple[MetaLearner, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -65,9 +76,20 @@ def build_learner(cfg: RunConfig, image_shape: tuple[int, ...]) -> tuple[MetaLea
     shape = tuple(image_shape) if len(image_shape) == 3 else (1, 28, 28)
     model = build_model(cfg.dataset, cfg.ways, filters=cfg.filters, image_shape=shape)  # type: ignore[arg-type]
     model = model.to(device=cfg.device, dtype=cfg.torch_dtype)
-    learner = MetaLearner(model, cfg.learner_config())
+    learner = MetaLearner(model, cfg.learner)
     theta = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
     rho = {k: r.requires_grad_(True) for k, r in learner.init_rho(theta).items()}
+    return learner, theta, rho
+
+
+def load_learner(cfg: RunConfig, image_shape: tuple[int, ...], ckpt: dict[str, Any]) -> tuple[MetaLearner, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`build_learner` with θ and ρ set to a checkpoint's values (evaluation, plots)."""
+    learner, theta, rho = build_learner(cfg, image_shape)
+    with torch.no_grad():
+        for k, v in theta.items():
+            v.copy_(ckpt["theta"][k])
+        for k, v in rho.items():
+            v.copy_(ckpt["rho"][k])
     return learner, theta, rho
 
 
@@ -113,15 +135,24 @@ class Trainer:
 
         self.source: TaskSource = make_task_source(
             cfg.dataset, "train", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed,
-            data_root=cfg.data_root, split_scheme=cfg.split_scheme,
+            data_root=cfg.data_root, split_scheme=cfg.split_scheme, hold_out_val=cfg.eval_every > 0,
         )
+        self.val_source: Optional[TaskSource] = None
+        if cfg.eval_every > 0:
+            self.val_source = make_task_source(
+                cfg.dataset, "val", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.eval_seed,
+                data_root=cfg.data_root, split_scheme=cfg.split_scheme,
+            )
+        self.best_val: Optional[float] = None
+        self.warned_unstable = False
+        self.val_last = ""
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.learner, self.theta, self.rho = build_learner(cfg, self.source.image_shape)
-        groups = [{"params": list(self.theta.values()), "lr": cfg.outer_lr}]
+        groups: list[dict[str, Any]] = [{"params": list(self.theta.values()), "lr": cfg.outer_lr}]
         if self.rho:
             groups.append({"params": list(self.rho.values()), "lr": cfg.lam_lr})
-        self.opt = torch.optim.Adam(groups)
+        self.opt = torch.optim.Adam(groups, eps=cfg.adam_eps)
         self.step = 0
         self.elapsed = 0.0
         if resume:
@@ -143,18 +174,15 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "sampler_position": self.source.position,
             "rng": capture_rng_state(),
+            "best_val": self.best_val,
         }
 
     def save(self) -> None:
         atomic_torch_save(self.state_dict(), self.ckpt_path)
 
     def _load(self, ckpt: dict[str, Any]) -> None:
-        saved = RunConfig.from_dict(ckpt["config"])
-        diffs = {
-            k: (getattr(saved, k), getattr(self.cfg, k))
-            for k in saved.to_dict()
-            if k not in RESUMABLE_OVERRIDES and getattr(saved, k) != getattr(self.cfg, k)
-        }
+        saved, now = RunConfig.from_dict(ckpt["config"]).to_dict(), self.cfg.to_dict()
+        diffs = {k: (saved[k], now[k]) for k in saved if k not in RESUMABLE_OVERRIDES and saved[k] != now[k]}
         if diffs:
             pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
             raise ValueError(f"--resume with a different configuration ({pretty}); drop those flags to continue")
@@ -167,21 +195,30 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.elapsed = float(ckpt.get("elapsed_seconds", 0.0))
         self.source.position = int(ckpt["sampler_position"])
+        self.best_val = ckpt.get("best_val")
         restore_rng_state(ckpt["rng"])
 
     # -- logs --------------------------------------------------------------------------------
-    def _prepare_csv(self, resume: bool) -> None:
-        self.csv_path = self.out / "log.csv"
+    def _restart_csv(self, path: Path, columns: tuple[str, ...], resume: bool) -> None:
+        """Header only, or on resume the rows up to the checkpoint's step (later rows belong
+        to steps that will be replayed), written atomically."""
         rows: list[dict[str, str]] = []
-        if resume and self.csv_path.exists():
-            with open(self.csv_path, newline="") as f:
+        if resume and path.exists():
+            with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= self.step]
-        tmp = self.csv_path.with_suffix(".csv.tmp")
+        tmp = path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.csv_path)
+        os.replace(tmp, path)
+
+    def _prepare_csv(self, resume: bool) -> None:
+        self.csv_path = self.out / "log.csv"
+        self._restart_csv(self.csv_path, CSV_COLUMNS, resume)
+        self.val_path = self.out / "val.csv"
+        if self.cfg.eval_every > 0:
+            self._restart_csv(self.val_path, VAL_COLUMNS, resume)
         meaning = {"peak_mem_mb": memory_meaning(self.device), "device": str(self.device), "torch": torch.__version__}
         (self.out / "run_info.json").write_text(json.dumps(meaning, indent=2) + "\n")
 
@@ -235,6 +272,9 @@ class Trainer:
             "cg_iterations": fmt(st.get("cg_iterations")),
             "cg_failures": fmt(st.get("cg_failures")),
             "inner_failures": fmt(st.get("inner_failures")),
+            "inner_grad_ratio": fmt(st.get("inner_grad_ratio")),
+            "inner_monotone": fmt(st.get("inner_monotone")),
+            "inner_lr_curvature": fmt(st.get("inner_lr_curvature")),
             "lam_mean": fmt(lam.get("lam_mean")),
             "lam_min": fmt(lam.get("lam_min")),
             "lam_max": fmt(lam.get("lam_max")),
@@ -243,6 +283,44 @@ class Trainer:
             "peak_mem_mb": f"{peak_memory_mb(self.device):.1f}",
         }
         self._write_row(row)
+        self._check_inner_health(st)
+        return row
+
+    def _check_inner_health(self, st: dict[str, float]) -> None:
+        """Warn once when the fixed-step inner GD is unstable, naming the knob to turn."""
+        if self.warned_unstable:
+            return
+        curv = st.get("inner_lr_curvature")
+        ratio, mono = st.get("inner_grad_ratio"), st.get("inner_monotone")
+        oscillating = ratio is not None and mono is not None and ratio > 0.5 and mono < 0.5
+        if not ((curv is not None and curv > 2.0) or oscillating):
+            return
+        self.warned_unstable = True
+        what = f"inner_lr·(H_max + λ) ≈ {curv:.2f} > 2" if curv is not None and curv > 2.0 else (
+            f"the inner gradient norm ends at {ratio:.2f}× its start and rose during the loop in "
+            f"{100 * (1 - (mono or 0.0)):.0f}% of the tasks")
+        knob = "--inner-lr" + (" or --lam (λ adds to the curvature GD sees)" if self.cfg.learner.recipe == "proximal" else "")
+        self.log(f"warning: meta-step {self.step}: the inner loop is unstable ({what}): lower {knob}. "
+                 "The implicit gradient assumes a solved inner problem (README: 'Inner-loop health').")
+
+    def validate(self) -> dict[str, Any]:
+        """Evaluate θ on the fixed validation episodes; append to ``val.csv``; keep ``best.pt``."""
+        from .evaluate import evaluate_episodes  # evaluate imports this module
+
+        assert self.val_source is not None
+        cfg = self.cfg
+        st = evaluate_episodes(self.learner, self.theta, self.rho, self.val_source, cfg.val_episodes,
+                               cfg.eval_batch, cfg, progress=False)
+        row = {"step": self.step, "elapsed_seconds": f"{self.elapsed:.2f}", "val_metric": f"{st['mean']:.6g}",
+               "val_ci95": f"{st['ci95']:.6g}", "val_loss": f"{st['loss']:.6g}", "episodes": cfg.val_episodes}
+        with open(self.val_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=VAL_COLUMNS).writerow(row)
+        better = self.best_val is None or (st["mean"] > self.best_val if cfg.task == "classification" else st["mean"] < self.best_val)
+        if better:
+            self.best_val = st["mean"]
+            atomic_torch_save(self.state_dict(), self.out / BEST_NAME)
+        if self.tb is not None:
+            self.tb.add_scalar("val_metric", st["mean"], self.step)
         return row
 
     def run(self, time_limit: Optional[float] = None) -> dict[str, Any]:
@@ -260,12 +338,21 @@ class Trainer:
             while self.step < cfg.meta_steps:
                 last = self.train_step()
                 m = last["query_accuracy"] or last["query_mse"]
-                bar.set_postfix(loss=last["meta_loss"], **{metric_name: m}, refresh=False)
+                post = {"loss": last["meta_loss"], metric_name: m}
+                if last["inner_grad_ratio"]:
+                    post["inner"] = last["inner_grad_ratio"]
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.meta_steps):
+                    self.val_last = self.validate()["val_metric"]
+                if self.val_last:
+                    post["val"] = self.val_last
+                bar.set_postfix(**post, refresh=False)
                 bar.update(1)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.meta_steps:
                     self.save()
                 if time_limit is not None and time.perf_counter() - t_start > time_limit and self.step < cfg.meta_steps:
                     stopped_by_time = True
+                    if cfg.eval_every and self.step % cfg.eval_every != 0:
+                        self.validate()
                     self.save()
                     self.log(f"time limit of {time_limit:g} s reached: stopped after meta-step {self.step} of {cfg.meta_steps}")
                     break

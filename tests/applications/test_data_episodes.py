@@ -25,7 +25,7 @@ def test_shapes_dtypes_and_uint8_conversion() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(10, 8, 1, 5, 5), dtype=np.uint8)
     sampler = EpisodeSampler(images, ways=3, shots=2, queries=4, seed=0)
-    ep = sampler.sample()
+    ep = sampler.next_episode()
     assert ep.support_x.shape == (6, 1, 5, 5) and ep.query_x.shape == (12, 1, 5, 5)
     assert ep.support_y.shape == (6,) and ep.query_y.shape == (12,) and ep.classes.shape == (3,)
     assert ep.support_x.dtype == torch.float32 and ep.support_y.dtype == torch.int64
@@ -34,7 +34,7 @@ def test_shapes_dtypes_and_uint8_conversion() -> None:
     c, first = int(ep.classes[0]), ep.support_x[0]
     assert any(torch.equal(first, torch.from_numpy(images[c, n]).float() / 255) for n in range(8))
 
-    batch = sampler.sample_batch(7)
+    batch = sampler.sample(7)
     assert batch.support_x.shape == (7, 6, 1, 5, 5)
     assert batch.query_x.shape == (7, 12, 1, 5, 5)
     assert batch.support_y.shape == (7, 6) and batch.query_y.shape == (7, 12)
@@ -62,7 +62,7 @@ def test_same_seed_same_episodes_different_seed_differs() -> None:
     a, b = EpisodeSampler(images, 5, 1, 5, seed=3), EpisodeSampler(images, 5, 1, 5, seed=3)
     c = EpisodeSampler(images, 5, 1, 5, seed=4)
     for _ in range(5):
-        ea, eb = a.sample(), b.sample()
+        ea, eb = a.next_episode(), b.next_episode()
         assert torch.equal(ea.support_x, eb.support_x) and torch.equal(ea.query_x, eb.query_x)
         assert torch.equal(ea.classes, eb.classes)
     differs = [not torch.equal(a.episode(i).query_x, c.episode(i).query_x) for i in range(5)]
@@ -73,9 +73,9 @@ def test_episode_index_is_independent_of_history_and_batch_size() -> None:
     images = _id_images(classes=8, per_class=6)
     s1 = EpisodeSampler(images, 4, 2, 2, seed=9)
     s2 = EpisodeSampler(images, 4, 2, 2, seed=9)
-    stream = [s1.sample() for _ in range(6)]
-    batch = s2.sample_batch(4)
-    batch2 = s2.sample_batch(2)
+    stream = [s1.next_episode() for _ in range(6)]
+    batch = s2.sample(4)
+    batch2 = s2.sample(2)
     for i in range(4):
         assert torch.equal(batch.support_x[i], stream[i].support_x)
         assert torch.equal(batch.classes[i], stream[i].classes)
@@ -85,7 +85,7 @@ def test_episode_index_is_independent_of_history_and_batch_size() -> None:
     assert torch.equal(fresh.episode(3).query_x, stream[3].query_x)
     # Resuming from a saved position continues the stream.
     fresh.position = 4
-    assert torch.equal(fresh.sample().support_x, stream[4].support_x)
+    assert torch.equal(fresh.next_episode().support_x, stream[4].support_x)
 
 
 def test_label_to_class_mapping_is_random_per_episode() -> None:

@@ -90,7 +90,7 @@ def test_csv_layout_conversion_colours_and_cache(csv_root: Path, monkeypatch: py
     assert cached.class_names == ds.class_names
 
     # Default normalisation keeps [0, 1]; episodes come out as float (B, N*K, 3, 84, 84).
-    batch = cached.sampler(ways=3, shots=2, queries=5, seed=0).sample_batch(2)
+    batch = cached.sampler(ways=3, shots=2, queries=5, seed=0).sample(2)
     assert batch.support_x.shape == (2, 6, 3, 84, 84) and batch.query_x.shape == (2, 15, 3, 84, 84)
     assert batch.support_x.dtype == torch.float32
     assert 0.0 <= float(batch.support_x.min()) and float(batch.support_x.max()) <= 1.0

@@ -193,7 +193,7 @@ def test_real_maml_split_is_seeded(real_chars: omniglot.OmniglotCharacters) -> N
 
 def test_real_episodes_from_the_train_split(real_splits: dict) -> None:
     sampler = real_splits[("vinyals", "train")].sampler(ways=5, shots=1, queries=15, seed=0)
-    batch = sampler.sample_batch(4)
+    batch = sampler.sample(4)
     assert batch.support_x.shape == (4, 5, 1, 28, 28) and batch.query_x.shape == (4, 75, 1, 28, 28)
     assert batch.support_x.dtype == torch.float32
     assert 0.0 <= float(batch.query_x.min()) and float(batch.query_x.max()) <= 1.0
@@ -242,7 +242,7 @@ def test_official_small_zip_through_the_loader_is_cached(
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(omniglot, "read_omniglot_official", fail)
+    monkeypatch.setattr(omniglot._read, "read_omniglot_official", fail)
     again = load_omniglot_characters(tmp_path, source_splits=("background",))
     np.testing.assert_array_equal(again.images, chars.images)
     assert again.names == chars.names
@@ -272,7 +272,7 @@ def test_folder_layout_conversion_and_cache(official_tree: tuple[Path, dict], mo
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(omniglot, "read_omniglot_official", fail)
+    monkeypatch.setattr(omniglot._read, "read_omniglot_official", fail)
     cached = load_omniglot_characters(root)
     np.testing.assert_array_equal(cached.images, chars.images)
     assert cached.names == chars.names and cached.source_splits == chars.source_splits

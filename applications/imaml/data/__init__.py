@@ -13,7 +13,7 @@ Example::
 
     train = load_dataset("omniglot", "/data/omniglot", "train")
     sampler = train.sampler(ways=5, shots=1, queries=15, seed=0)
-    batch = sampler.sample_batch(32)  # batch.support_x: (32, 5, 1, 28, 28)
+    batch = sampler.sample(32)  # batch.support_x: (32, 5, 1, 28, 28)
 
 Data roots may also be given through the environment variables ``BILEVEL_OMNIGLOT`` and
 ``BILEVEL_MINIIMAGENET``.  All randomness is seeded and episodes/tasks are addressed by
@@ -26,18 +26,19 @@ import os
 from typing import Any
 
 from .base import ClassDataset
-from .episodes import Episode, EpisodeSampler
+from .batch import TaskBatch, TaskSampler
+from .episodes import EpisodeSampler
 from .miniimagenet import MINIIMAGENET_SPLITS, load_miniimagenet
 from .omniglot import SPLITS as OMNIGLOT_SPLITS
 from .omniglot import download_omniglot, load_omniglot, safe_extract
-from .sinusoid import SinusoidBatch, SinusoidTasks, sinusoid
+from .sinusoid import SinusoidTasks, sinusoid
 
 __all__ = [
     "DATASETS",
     "ClassDataset",
-    "Episode",
     "EpisodeSampler",
-    "SinusoidBatch",
+    "TaskBatch",
+    "TaskSampler",
     "SinusoidTasks",
     "download_omniglot",
     "load_dataset",

@@ -12,27 +12,23 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # imported lazily at run time to keep the import graph acyclic
-    from .episodes import EpisodeSampler
+from .episodes import EpisodeSampler
 
 __all__ = [
     "CACHE_DIRNAME",
     "ClassDataset",
     "atomic_save_npz",
-    "default_transform",
     "load_npz_cache",
     "pil_resample_lanczos",
     "resolve_cache_dir",
-    "tensors_to",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,10 +102,8 @@ class ClassDataset:
             x = x.div_(std)
         return x
 
-    def sampler(self, ways: int, shots: int, queries: int, seed: int = 0) -> "EpisodeSampler":
+    def sampler(self, ways: int, shots: int, queries: int, seed: int = 0) -> EpisodeSampler:
         """An :class:`~.episodes.EpisodeSampler` over this dataset using :meth:`to_float`."""
-        from .episodes import EpisodeSampler
-
         return EpisodeSampler(self.images, ways, shots, queries, seed, transform=self.to_float)
 
     def __repr__(self) -> str:
@@ -196,27 +190,4 @@ def pil_resample_lanczos() -> int:
     return int(resampling.LANCZOS)
 
 
-def default_transform(images: Tensor) -> Tensor:
-    """``uint8`` → ``float32`` in ``[0, 1]``; other dtypes pass through unchanged."""
-    if images.dtype == torch.uint8:
-        return images.to(torch.float32).div_(255.0)
-    return images
-
-
 TransformFn = Callable[[Tensor], Tensor]
-
-
-_D = TypeVar("_D")
-
-
-def tensors_to(batch: _D, device: torch.device | str) -> _D:
-    """A copy of the dataclass instance ``batch`` with every tensor field moved to ``device``.
-
-    Other fields (e.g. an ``index``) are kept as they are.
-    """
-    moved: dict[str, Any] = {}
-    for f in dataclasses.fields(batch):  # type: ignore[arg-type]
-        value = getattr(batch, f.name)
-        if isinstance(value, Tensor):
-            moved[f.name] = value.to(device)
-    return dataclasses.replace(batch, **moved)  # type: ignore[type-var]

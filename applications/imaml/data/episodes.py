@@ -14,49 +14,24 @@ episodes are ``sampler.episode(0) .. sampler.episode(599)``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import default_transform, tensors_to
+from .batch import TaskBatch
 
-__all__ = ["Episode", "EpisodeSampler"]
+__all__ = ["EpisodeSampler", "default_transform"]
 
 ImagesByClass = Union[np.ndarray, Tensor, Sequence[Union[np.ndarray, Tensor]]]
 
 
-@dataclass(frozen=True)
-class Episode:
-    """One episode, or a meta-batch of episodes stacked along a leading dimension.
-
-    For a single episode (``E = ways*shots``, ``F = ways*queries``):
-
-    Attributes:
-        support_x: ``(E, *image_shape)`` support images, grouped by label
-            (``shots`` images of label 0, then of label 1, ...).
-        support_y: ``(E,)`` int64 labels in ``0 .. ways-1``.
-        query_x: ``(F, *image_shape)`` query images, grouped by label likewise.
-        query_y: ``(F,)`` int64 labels.
-        classes: ``(ways,)`` int64; ``classes[label]`` is the dataset class index.
-        index: Episode index (or the first index of a batch).
-
-    A batch from :meth:`EpisodeSampler.sample_batch` has a leading dimension ``B`` on
-    every tensor, e.g. ``support_x`` is ``(B, E, channels, H, W)``.
-    """
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
-    classes: Tensor
-    index: int
-
-    def to(self, device: torch.device | str) -> "Episode":
-        """A copy with all tensors moved to ``device``."""
-        return tensors_to(self, device)
+def default_transform(images: Tensor) -> Tensor:
+    """``uint8`` → ``float32`` in ``[0, 1]``; other dtypes pass through unchanged."""
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0)
+    return images
 
 
 class EpisodeSampler:
@@ -152,31 +127,31 @@ class EpisodeSampler:
             raise ValueError(f"position must be >= 0, got {value}")
         self._position = int(value)
 
-    def sample(self) -> Episode:
-        """The next episode (index :attr:`position`), then advance by one."""
+    def next_episode(self) -> TaskBatch:
+        """The next episode (index :attr:`position`), unbatched, then advance by one."""
         episode = self.episode(self._position)
         self._position += 1
         return episode
 
-    def sample_batch(self, batch_size: int) -> Episode:
+    def sample(self, batch_size: int) -> TaskBatch:
         """The next ``batch_size`` episodes stacked into a meta-batch, then advance.
 
         Returns:
-            An :class:`Episode` whose tensors have a leading dimension ``batch_size``:
+            A :class:`~.batch.TaskBatch` whose tensors have a leading dimension ``batch_size``:
             ``support_x`` ``(B, ways*shots, *image_shape)``, ``support_y``
             ``(B, ways*shots)``, ``query_x`` ``(B, ways*queries, *image_shape)``,
             ``query_y`` ``(B, ways*queries)``, ``classes`` ``(B, ways)``.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        batch = self.episodes(range(self._position, self._position + batch_size))
+        batch = self.tasks(range(self._position, self._position + batch_size))
         self._position += batch_size
         return batch
 
-    def __iter__(self) -> Iterator[Episode]:
-        """Endless stream of episodes from :attr:`position` on."""
+    def __iter__(self) -> Iterator[TaskBatch]:
+        """Endless stream of (unbatched) episodes from :attr:`position` on."""
         while True:
-            yield self.sample()
+            yield self.next_episode()
 
     # --- stateless, index-addressed use (evaluation) -----------------------------------------
     def episode_indices(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,14 +174,13 @@ class EpisodeSampler:
         images = np.stack([rng.choice(int(self._sizes[c]), size=per_class, replace=False) for c in classes])
         return classes.astype(np.int64), images.astype(np.int64)
 
-    def episode(self, index: int) -> Episode:
-        """Episode number ``index`` (deterministic given the seed)."""
-        batch = self.episodes([index])
-        return Episode(
-            batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0], batch.classes[0], int(index)
-        )
+    def episode(self, index: int) -> TaskBatch:
+        """Episode number ``index`` (deterministic given the seed), without a batch dimension."""
+        b = self.tasks([index])
+        assert b.classes is not None
+        return TaskBatch(b.support_x[0], b.support_y[0], b.query_x[0], b.query_y[0], int(index), classes=b.classes[0])
 
-    def episodes(self, indices: Iterable[int]) -> Episode:
+    def tasks(self, indices: Iterable[int]) -> TaskBatch:
         """Episodes ``indices`` stacked along a new leading (meta-batch) dimension."""
         indices = [int(i) for i in indices]
         if not indices:
@@ -219,7 +193,7 @@ class EpisodeSampler:
         data = self.transform(self._gather(classes, images))  # (B, ways, shots+queries, ...)
         batch, tail = len(indices), data.shape[3:]
         labels = torch.arange(self.ways, dtype=torch.int64)
-        return Episode(
+        return TaskBatch(
             support_x=data[:, :, : self.shots].reshape(batch, self.ways * self.shots, *tail),
             support_y=labels.repeat_interleave(self.shots).expand(batch, -1).contiguous(),
             query_x=data[:, :, self.shots :].reshape(batch, self.ways * self.queries, *tail),

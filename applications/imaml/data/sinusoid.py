@@ -12,48 +12,20 @@ batch size or of what was drawn before.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import tensors_to
+from .batch import TaskBatch
 
-__all__ = ["SinusoidBatch", "SinusoidTasks", "sinusoid"]
+__all__ = ["SinusoidTasks", "sinusoid"]
 
 
 def sinusoid(x: Tensor, amplitude: Tensor | float, phase: Tensor | float) -> Tensor:
     """The task function ``amplitude * sin(x - phase)`` (MAML's convention)."""
     return amplitude * torch.sin(x - phase)
-
-
-@dataclass(frozen=True)
-class SinusoidBatch:
-    """A meta-batch of ``B`` sinusoid tasks.
-
-    Attributes:
-        support_x: ``(B, K, 1)`` support inputs.
-        support_y: ``(B, K, 1)`` support targets.
-        query_x: ``(B, Q, 1)`` query inputs.
-        query_y: ``(B, Q, 1)`` query targets.
-        amplitude: ``(B,)`` amplitudes ``A``.
-        phase: ``(B,)`` phases ``φ``.
-        index: Index of the first task of the batch.
-    """
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
-    amplitude: Tensor
-    phase: Tensor
-    index: int
-
-    def to(self, device: torch.device | str) -> "SinusoidBatch":
-        """A copy with all tensors moved to ``device``."""
-        return tensors_to(self, device)
 
 
 class SinusoidTasks:
@@ -136,12 +108,12 @@ class SinusoidTasks:
             float(phase),
         )
 
-    def tasks(self, indices: Iterable[int]) -> SinusoidBatch:
-        """Tasks ``indices`` stacked into a :class:`SinusoidBatch`."""
+    def tasks(self, indices: Iterable[int]) -> TaskBatch:
+        """Tasks ``indices`` stacked into a :class:`TaskBatch`."""
         items = [(i, self.task(i)) for i in indices]
         if not items:
             raise ValueError("indices is empty")
-        return SinusoidBatch(
+        return TaskBatch(
             support_x=torch.stack([t[0] for _, t in items]),
             support_y=torch.stack([t[1] for _, t in items]),
             query_x=torch.stack([t[2] for _, t in items]),
@@ -151,11 +123,11 @@ class SinusoidTasks:
             index=items[0][0],
         )
 
-    def batch(self, index: int, batch_size: int) -> SinusoidBatch:
+    def batch(self, index: int, batch_size: int) -> TaskBatch:
         """Fixed meta-batch number ``index``: tasks ``index*B .. index*B + B - 1``."""
         return self.tasks(range(index * batch_size, (index + 1) * batch_size))
 
-    def sample(self, batch_size: int) -> SinusoidBatch:
+    def sample(self, batch_size: int) -> TaskBatch:
         """The next ``batch_size`` tasks (from :attr:`position`), then advance."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

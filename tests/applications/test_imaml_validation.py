@@ -1,0 +1,86 @@
+"""``--eval-every``: validation curve (val.csv), best checkpoint, exact resume of both, the
+validation split kept out of meta-training; and the defaults the README states."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from test_imaml_cli import OMNIGLOT, needs_omniglot
+
+from applications.imaml.checkpoint import load_checkpoint
+from applications.imaml.cli import main
+from applications.imaml.config import resolve_config
+from applications.imaml.tasks import make_task_source
+from applications.imaml.train import VAL_COLUMNS
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():  # type: ignore[no-untyped-def]
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _val(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+COMMON = ["--dataset", "sinusoid", "--meta-batch", "4", "--inner-steps", "3", "--eval-every", "2", "--val-episodes", "20",
+          "--no-progress", "--device", "cpu"]
+
+
+def test_eval_every_writes_curve_and_best_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "v"
+    assert main(["train", *COMMON, "--meta-steps", "5", "--out", str(out)]) == 0
+    rows = _val(out / "val.csv")
+    assert tuple(rows[0]) == VAL_COLUMNS
+    assert [int(r["step"]) for r in rows] == [2, 4, 5]  # every 2 steps and at the last
+    assert all(float(r["val_metric"]) > 0 and int(r["episodes"]) == 20 for r in rows)
+    best = load_checkpoint(out / "best.pt")
+    best_mse = min(float(r["val_metric"]) for r in rows)  # regression: lower is better
+    assert best["best_val"] == pytest.approx(best_mse, rel=1e-5)
+    assert best["step"] == int(min(rows, key=lambda r: float(r["val_metric"]))["step"])
+
+
+def test_resume_keeps_the_validation_log_exact(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *COMMON, "--meta-steps", "6", "--out", str(a)]) == 0
+    assert main(["train", *COMMON, "--meta-steps", "4", "--out", str(b)]) == 0
+    assert main(["train", "--dataset", "sinusoid", "--resume", "--meta-steps", "6", "--out", str(b), "--no-progress"]) == 0
+    va, vb = _val(a / "val.csv"), _val(b / "val.csv")
+    assert [(r["step"], r["val_metric"]) for r in va] == [(r["step"], r["val_metric"]) for r in vb]
+
+
+def test_bad_eval_options_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "sinusoid", "--val-episodes", "0", "--out", str(tmp_path / "x")])
+    assert "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "sinusoid", "--outer-lr", "inf", "--out", str(tmp_path / "x")])
+    assert "finite" in capsys.readouterr().err
+
+
+@needs_omniglot
+def test_validation_characters_are_held_out_of_training() -> None:
+    kw = dict(ways=5, shots=1, queries=1, seed=0, data_root=str(OMNIGLOT))
+    sources = (make_task_source("omniglot", "train", hold_out_val=True, **kw), make_task_source("omniglot", "val", **kw),
+               make_task_source("omniglot", "train", **kw))
+    # "omniglot <split> split (<C> classes), ..."
+    (s_train, n_train), (s_val, n_val), (s_full, n_full) = (
+        (src.description.split()[1], int(src.description.split("(")[1].split()[0])) for src in sources)
+    assert (s_train, s_val, s_full) == ("train", "val", "trainval")
+    assert n_train + n_val == n_full and n_val > 0
+
+
+def test_omniglot_defaults_are_what_the_readme_says() -> None:
+    """applications/imaml/README.md, 'Defaults and where they come from'."""
+    five = resolve_config(dataset="omniglot", algorithm="imaml", data_root="x", device="cpu").learner
+    assert (five.lam, five.inner_steps, five.inner_lr, five.linsolve, five.cg_steps, five.recipe) == (0.1, 16, 0.1, "minres", 5, "proximal")
+    twenty = resolve_config(dataset="omniglot", algorithm="imaml", ways=20, data_root="x", device="cpu").learner
+    assert (twenty.lam, twenty.inner_steps, twenty.inner_lr) == (0.1, 16, 0.1)
+    dev = resolve_config(dataset="omniglot", algorithm="imaml", recipe="imaml-dev", data_root="x", device="cpu")
+    assert (dev.learner.lam, dev.learner.cg_damping, dev.learner.lam_damping, dev.adam_eps) == (2.0, 1.0, 10.0, 1e-3)
