@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from ._diagnostics import Diagnostics, strip_backward, strip_forward
 from ._result import NonFiniteError, Status, report
-from ._tree import batch_size, tree_flatten, tree_unflatten
+from ._tree import batch_size, tree_detach, tree_flatten, tree_unflatten
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 _HVP_MODES = ("forward", "reverse")
@@ -287,7 +287,7 @@ def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
         _check_residual_structure(Fx, x, spec.name)
 
         def matvec_t(u: Any) -> Any:
-            return _detach(vjp_fn(u)[0])
+            return tree_detach(vjp_fn(u)[0])
 
         return matvec_t
 
@@ -324,15 +324,10 @@ def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
             if not state["checked"]:
                 _check_residual_structure(Fx, x, spec.name)
                 state["checked"] = True
-            return _detach(Au)
+            return tree_detach(Au)
         return reverse(u)
 
     return matvec
-
-
-def _detach(t: Any) -> Any:
-    leaves, d = tree_flatten(t)
-    return tree_unflatten(d, [leaf.detach() for leaf in leaves])
 
 
 def _warn_closed_over(outputs: list[Tensor], targets: list[Tensor], name: str) -> None:

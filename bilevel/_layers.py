@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._diagnostics import Diagnostics
 from ._implicit import _HVP_MODES, _ON_FAILURE, implicit_apply
-from ._tree import batch_size, tree_flatten, tree_map
+from ._tree import batch_size, is_tree, tree_flatten, tree_map
 
 InDims = Union[int, None, Sequence[Optional[int]]]
 
@@ -23,23 +23,15 @@ def _check_on_failure(on_failure: str) -> str:
     return on_failure
 
 
-def _is_tree(a: Any) -> bool:
-    try:
-        tree_flatten(a)
-    except TypeError:
-        return False
-    return True
-
-
 def _arg_dims(args: tuple, in_dims: InDims) -> tuple[Optional[int], ...]:
     """Per-argument vmap dims: ``in_dims`` for tensor trees, ``None`` for static objects."""
     if in_dims is None or isinstance(in_dims, int):
-        return tuple(in_dims if _is_tree(a) else None for a in args)
+        return tuple(in_dims if is_tree(a) else None for a in args)
     dims = tuple(in_dims)
     if len(dims) != len(args):
         raise ValueError(f"in_dims has {len(dims)} entries for {len(args)} arguments")
     for a, d in zip(args, dims):
-        if d is not None and not _is_tree(a):
+        if d is not None and not is_tree(a):
             raise ValueError(f"in_dims gives dimension {d} to a non-tensor argument of type {type(a).__name__}")
     return dims
 

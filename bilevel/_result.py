@@ -12,7 +12,6 @@ import enum
 import warnings
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 
@@ -150,10 +149,6 @@ def report(status_ok: bool, message: str, on_failure: str) -> None:
     if on_failure == "raise":
         raise ConvergenceError(message)
     warnings.warn(message, ConvergenceWarning, stacklevel=4)
-
-
-def as_tensor_norm(x: Any) -> Tensor:
-    return x if isinstance(x, Tensor) else torch.tensor(float(x))
 
 
 class NonFiniteError(FloatingPointError):

@@ -141,10 +141,6 @@ def _bcast(alpha: Any, leaf: Tensor, batched: bool) -> Any:
     return alpha
 
 
-def tree_add(a: Any, b: Any) -> Any:
-    return tree_map(torch.add, a, b)
-
-
 def tree_sub(a: Any, b: Any) -> Any:
     return tree_map(torch.sub, a, b)
 
@@ -166,10 +162,6 @@ def tree_where(mask: Tensor, a: Any, b: Any) -> Any:
 
 def tree_zeros_like(a: Any) -> Any:
     return tree_map(torch.zeros_like, a)
-
-
-def tree_clone(a: Any) -> Any:
-    return tree_map(lambda x: x.detach().clone(), a)
 
 
 def tree_detach(a: Any) -> Any:
@@ -223,18 +215,6 @@ def tree_size(a: Any, batched: bool = False) -> int:
     """Number of scalar unknowns (per task when batched)."""
     leaves, _ = tree_flatten(a)
     return sum((x[0].numel() if batched else x.numel()) for x in leaves)
-
-
-def tree_all_finite(a: Any, batched: bool = False) -> Tensor:
-    """Boolean: all entries finite (``(B,)`` per task when batched)."""
-    leaves, _ = tree_flatten(a)
-    if batched:
-        oks = [torch.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in leaves]
-        out = oks[0]
-        for o in oks[1:]:
-            out = out & o
-        return out
-    return torch.stack([torch.isfinite(x).all() for x in leaves]).all()
 
 
 def tree_dtype(a: Any) -> torch.dtype:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._result import NonFiniteError, SolverResult, Status, code, overall_status, status_from_codes
-from .._tree import tree_norm, tree_where
+from .._tree import tree_detach, tree_norm, tree_where
 
 Objective = Callable[..., Tensor]
 
@@ -64,7 +64,7 @@ def _total(objective: Objective, batched: bool) -> Callable[..., Tensor]:
 def value_and_grad(objective: Objective, x: Any, args: tuple, batched: bool = False) -> tuple[Tensor, Any]:
     """Objective value(s) and gradient tree at ``x`` (works under an outer ``no_grad``)."""
     g, (_, v) = torch.func.grad_and_value(_total(objective, batched), has_aux=True)(x, *args)
-    return v.detach(), _detach(g)
+    return v.detach(), tree_detach(g)
 
 
 def value(objective: Objective, x: Any, args: tuple, batched: bool = False) -> Tensor:
@@ -80,17 +80,7 @@ def hvp(objective: Objective, x: Any, v: Any, args: tuple, batched: bool = False
         return torch.func.grad(lambda z: _total(objective, batched)(z, *args)[0])(y)
 
     _, hv = torch.func.jvp(g, (x,), (v,))
-    return _detach(hv)
-
-
-def _detach(t: Any) -> Any:
-    if isinstance(t, Tensor):
-        return t.detach()
-    if isinstance(t, dict):
-        return {k: _detach(v) for k, v in t.items()}
-    if isinstance(t, (tuple, list)):
-        return type(t)(_detach(v) for v in t)
-    return t
+    return tree_detach(hv)
 
 
 def check_finite_value(v: Tensor, iteration: int, solver: str) -> None:

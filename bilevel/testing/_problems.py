@@ -34,7 +34,7 @@ from torch import Tensor
 from .. import linsolve as _ls
 from .. import solvers as _solvers
 from .._layers import Argmin, Proximal
-from .._tree import default_tol, tree_flatten, tree_unflatten
+from .._tree import default_tol, tree_axpy, tree_flatten, tree_unflatten
 
 PARAM_KINDS: tuple[str, ...] = ("tensor", "tuple", "dict")
 """How a problem presents its parameters: one Tensor, a tuple of Tensors, or a dict."""
@@ -91,13 +91,6 @@ def _layout(kind: str, n: int, specs: Optional[Sequence[tuple[str, tuple[int, ..
         # Weights and a 0-d "bias": exercises scalar leaves in trees.
         specs = (("w", (n - 1,)), ("b", ()))
     return Layout(kind, tuple((name, tuple(s)) for name, s in specs))
-
-
-def _tree_axpy(a: float, x: Any, y: Any) -> Any:
-    """``a * x + y`` leafwise (differentiable)."""
-    xl, _ = tree_flatten(x)
-    yl, d = tree_flatten(y)
-    return tree_unflatten(d, [a * u + v for u, v in zip(xl, yl)])
 
 
 def _tree_cast(tree: Any, dtype: torch.dtype) -> Any:
@@ -271,7 +264,7 @@ class Problem:
 
             phi = theta
             for _ in range(steps):
-                phi = _tree_axpy(-step, torch.func.grad(obj)(phi), phi)
+                phi = tree_axpy(-step, torch.func.grad(obj)(phi), phi)
             return self.outer(phi)
 
         return f
@@ -288,7 +281,7 @@ class Problem:
 
             x = self.x0
             for _ in range(steps):
-                x = _tree_axpy(-step, torch.func.grad(obj)(x), x)
+                x = tree_axpy(-step, torch.func.grad(obj)(x), x)
             return self.outer(x)
 
         return f
