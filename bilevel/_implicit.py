@@ -23,6 +23,7 @@ layer, so no graph outlives its backward.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -32,7 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from ._diagnostics import Diagnostics, strip_backward, strip_forward
 from ._result import NonFiniteError, Status, report
-from ._tree import batch_size, tree_detach, tree_flatten, tree_unflatten
+from ._tree import TreeDef, batch_size, tree_detach, tree_flatten, tree_unflatten
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 _HVP_MODES = ("forward", "reverse")
@@ -73,27 +74,22 @@ def _suspended_saved_tensor_hooks() -> Iterator[None]:
             ag._push_saved_tensors_default_hooks(pack, unpack)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # identity semantics: it is a per-call token
 class _Spec:
     """Per-call configuration handed to the autograd Function (never stored on a layer)."""
 
-    __slots__ = (
-        "solve",
-        "optimality",
-        "x_def",
-        "x_meta",
-        "layout",
-        "linsolve",
-        "symmetric",
-        "batched",
-        "diagnostics",
-        "on_failure",
-        "hvp",
-        "name",
-    )
-
-    def __init__(self, **kw: Any) -> None:
-        for k, v in kw.items():
-            setattr(self, k, v)
+    solve: Callable[..., Any]
+    optimality: Callable[..., Any]
+    x_def: TreeDef
+    x_meta: list[tuple[torch.Size, torch.dtype]]
+    layout: list[tuple]
+    linsolve: Any
+    symmetric: bool
+    batched: bool
+    diagnostics: Diagnostics
+    on_failure: str
+    hvp: str
+    name: str
 
 
 # --------------------------------------------------------------------------------------
@@ -241,12 +237,11 @@ class _ImplicitFunction(torch.autograd.Function):
             targets = [r for r, n in zip(req, need) if n]
             _warn_closed_over(F_leaves, targets, spec.name)
             pairs = [(f, -u) for f, u in zip(F_leaves, u_leaves) if f.requires_grad]
+            gs: tuple[Optional[Tensor], ...] = (None,) * len(targets)
             if pairs:
                 gs = torch.autograd.grad(
                     [p[0] for p in pairs], targets, grad_outputs=[p[1] for p in pairs], allow_unused=True
                 )
-            else:
-                gs = (None,) * len(targets)
         it = iter(gs)
         out = [next(it) if n else None for n in need]
         return none_prefix + tuple(out)
@@ -283,7 +278,7 @@ def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
 
     if not spec.symmetric:
         with torch.enable_grad():
-            Fx, vjp_fn = torch.func.vjp(F, x)
+            Fx, vjp_fn = torch.func.vjp(F, x)[:2]
         _check_residual_structure(Fx, x, spec.name)
 
         def matvec_t(u: Any) -> Any:
@@ -317,7 +312,7 @@ def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
     def matvec(u: Any) -> Any:
         if state["mode"] == "jvp":
             try:
-                Fx, Au = torch.func.jvp(F, (x,), (u,))
+                Fx, Au = torch.func.jvp(F, (x,), (u,))[:2]
             except (RuntimeError, NotImplementedError):
                 state["mode"] = "reverse"
                 return reverse(u)

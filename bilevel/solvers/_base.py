@@ -43,10 +43,10 @@ class Solver(abc.ABC):
             raise NotImplementedError(f"{type(self).__name__} does not support batched (multi-task) solves")
 
 
-def _total(objective: Objective, batched: bool) -> Callable[..., Tensor]:
-    """Scalar function whose gradient is the (per-task) gradient of ``objective``."""
+def _total(objective: Objective, batched: bool) -> Callable[..., tuple[Tensor, Tensor]]:
+    """``(scalar, values)``: a scalar whose gradient is the (per-task) gradient of ``objective``, and its values."""
 
-    def f(x: Any, *args: Any) -> Tensor:
+    def f(x: Any, *args: Any) -> tuple[Tensor, Tensor]:
         v = objective(x, *args)
         if not isinstance(v, Tensor):
             raise TypeError(f"the objective must return a tensor, got {type(v).__name__}")
@@ -79,7 +79,7 @@ def hvp(objective: Objective, x: Any, v: Any, args: tuple, batched: bool = False
     def g(y: Any) -> Any:
         return torch.func.grad(lambda z: _total(objective, batched)(z, *args)[0])(y)
 
-    _, hv = torch.func.jvp(g, (x,), (v,))
+    hv = torch.func.jvp(g, (x,), (v,))[1]
     return tree_detach(hv)
 
 
@@ -264,7 +264,7 @@ class GradientTracker:
         f, g = value_and_grad(objective, x, args, batched)
         gnorm = checked_grad_norm(f, g, 0, solver, batched)
         use_tol = tol is not None
-        thresh = (tol if use_tol else 0.0) * torch.clamp(gnorm, min=1.0)
+        thresh = (tol if tol is not None else 0.0) * torch.clamp(gnorm, min=1.0)
         converged = (gnorm <= thresh) if use_tol else torch.zeros_like(gnorm, dtype=torch.bool)
         iters = torch.zeros(gnorm.shape, dtype=torch.long, device=gnorm.device)
         return cls(

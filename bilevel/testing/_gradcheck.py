@@ -342,17 +342,17 @@ def check_implicit_grad(
     out = fn(*inputs)
     s, cot = _reduce(out, None, seed)
     targets = [inp.leaves[i] for inp in checked for i in inp.checked]
+    grads: list[Optional[Tensor]] = [None] * len(targets)
     if s.requires_grad:
         grads = list(torch.autograd.grad(s, targets, allow_unused=True))
     else:
-        grads = [None] * len(targets)
         notes.append("fn's output does not require grad: no gradient reaches any input (taken as zero)")
     value = float(s.detach())
     value_scale = max(1.0, abs(value))
     gi = iter(grads)
     grad_of: dict[tuple[int, int], Tensor] = {}
     for inp in checked:
-        unused = []
+        unused: list[int] = []
         for i in inp.checked:
             g = next(gi)
             if g is None:

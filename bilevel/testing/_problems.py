@@ -815,7 +815,7 @@ def problems(
         raise ValueError(f"names must be a non-empty subset of {PROBLEM_NAMES}, got {names!r}")
     if not (isinstance(max_dim, int) and max_dim >= 4):
         raise ValueError(f"max_dim must be an int >= 4, got {max_dim!r}")
-    kw = {"dtype": dtype, "param_kind": param_kind}
+    kw: dict[str, Any] = {"dtype": dtype, "param_kind": param_kind}
     d = (2, max_dim)
     out = []
     for name in names:
