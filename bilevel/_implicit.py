@@ -32,8 +32,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._diagnostics import Diagnostics, strip_backward, strip_forward
-from ._result import NonFiniteError, Status, report
-from ._tree import TreeDef, batch_size, tree_detach, tree_flatten, tree_unflatten
+from ._result import NonFiniteError, Status, report, stack_linear_results
+from ._tree import TreeDef, batch_size, tree_detach, tree_flatten, tree_map, tree_unflatten
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 _HVP_MODES = ("forward", "reverse")
@@ -90,6 +90,16 @@ class _Spec:
     on_failure: str
     hvp: str
     name: str
+    # The per-task-loop strategy (``batched="loop"``): the optimality map of ONE task and
+    # the task dimension of each argument (None: shared).  The backward then runs one
+    # unbatched linear solve and one VJP per task instead of vmapped ones.
+    task_optimality: Optional[Callable[..., Any]] = None
+    task_dims: Optional[tuple[Optional[int], ...]] = None
+
+
+def task_slice(args: tuple, dims: tuple[Optional[int], ...], b: int) -> tuple:
+    """Task ``b``'s arguments: slice ``b`` of each argument with a task dimension."""
+    return tuple(a if d is None else tree_map(lambda t, d=d: t.select(d, b), a) for a, d in zip(args, dims))
 
 
 # --------------------------------------------------------------------------------------
@@ -212,10 +222,14 @@ class _ImplicitFunction(torch.autograd.Function):
         v = tree_unflatten(spec.x_def, v_leaves)
         args_det = _unpack_args(spec.layout, [a.detach() for a in arg_leaves])
 
+        loop = spec.task_optimality is not None and spec.task_dims is not None
         with _suspended_saved_tensor_hooks():
-            matvec = _operator(spec, x, args_det)
-            with torch.enable_grad():
-                res = spec.linsolve(matvec, v, batched=spec.batched)
+            if loop:
+                res = _looped_solve(spec, x_leaves, v_leaves, args_det)
+            else:
+                matvec = _operator(spec, x, args_det, spec.optimality)
+                with torch.enable_grad():
+                    res = spec.linsolve(matvec, v, batched=spec.batched)
         spec.diagnostics.backward = strip_backward(res)
         failing = ""
         if res.task_status is not None and not res.success:
@@ -232,8 +246,18 @@ class _ImplicitFunction(torch.autograd.Function):
         with torch.enable_grad():
             req = [a.detach().requires_grad_(True) if n else a.detach() for a, n in zip(arg_leaves, need)]
             args_req = _unpack_args(spec.layout, req)
-            Fx = spec.optimality(x, *args_req)
-            F_leaves, _ = tree_flatten(Fx)
+            if loop:
+                # One VJP of the stacked per-task residuals: task b's F depends on slice b
+                # of the per-task arguments and on the shared ones, whose gradient sums.
+                F_leaves, u_all = [], []
+                for b in range(x_leaves[0].shape[0]):
+                    xb = tree_unflatten(spec.x_def, [t[b] for t in x_leaves])
+                    Fb = spec.task_optimality(xb, *task_slice(args_req, spec.task_dims, b))  # type: ignore[misc,arg-type]
+                    F_leaves += tree_flatten(Fb)[0]
+                    u_all += [u[b] for u in u_leaves]
+                u_leaves = u_all
+            else:
+                F_leaves = tree_flatten(spec.optimality(x, *args_req))[0]
             targets = [r for r, n in zip(req, need) if n]
             _warn_closed_over(F_leaves, targets, spec.name)
             pairs = [(f, -u) for f, u in zip(F_leaves, u_leaves) if f.requires_grad]
@@ -260,7 +284,20 @@ def _check_residual_structure(Fx: Any, x: Any, name: str) -> None:
         )
 
 
-def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
+def _looped_solve(spec: _Spec, x_leaves: list[Tensor], v_leaves: list[Tensor], args: tuple) -> Any:
+    """One unbatched linear solve per task (``batched="loop"``), results stacked."""
+    per = []
+    for b in range(x_leaves[0].shape[0]):
+        xb = tree_unflatten(spec.x_def, [t[b] for t in x_leaves])
+        vb = tree_unflatten(spec.x_def, [t[b] for t in v_leaves])
+        matvec = _operator(spec, xb, task_slice(args, spec.task_dims, b), spec.task_optimality)  # type: ignore[arg-type]
+        with torch.enable_grad():
+            per.append(spec.linsolve(matvec, vb, batched=False))
+    u = tree_unflatten(spec.x_def, [torch.stack(ls) for ls in zip(*[tree_flatten(r.x)[0] for r in per])])
+    return stack_linear_results(per, u)
+
+
+def _operator(spec: _Spec, x: Any, args: tuple, optimality: Callable[..., Any]) -> Callable[[Any], Any]:
     """Matrix-free ``u -> A^T u`` at the solution (``A u`` when A is symmetric).
 
     Symmetric, ``hvp="forward"``: forward-over-reverse (``torch.func.jvp`` of the
@@ -274,7 +311,7 @@ def _operator(spec: _Spec, x: Any, args: tuple) -> Callable[[Any], Any]:
     """
 
     def F(y: Any) -> Any:
-        return spec.optimality(y, *args)
+        return optimality(y, *args)
 
     if not spec.symmetric:
         with torch.enable_grad():
@@ -363,8 +400,14 @@ def implicit_apply(
     on_failure: str,
     name: str,
     hvp: str = "forward",
+    task_optimality: Optional[Callable[..., Any]] = None,
+    task_dims: Optional[tuple[Optional[int], ...]] = None,
 ) -> Any:
-    """Run ``solve`` and return its solution, differentiable w.r.t. the tensor trees in ``args``."""
+    """Run ``solve`` and return its solution, differentiable w.r.t. the tensor trees in ``args``.
+
+    With ``task_optimality`` and ``task_dims`` (batched only), the backward loops over the
+    tasks: one unbatched linear solve and VJP per task (the ``batched="loop"`` strategy).
+    """
     if on_failure not in _ON_FAILURE:
         raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
     if hvp not in _HVP_MODES:
@@ -394,6 +437,8 @@ def implicit_apply(
         on_failure=on_failure,
         hvp=hvp,
         name=name,
+        task_optimality=task_optimality if batched else None,
+        task_dims=task_dims if batched else None,
     )
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
     return tree_unflatten(x_def, list(out))

@@ -142,6 +142,51 @@ class SolverResult:
         return self.status.ok
 
 
+def _stack(ts: list[Optional[Tensor]]) -> Optional[Tensor]:
+    if any(t is None for t in ts):
+        return None
+    import torch
+
+    return torch.stack([t.reshape(()) for t in ts])  # type: ignore[union-attr]
+
+
+def stack_solver_results(results: list[SolverResult], x: Any) -> SolverResult:
+    """Per-task results of unbatched solves as one batched result (``x``: the stacked solution)."""
+    import torch
+
+    statuses = tuple(r.status for r in results)
+    return SolverResult(
+        x=x,
+        status=overall_status(statuses),
+        iterations=max(r.iterations for r in results),
+        grad_norm=_stack([r.grad_norm for r in results]),
+        value=_stack([r.value for r in results]),
+        n_fun=sum(r.n_fun for r in results),
+        n_grad=sum(r.n_grad for r in results),
+        n_hvp=sum(r.n_hvp for r in results),
+        task_status=statuses,
+        task_iterations=torch.tensor([r.iterations for r in results]),
+        message="; ".join(f"task {i}: {r.message}" for i, r in enumerate(results) if r.message),
+        grad_norm_initial=_stack([r.grad_norm_initial for r in results]),
+        grad_norm_monotone=_stack([r.grad_norm_monotone for r in results]),
+    )
+
+
+def stack_linear_results(results: list[LinearSolveResult], x: Any) -> LinearSolveResult:
+    """Per-task results of unbatched linear solves as one batched result."""
+    import torch
+
+    statuses = tuple(r.status for r in results)
+    return LinearSolveResult(
+        x=x,
+        status=overall_status(statuses),
+        iterations=max(r.iterations for r in results),
+        residual_norm=torch.stack([r.residual_norm.reshape(()) for r in results]),
+        task_status=statuses,
+        task_iterations=torch.tensor([r.iterations for r in results]),
+    )
+
+
 def report(status_ok: bool, message: str, on_failure: str) -> None:
     """Warn, raise or ignore a failed solve according to ``on_failure``."""
     if status_ok or on_failure == "ignore":

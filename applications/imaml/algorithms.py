@@ -110,6 +110,9 @@ class LearnerConfig:
             the support-loss Hessian at φ estimate ``inner_lr·(H_max + λ)`` (reported as
             ``inner_lr_curvature``; above 2 the fixed-step inner GD is unstable).  Costs
             ``power_iters`` Hessian-vector products per task.
+        batching: how iMAML runs the meta-batch (``bilevel``'s ``batched=``): ``"auto"``
+            (= ``"vmap"``), ``"vmap"`` or ``"loop"`` (one task at a time: less memory, slower
+            with few examples per task; ``benchmarks/batching.py``).
         hvp: how the backward's Hessian-vector products are computed (``bilevel``'s
             ``hvp=``): ``"reverse"`` (default here: the support-loss gradient graph is
             built once per backward and reused; cheaper per product in eager PyTorch) or
@@ -132,6 +135,7 @@ class LearnerConfig:
     cg_damping: float = 1.0
     lam_damping: float = 10.0
     power_iters: int = 0
+    batching: str = "auto"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -161,6 +165,8 @@ class LearnerConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
+        if self.batching not in ("auto", "vmap", "loop"):
+            raise ValueError(f"batching must be auto, vmap or loop, got {self.batching!r}")
         if self.power_iters < 0:
             raise ValueError(f"power_iters must be >= 0, got {self.power_iters}")
 
@@ -255,7 +261,7 @@ class MetaLearner:
         with torch.no_grad():
             if self.layer is not None and self.config.recipe != "imaml-dev":
                 lam = self.lam_value({k: r.detach() for k, r in rho.items()})
-                return self.layer(th, batch.support_x, batch.support_y, lam=lam, batched=True)
+                return self.layer(th, batch.support_x, batch.support_y, lam=lam, batched=self.config.batching)
             return vmap(self.sgd_adapt, in_dims=(None, 0, 0))(th, batch.support_x, batch.support_y)
 
     def query(self, phi: Params, batch: TaskBatch) -> tuple[Tensor, Tensor]:
@@ -313,7 +319,7 @@ def imaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch:
     layer = learner.layer
     assert layer is not None, "imaml_meta_gradient needs an iMAML learner"
     lam = learner.lam_value(rho)
-    phi = layer(theta, batch.support_x, batch.support_y, lam=lam if rho else None, batched=True)
+    phi = layer(theta, batch.support_x, batch.support_y, lam=lam if rho else None, batched=learner.config.batching)
     # Capture the backward's right-hand sides v_b = dL/dφ_b to report relative CG residuals.
     rhs: dict[str, Tensor] = {}
     for k, v in phi.items():

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "evaluation without the proximal term, Adam eps 1e-3)")
     g.add_argument("--cg-damping", type=float, default=None, help="c of --recipe imaml-dev (default 1)")
     g.add_argument("--lam-damping", type=float, default=None, help="δ of --recipe imaml-dev (default 10)")
+    g.add_argument("--batching", choices=("auto", "vmap", "loop"), default=None,
+                   help="how iMAML runs the meta-batch: vmap over tasks (auto, default) or one task at a time (loop: less "
+                   "memory, slower with few examples per task)")
     g.add_argument("--power-iters", type=_nonneg_int, default=None,
                    help="power iterations per meta-step estimating inner_lr·(H_max+λ) for the log (default 0: off)")
     g.add_argument("--hf-cg-steps", type=_positive_int, default=None, help="CG iterations per Newton step of iMAML-HF (default 5)")
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = (
     "dataset", "data_root", "ways", "shots", "queries", "split_scheme", "algorithm", "meta_steps", "meta_batch",
     "inner_steps", "inner_lr", "lam", "learn_lam", "lam_min", "lam_lr", "cg_steps", "cg_tol", "hf_cg_steps", "linsolve", "hvp",
-    "recipe", "cg_damping", "lam_damping", "power_iters", "adam_eps", "eval_every", "val_episodes",
+    "recipe", "cg_damping", "lam_damping", "power_iters", "batching", "adam_eps", "eval_every", "val_episodes",
     "outer_lr", "filters", "seed", "device", "dtype", "out", "checkpoint_every", "eval_episodes", "eval_batch",
     "eval_seed",
 )

@@ -104,7 +104,7 @@ class RunConfig:
         return cls(learner=learner, **{k: d[k] for k in run_names})
 
 
-_LEGACY: dict[str, Any] = {"recipe": "proximal", "cg_damping": 1.0, "lam_damping": 10.0, "power_iters": 0,
+_LEGACY: dict[str, Any] = {"batching": "auto", "recipe": "proximal", "cg_damping": 1.0, "lam_damping": 10.0, "power_iters": 0,
                             "adam_eps": 1e-8, "eval_every": 0, "val_episodes": 200}
 
 
@@ -165,6 +165,7 @@ def resolve_config(**kw: Any) -> RunConfig:
         cg_damping=float(get("cg_damping", 1.0)),
         lam_damping=float(get("lam_damping", 10.0)),
         power_iters=get("power_iters", 0),
+        batching=get("batching", "auto"),
     )
     cfg = RunConfig(
         dataset=dataset,

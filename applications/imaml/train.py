@@ -67,7 +67,7 @@ VAL_COLUMNS = ("step", "elapsed_seconds", "val_metric", "val_ci95", "val_loss", 
 BEST_NAME = "best.pt"
 
 # Keys of RunConfig that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_OVERRIDES = ("meta_steps", "device", "data_root", "checkpoint_every", "out", "eval_episodes", "eval_batch", "power_iters")
+RESUMABLE_OVERRIDES = ("meta_steps", "device", "data_root", "checkpoint_every", "out", "eval_episodes", "eval_batch", "power_iters", "batching")
 
 
 def build_learner(cfg: RunConfig, image_shape: tuple[int, ...]) -> tuple[MetaLearner, dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -142,13 +142,14 @@ def test_custom_root_tree_args_and_static_args() -> None:
     torch.testing.assert_close(gb, torch.tensor(3.0, dtype=DT))
 
 
-def test_batched_argmin_equals_looped() -> None:
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_batched_argmin_equals_looped(strategy: str) -> None:
     X, y = logistic_data(n=40, seed=4)
     Xb = torch.stack([X, X.flip(0) * 0.7, X * 1.3])
     yb = torch.stack([y, y.flip(0), -y])
     theta = torch.tensor([-1.0, 0.0, 0.5, -0.3, 0.2], dtype=DT, requires_grad=True)
     layer = Argmin(logreg, solver=PlainGD(lr=0.5, steps=1500), linsolve=CG(tol=1e-12))
-    xb = layer(torch.zeros(3, 5, dtype=DT), theta, Xb, yb, batched=True, in_dims=(None, 0, 0))
+    xb = layer(torch.zeros(3, 5, dtype=DT), theta, Xb, yb, batched=strategy, in_dims=(None, 0, 0))
     (gb,) = torch.autograd.grad((xb**2).sum(), theta)
     gl = torch.zeros(5, dtype=DT)
     for b in range(3):

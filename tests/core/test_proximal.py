@@ -115,12 +115,13 @@ def mlp_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((h @ p["w2"].T - y) ** 2).mean()
 
 
-def test_batched_equals_looped() -> None:
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_batched_equals_looped(strategy: str) -> None:
     """One batched call over B tasks == the sum of B single-task calls (θ and λ gradients)."""
     theta, xs, ys = _mlp_problem()
     lam = torch.tensor(2.0, dtype=DT, requires_grad=True)
     layer = Proximal(mlp_loss, lam, solver=PlainGD(lr=0.2, steps=400), linsolve=CG(tol=1e-12))
-    phi = layer(theta, xs, ys, batched=True)
+    phi = layer(theta, xs, ys, batched=strategy)
     assert phi["w1"].shape == (5, 8, 3)
     loss = sum((phi[k] ** 2).sum() for k in phi)
     got = torch.autograd.grad(loss, [*theta.values(), lam])
