@@ -31,6 +31,8 @@ jobs() {  # name | ways | steps | flags
   for s in $SEEDS; do  # learned per-layer λ, started at the default λ = 0.1 (floor 0.01)
     echo "5w1s/imaml-learnlam-s$s|5|$STEPS5|--algorithm imaml --lam 0.1 --learn-lam --lam-min 0.01 --seed $s"
   done
+  # the previous default (λ = 2 as a per-step proximal weight), one seed, for the record
+  echo "5w1s/imaml-lam2-s0|5|$STEPS5|--algorithm imaml --lam 2 --seed 0"
   for s in $SEEDS; do
     echo "20w1s/imaml-lam0.1-s$s|20|$STEPS20|--algorithm imaml --lam 0.1 --inner-steps 16 --seed $s"
     for alg in maml fomaml reptile; do echo "20w1s/$alg-s$s|20|$STEPS20|--algorithm $alg --seed $s"; done
