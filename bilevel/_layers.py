@@ -24,11 +24,13 @@ _STRATEGIES = ("auto", "vmap", "loop")
 def _strategy(batched: Any, x: Any, name: str) -> Optional[str]:
     """How a batch of tasks runs: None (not batched), "vmap" or "loop".
 
-    ``"auto"`` (= ``True``) is ``vmap``: measured on the few-shot application's conv net
-    (``benchmarks/batching.py``, 2-core CPU, 5-way 1-shot, meta-batch 8) the per-task loop
-    took 1.9× the time of vmap for 0.87× its memory — with a few examples per task, one
-    vmapped kernel over the tasks beats many small ones.  ``"loop"`` is the choice for
-    solvers without a batched mode (scipy, external programs) and where memory binds.
+    ``"auto"`` (= ``True``) is ``vmap``.  Measured on the few-shot application's conv net
+    (``benchmarks/batching.py``, 2-core CPU, meta-batch 8), the per-task loop took 1.9×
+    the time of vmap at 5-way 1-shot (5 examples per task) but 0.74× at 20-way 5-shot
+    (100 per task), with 0.87× the memory in both; two points do not make a rule, so
+    ``"auto"`` keeps the previous behaviour.  ``"loop"`` is the choice for large tasks on
+    a CPU, for solvers without a batched mode (scipy, external programs) and where memory
+    binds.
     """
     if batched is False:
         return None
