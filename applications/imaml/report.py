@@ -11,8 +11,9 @@ setting this writes:
   over seeds), median seconds per meta-step; then the **equal wall-clock** comparison:
   each run's last validation accuracy measured within the training time of the fastest
   complete run in the setting (what a user who stopped every run at that time would have);
-* ``curves.png`` (all runs, :func:`~applications.imaml.plot.plot_learning_curves`) and
-  ``sweep.png`` (test accuracy of iMAML-GD against λ, baselines as bands);
+* ``curves.png`` (iMAML-GD at the default λ and every other configuration,
+  :func:`~applications.imaml.plot.plot_learning_curves`), ``curves_all.png`` (all runs) and
+  ``sweep.png`` (test accuracy of iMAML-GD against λ, the other configurations as bands);
 * a copy of each run's small files (``log.csv``, ``val.csv``, ``metrics.json``,
   ``config.json``, ``console.txt``) so that the numbers in the README can be re-derived;
   checkpoints are not copied.
@@ -48,26 +49,36 @@ def group_runs(setting_dir: Path) -> dict[str, list[_Run]]:
     return groups
 
 
-def _last_val_within(run: _Run, seconds: float) -> tuple[float, int]:
-    """(validation metric, step) of the last validation point with training time <= seconds."""
+def _last_val_within(run: _Run, seconds: float, step_seconds: float) -> tuple[float, int]:
+    """(validation metric, step) of the last validation point reached within ``seconds`` of
+    training at ``step_seconds`` per meta-step."""
     if run.val is None:
         return float("nan"), 0
-    ok = run.val["elapsed"] <= seconds + 1e-9
+    ok = run.val["step"] * step_seconds <= seconds + 1e-9
     if not ok.any():
         return float("nan"), 0
     i = int(np.nonzero(ok)[0][-1])
     return float(run.val["metric"][i]), int(run.val["step"][i])
 
 
-def report_setting(setting_dir: Path, out: Path) -> dict[str, Any]:
-    """Write ``table.md``, ``curves.png``, ``sweep.png`` and the run copies for one setting."""
+def report_setting(setting_dir: Path, out: Path, default_lam: str = "0.1") -> dict[str, Any]:
+    """Write ``table.md``, ``curves.png`` (iMAML-GD at ``default_lam`` and the other
+    configurations), ``curves_all.png``, ``sweep.png`` and the run copies for one setting."""
     groups = group_runs(setting_dir)
     if not groups:
         raise FileNotFoundError(f"no finished run (with metrics.json) under {str(setting_dir)!r}")
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for rs in groups.values() for r in rs]
     total = {id(r): float(np.nanmax(r.elapsed)) for r in runs}
-    t_equal = min(total.values())
+    # Time on a shared machine comes in bursts (other jobs); the median seconds per
+    # meta-step of a configuration resists them, so "time" below is steps × that median.
+    step_s = {name: statistics.median(float(x) for r in rs for x in np.diff(np.r_[0.0, r.elapsed]))
+              for name, rs in groups.items()}
+    # The earliest time at which every configuration has a validation point; a configuration
+    # whose whole run is shorter is compared with its last point (it had stopped by then).
+    first_val = {name: min((float(r.val["step"][0]) for r in rs if r.val is not None), default=0.0)
+                 for name, rs in groups.items()}
+    t_equal = max(step_s[name] * first_val[name] for name in groups)
     rows: list[dict[str, Any]] = []
     for name, rs in groups.items():
         accs = [float(r.metrics["mean"]) for r in rs]
@@ -76,7 +87,7 @@ def report_setting(setting_dir: Path, out: Path) -> dict[str, Any]:
         for s in val_steps:
             vals = [float(r.val["metric"][r.val["step"] == s][0]) for r in rs if r.val is not None and (r.val["step"] == s).any()]
             val_mean[s] = statistics.fmean(vals)
-        within = [_last_val_within(r, t_equal) for r in rs]
+        within = [_last_val_within(r, t_equal, step_s[name]) for r in rs]
         rows.append({
             "config": name,
             "seeds": [int(r.config.get("seed", -1)) for r in rs],
@@ -84,7 +95,7 @@ def report_setting(setting_dir: Path, out: Path) -> dict[str, Any]:
             "test": [(float(r.metrics["mean"]), float(r.metrics["ci95"]), int(r.metrics["episodes"])) for r in rs],
             "test_mean": statistics.fmean(accs),
             "val_by_step": val_mean,
-            "median_step_s": statistics.median(float(x) for r in rs for x in np.diff(np.r_[0.0, r.elapsed])),
+            "median_step_s": step_s[name],
             "train_seconds": [total[id(r)] for r in rs],
             "val_at_equal_time": [w[0] for w in within],
             "step_at_equal_time": [w[1] for w in within],
@@ -108,15 +119,29 @@ def report_setting(setting_dir: Path, out: Path) -> dict[str, Any]:
         vals = " | ".join(f"{100 * row['val_by_step'][s]:.1f}" if s in row["val_by_step"] else "—" for s in all_steps)
         lines.append(f"| {row['config']} | {'/'.join(map(str, row['steps']))} | {per_seed} | **{100 * row['test_mean']:.2f}** | "
                      f"{vals} | {row['median_step_s']:.2f} |")
-    lines += ["", f"### {setting_dir.name}: equal wall-clock ({t_equal:.0f} s of training, the fastest run's total)", "",
+    lines += ["", f"### {setting_dir.name}: equal wall-clock ({t_equal:.0f} s of training: the earliest time at which every "
+              "configuration has a validation point; time = meta-steps × the configuration's median s/step)", "",
               "| configuration | validation accuracy within that time, per seed (at meta-step) | mean |", "|---|---|---|"]
-    for row in sorted(rows, key=lambda row: -np.nanmean(row["val_at_equal_time"])):
-        per = "; ".join(f"{100 * v:.1f} (step {s})" for v, s in zip(row["val_at_equal_time"], row["step_at_equal_time"]))
-        lines.append(f"| {row['config']} | {per} | {100 * float(np.nanmean(row['val_at_equal_time'])):.1f} |")
+
+    def mean_or_nan(v: list[float]) -> float:
+        ok = [x for x in v if np.isfinite(x)]
+        return statistics.fmean(ok) if ok else float("nan")
+
+    for row in sorted(rows, key=lambda row: -np.nan_to_num(mean_or_nan(row["val_at_equal_time"]), nan=-1.0)):
+        per = "; ".join("—" if not np.isfinite(v) else f"{100 * v:.1f} (step {s})"
+                        for v, s in zip(row["val_at_equal_time"], row["step_at_equal_time"]))
+        m = mean_or_nan(row["val_at_equal_time"])
+        lines.append(f"| {row['config']} | {per} | {'—' if not np.isfinite(m) else f'{100 * m:.1f}'} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
-    plot_learning_curves([r.folder for r in runs], out / "curves.png",
-                         labels=[r.folder.name for r in runs], title=f"Omniglot {setting_dir.name} (CPU protocol)")
+    plot_learning_curves([r.folder for r in runs], out / "curves_all.png",
+                         labels=[r.folder.name for r in runs], title=f"Omniglot {setting_dir.name} (CPU protocol, all runs)")
+    # The headline picture: iMAML-GD at the default λ against everything else (the other λ
+    # of the sweep are in sweep.png).
+    head = [r for name, rs in groups.items() if not (name.startswith("imaml-lam") and name != f"imaml-lam{default_lam}")
+            for r in rs] or runs
+    plot_learning_curves([r.folder for r in head], out / "curves.png", labels=[r.folder.name for r in head],
+                         title=f"Omniglot {setting_dir.name}: iMAML-GD (λ = {default_lam}) and the baselines, equal meta-steps")
     _sweep_plot(rows, out / "sweep.png", setting_dir.name)
     summary = {"setting": setting_dir.name, "equal_time_seconds": t_equal,
                "rows": [{**row, "val_by_step": {str(k): v for k, v in row["val_by_step"].items()}} for row in rows]}
@@ -146,6 +171,8 @@ def _sweep_plot(rows: list[dict[str, Any]], path: Path, setting: str) -> Optiona
             ax.axhspan(mean - ci, mean + ci, color=f"C{i + 1}", alpha=0.15)
             ax.axhline(mean, color=f"C{i + 1}", lw=1.5, label=row["config"])
         ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
         ax.set_xlabel("λ (proximal weight of iMAML-GD)")
         ax.set_ylabel("test accuracy % (600 episodes)")
         ax.set_title(f"Omniglot {setting}: iMAML-GD λ sweep at equal meta-steps")

@@ -33,7 +33,7 @@ def test_report_on_two_configurations_two_seeds(tmp_path: Path, capsys: pytest.C
     text = (tmp_path / "res" / "sin" / "table.md").read_text()
     assert "equal meta-steps" in text and "equal wall-clock" in text and "val@2" in text and "val@4" in text
     assert text.count("| imaml-lam") == 4  # each configuration in both tables
-    for png in ("curves.png", "sweep.png"):
+    for png in ("curves.png", "curves_all.png", "sweep.png"):
         data = (tmp_path / "res" / "sin" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert (tmp_path / "res" / "sin" / "runs" / "imaml-lam2-s1" / "val.csv").is_file()
