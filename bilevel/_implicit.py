@@ -399,7 +399,7 @@ def implicit_apply(
     diagnostics: Diagnostics,
     on_failure: str,
     name: str,
-    hvp: str = "forward",
+    hvp: str = "reverse",
     task_optimality: Optional[Callable[..., Any]] = None,
     task_dims: Optional[tuple[Optional[int], ...]] = None,
 ) -> Any:

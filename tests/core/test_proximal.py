@@ -236,7 +236,7 @@ def test_hvp_modes_agree_with_closed_form(hvp: str) -> None:
 
 
 def test_forward_mode_falls_back_to_reverse_mode() -> None:
-    """An op with no forward-mode rule: the default hvp='forward' still gives the right gradient."""
+    """An op with no forward-mode rule: hvp='forward' still gives the right gradient."""
 
     def loss(w: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return sq_loss(w, X, y) + 0.1 * _CubeNoForwardAD.apply(w).pow(2).sum()
