@@ -54,6 +54,7 @@ def strip_forward(res: Any) -> SolverResult:
             value=None if res.value is None else res.value.detach(),
             grad_norm_initial=None if res.grad_norm_initial is None else res.grad_norm_initial.detach(),
             grad_norm_monotone=None if res.grad_norm_monotone is None else res.grad_norm_monotone.detach(),
+            value_monotone=None if res.value_monotone is None else res.value_monotone.detach(),
         )
     status = getattr(res, "status", None)
     return SolverResult(

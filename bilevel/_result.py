@@ -118,8 +118,12 @@ class SolverResult:
             solvers; ``None`` otherwise).  ``grad_norm / grad_norm_initial`` says how far a
             fixed-budget solve got.
         grad_norm_monotone: bool, 0-d or ``(B,)``: the gradient norm never rose from one
-            step to the next (first-order solvers).  ``False`` on a fixed-step loop is the
-            signature of a step size above ``2 / (largest curvature)``: the iterates oscillate.
+            step to the next (first-order solvers).  Not guaranteed even for a stable step
+            on a non-convex objective (negative curvature makes it grow).
+        value_monotone: bool, 0-d or ``(B,)``: the objective never rose from one step to
+            the next (beyond rounding; first-order solvers).  For gradient descent with a
+            step below ``2 / L`` (L the largest curvature met) the descent lemma guarantees
+            it, so ``False`` signals a step size too large for the problem: oscillation.
     """
 
     x: Any
@@ -136,6 +140,7 @@ class SolverResult:
     message: str = ""
     grad_norm_initial: Optional[Tensor] = None
     grad_norm_monotone: Optional[Tensor] = None
+    value_monotone: Optional[Tensor] = None
 
     @property
     def success(self) -> bool:
@@ -169,6 +174,7 @@ def stack_solver_results(results: list[SolverResult], x: Any) -> SolverResult:
         message="; ".join(f"task {i}: {r.message}" for i, r in enumerate(results) if r.message),
         grad_norm_initial=_stack([r.grad_norm_initial for r in results]),
         grad_norm_monotone=_stack([r.grad_norm_monotone for r in results]),
+        value_monotone=_stack([r.value_monotone for r in results]),
     )
 
 

@@ -359,16 +359,22 @@ def imaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch:
 
 def inner_health(res: Any) -> dict[str, float]:
     """Inner-loop health of a first-order inner solve (``bilevel.SolverResult``): the mean
-    over tasks of ``‖∇f(φ)‖ / ‖∇f(θ)‖`` and the fraction of tasks whose gradient norm fell
-    monotonically.  A ratio near or above 1, or oscillation, means a fixed-step GD with a step
-    size above ``2 / (H_max + λ)``: the inner problem is not solved, and the implicit gradient
-    (which assumes ``∇f(φ) = 0``) describes a point the solver never reached."""
+    over tasks of ``‖∇f(φ)‖ / ‖∇f(θ)‖``, the fraction of tasks whose gradient norm fell
+    monotonically, and the fraction whose objective fell at every step.  By the descent
+    lemma a GD step below ``2 / (H_max + λ)`` never raises the objective, so an objective
+    that rises on most tasks means the fixed step is too large: the inner problem is not
+    solved, and the implicit gradient (which assumes ``∇f(φ) = 0``) describes a point the
+    solver never reached.  (The gradient norm may rise even with a stable step, through
+    negative curvature, so it is reported but not used to judge.)"""
     out: dict[str, float] = {}
     g0, mono = getattr(res, "grad_norm_initial", None), getattr(res, "grad_norm_monotone", None)
+    descent = getattr(res, "value_monotone", None)
     if g0 is not None and res.grad_norm is not None:
         out["inner_grad_ratio"] = float((res.grad_norm / g0.clamp_min(torch.finfo(g0.dtype).tiny)).mean())
     if mono is not None:
         out["inner_monotone"] = float(mono.to(torch.float64).mean())
+    if descent is not None:
+        out["inner_descent"] = float(descent.to(torch.float64).mean())
     return out
 
 
@@ -391,7 +397,7 @@ class PullbackSGD:
                  batched: bool = False) -> Any:
         from bilevel import SolverResult, Status
 
-        g_fn = grad(self.learner.support_loss)
+        g_fn = torch.func.grad_and_value(self.learner.support_loss)
         if batched:
             g_fn = vmap(g_fn, in_dims=(0, 0, 0))
 
@@ -400,14 +406,18 @@ class PullbackSGD:
             return torch.sqrt(sum(f.square().sum(1) for f in flat))
 
         phi = {k: v.detach() for k, v in x0.items()}
-        g = g_fn(phi, xs, ys)
+        g, f = g_fn(phi, xs, ys)
         g0 = prev = norm(g)
         mono = torch.ones_like(g0, dtype=torch.bool)
+        descent = torch.ones_like(mono)
+        f = f.reshape(mono.shape)
         for _ in range(self.steps):
             phi = {k: phi[k] - self.lr * g[k] for k in phi}
-            g = g_fn(phi, xs, ys)
+            g, f_new = g_fn(phi, xs, ys)
+            f_new = f_new.reshape(mono.shape)
             gn = norm(g)
             mono, prev = mono & (gn <= prev), gn
+            descent, f = descent & (f_new <= f + 1e-6 * f.abs()), f_new
         th = {k: (v.unsqueeze(0) if batched else v) for k, v in theta.items()}
         phi = {k: phi[k] - self.lr * self.lam * (phi[k] - th[k]) for k in phi}
         shape = (lambda t: t) if batched else (lambda t: t.reshape(()))
@@ -415,7 +425,7 @@ class PullbackSGD:
         return SolverResult(
             x=phi, status=Status.COMPLETED, iterations=self.steps, grad_norm=shape(prev), n_grad=self.steps + 1,
             task_status=(Status.COMPLETED,) * n if batched else None, grad_norm_initial=shape(g0),
-            grad_norm_monotone=shape(mono),
+            grad_norm_monotone=shape(mono), value_monotone=shape(descent),
         )
 
 

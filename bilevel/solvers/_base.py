@@ -240,6 +240,8 @@ class GradientTracker:
         bad_value: per task, whether that was the objective value (else the gradient).
         gnorm0: gradient norm(s) at the starting point.
         monotone: per task, whether the gradient norm never rose between two steps.
+        descent: per task, whether the objective never rose between two steps (beyond a
+            relative 1e-6, rounding).
         n_eval: objective (= gradient) evaluations so far.
     """
 
@@ -254,6 +256,7 @@ class GradientTracker:
     bad_value: Tensor
     gnorm0: Tensor
     monotone: Tensor
+    descent: Tensor
     n_eval: int = 1
 
     @classmethod
@@ -279,6 +282,7 @@ class GradientTracker:
             bad_value=torch.zeros_like(converged),
             gnorm0=gnorm,
             monotone=torch.ones_like(converged),
+            descent=torch.ones_like(converged),
         )
 
     @property
@@ -305,6 +309,7 @@ class GradientTracker:
         moved = active & ~bad
         # On the device, no sync: the health statistic of a fixed-step loop.
         self.monotone = self.monotone & ~(moved & (gn_new > self.gnorm))
+        self.descent = self.descent & ~(moved & (f_new > self.f + 1e-6 * self.f.abs()))
         self.iters = self.iters + moved.long()
         self.f = torch.where(moved, f_new, self.f)
         self.g = tree_where(moved, g_new, self.g)
@@ -332,4 +337,5 @@ class GradientTracker:
         default = Status.MAX_ITERATIONS if self.use_tol else Status.COMPLETED
         codes = status_codes(self.gnorm.shape, self.gnorm.device, default, SUCCESS=self.converged)
         res = finish_result(x, codes, self.iters, self.gnorm, self.f, batched, n_fun=self.n_eval, n_grad=self.n_eval)
-        return dataclasses.replace(res, grad_norm_initial=self.gnorm0, grad_norm_monotone=self.monotone)
+        return dataclasses.replace(res, grad_norm_initial=self.gnorm0, grad_norm_monotone=self.monotone,
+                                   value_monotone=self.descent)

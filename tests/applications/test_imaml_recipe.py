@@ -85,8 +85,10 @@ def test_inner_health_separates_stable_from_oscillating(lr: float, stable: bool)
     assert st == {**st, **inner_health(learner.layer.diagnostics.forward)}
     if stable:
         assert st["inner_grad_ratio"] < 0.5 and st["inner_monotone"] == 1.0 and st["inner_lr_curvature"] < 2
+        assert st["inner_descent"] == 1.0
     else:
         assert st["inner_grad_ratio"] > 1 and st["inner_monotone"] < 0.5 and st["inner_lr_curvature"] > 2
+        assert st["inner_descent"] < 0.5
 
 
 @pytest.mark.parametrize("recipe", ["proximal", "imaml-dev"])

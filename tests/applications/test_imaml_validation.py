@@ -84,3 +84,36 @@ def test_omniglot_defaults_are_what_the_readme_says() -> None:
     assert (twenty.lam, twenty.inner_steps, twenty.inner_lr) == (0.1, 16, 0.1)
     dev = resolve_config(dataset="omniglot", algorithm="imaml", recipe="imaml-dev", data_root="x", device="cpu")
     assert (dev.learner.lam, dev.learner.cg_damping, dev.learner.lam_damping, dev.adam_eps) == (2.0, 1.0, 10.0, 1e-3)
+
+
+def test_unstable_inner_loop_warns_once_naming_the_knob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stats of an oscillating inner loop (the objective rising during the loop on every task)
+    over the window give exactly one warning that names --inner-lr and --lam; a stable one
+    gives none, even with a non-monotone gradient norm; a curvature estimate above 2 warns."""
+    from applications.imaml.algorithms import MetaLearner
+    from applications.imaml.train import HEALTH_WINDOW
+
+    def run(stats: dict[str, float], out: Path) -> list[str]:
+        real = MetaLearner.meta_gradient
+
+        def fake(self, theta, rho, batch):  # type: ignore[no-untyped-def]
+            res = real(self, theta, rho, batch)
+            res.stats.update(stats)
+            return res
+
+        monkeypatch.setattr(MetaLearner, "meta_gradient", fake)
+        lines: list[str] = []
+        from applications.imaml.config import resolve_config
+        from applications.imaml.train import train
+
+        cfg = resolve_config(dataset="sinusoid", meta_steps=HEALTH_WINDOW + 5, meta_batch=2, inner_steps=2,
+                             device="cpu", out=str(out))
+        train(cfg, progress=False, log=lines.append)
+        return [line for line in lines if line.startswith("warning")]
+
+    warned = run({"inner_grad_ratio": 0.3, "inner_monotone": 0.0, "inner_descent": 0.0}, tmp_path / "bad")
+    assert len(warned) == 1 and "--inner-lr" in warned[0] and "--lam" in warned[0]
+    assert f"meta-step {HEALTH_WINDOW}" in warned[0]
+    assert run({"inner_grad_ratio": 0.3, "inner_monotone": 0.4, "inner_descent": 1.0}, tmp_path / "good") == []
+    curv = run({"inner_grad_ratio": 0.01, "inner_descent": 1.0, "inner_lr_curvature": 2.5}, tmp_path / "curv")
+    assert len(curv) == 1 and "2.50 > 2" in curv[0]

@@ -23,6 +23,7 @@ def test_gd_monotone_flag_detects_oscillation(lr: float, stable: bool) -> None:
     g0 = torch.linalg.vector_norm(CURV * x0)
     torch.testing.assert_close(res.grad_norm_initial, g0)
     assert bool(res.grad_norm_monotone) is stable
+    assert bool(res.value_monotone) is stable  # lr·H_max < 2 ⇔ the objective falls (descent lemma)
     ratio = float(res.grad_norm / res.grad_norm_initial)
     assert (ratio < 0.2) if stable else (ratio > 1.0)
 
@@ -37,6 +38,7 @@ def test_gd_health_batched_per_task() -> None:
     batched = torch.func.vmap(obj)
     res = GradientDescent(lr=0.15, steps=10)(batched, x0, scale, batched=True)
     assert res.grad_norm_monotone.tolist() == [True, False]
+    assert res.value_monotone.tolist() == [True, False]
     assert res.grad_norm_initial.shape == (2,)
 
 
