@@ -2,7 +2,7 @@
 
 With no arguments: meta-train iMAML-GD on 5-shot sinusoid regression (generated, no
 download) for :data:`DEFAULT_RUN_STEPS` meta-steps and evaluate on 600 test tasks,
-about two minutes on two CPU cores.
+about 100 seconds on two CPU cores (102 s measured), writing learning curves and fits.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m applications.imaml",
         description="Few-shot meta-learning with implicit MAML (and MAML, first-order MAML, Reptile baselines). "
-        "With no arguments: train iMAML-GD on sinusoid regression and evaluate it (about 2 minutes on 2 CPU cores).",
+        "With no arguments: train iMAML-GD on sinusoid regression, evaluate it and draw its pictures (about 100 seconds on "
+        "2 CPU cores).",
     )
     sub = p.add_subparsers(dest="command", metavar="{train,evaluate,plot}")
 
@@ -245,7 +246,8 @@ def _default_run(log: Callable[[str], None]) -> int:
         f"MLP 1-40-40-1, Adam lr {cfg.outer_lr:g}")
     log(f"  training  : {cfg.meta_steps} meta-steps x {cfg.meta_batch} tasks on {cfg.device} (a tiny MLP: faster on CPU than on a GPU), "
         f"then evaluation on {cfg.eval_episodes} test tasks")
-    log(f"  outputs   : {cfg.out}/ (checkpoint.pt, log.csv, config.json, metrics.json); previous default run is overwritten")
+    log(f"  outputs   : {cfg.out}/ (checkpoint.pt, best.pt, log.csv, val.csv, config.json, metrics.json, curves.png, "
+        "fits.png); previous default run is overwritten")
     summary = train(cfg, overwrite=True, progress=True, log=log)
     rows = summary["last"]
     log(f"trained {summary['step']} meta-steps in {time.perf_counter() - t0:.0f} s; "
