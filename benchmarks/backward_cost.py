@@ -121,7 +121,7 @@ class Problem:
         return self.loss(phi, X, y) + 0.5 * self.lam * prox
 
     def layer(self, solver: Any, cg_maxiter: Optional[int] = None, hvp: str = "forward") -> bilevel.Proximal:
-        linsolve = CG(tol=1e-30, maxiter=cg_maxiter) if cg_maxiter is not None else CG()
+        linsolve = CG(rtol=1e-30, maxiter=cg_maxiter) if cg_maxiter is not None else CG()
         # CG is cut at maxiter on purpose (MAX_ITERATIONS): do not warn about it.
         return bilevel.Proximal(self.loss, lam=self.lam, solver=solver, linsolve=linsolve, on_failure="ignore", hvp=hvp)
 

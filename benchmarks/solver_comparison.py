@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         return torch.nn.functional.softplus(-y * (X @ phi)).mean()
 
     def meta_grad(solver: object) -> tuple[torch.Tensor, bilevel.SolverResult]:
-        layer = bilevel.Proximal(inner, a.lam, solver=solver, linsolve=CG(tol=1e-13), on_failure="ignore")
+        layer = bilevel.Proximal(inner, a.lam, solver=solver, linsolve=CG(rtol=1e-13), on_failure="ignore")
         theta = theta0.clone().requires_grad_(True)
         phi = layer(theta, X, y)
         (gt,) = torch.autograd.grad(inner(phi, Xv, yv), theta)
@@ -61,10 +61,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     # Curvature bound of the objective for a safe GD step: L = λ + ||X||²/(4n).
     L = a.lam + float(torch.linalg.matrix_norm(X, 2) ** 2) / (4 * a.n)
     solvers = {
-        "NewtonCG(tol=1e-12)  [reference]": NewtonCG(tol=1e-12),
-        "GradientDescent(1/L, tol=1e-9)": GradientDescent(lr=1.0 / L, steps=20000, tol=1e-9),
-        "GradientDescent(Nesterov, tol=1e-9)": GradientDescent(lr=1.0 / L, steps=20000, momentum=0.9, nesterov=True, tol=1e-9),
-        "Adam(lr=0.02, tol=1e-9)": Adam(lr=0.02, steps=20000, tol=1e-9),
+        "NewtonCG(rtol=1e-12)  [reference]": NewtonCG(rtol=1e-12),
+        "GradientDescent(1/L, rtol=1e-9)": GradientDescent(lr=1.0 / L, steps=20000, rtol=1e-9),
+        "GradientDescent(Nesterov, rtol=1e-9)": GradientDescent(lr=1.0 / L, steps=20000, momentum=0.9, nesterov=True, rtol=1e-9),
+        "Adam(lr=0.02, rtol=1e-9)": Adam(lr=0.02, steps=20000, rtol=1e-9),
         "LBFGS()": LBFGS(),
         "NewtonCG()": NewtonCG(),
         "ScipyMinimize('L-BFGS-B')": ScipyMinimize("L-BFGS-B", tol=1e-12),
@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                 "rel_diff": rel,
             }
         )
-    print(f"Proximal L2-logistic regression, n={a.n}, d={a.dim}, λ={a.lam}, float64; backward CG(tol=1e-13)")
+    print(f"Proximal L2-logistic regression, n={a.n}, d={a.dim}, λ={a.lam}, float64; backward CG(rtol=1e-13)")
     print(f"reference meta-gradient (NewtonCG tight): {[round(v, 6) for v in ref.tolist()]}")  # type: ignore[union-attr]
     hdr = f"{'solver':38s} {'status':10s} {'iters':>6s} {'n_fun':>6s} {'n_grad':>6s} {'n_hvp':>6s} {'|grad|':>9s} {'rel. diff of meta-grad':>22s}"
     print(hdr)

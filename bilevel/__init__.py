@@ -12,29 +12,40 @@ Public API:
 * :mod:`bilevel.solvers` — GradientDescent, Adam, LBFGS, NewtonCG, ScipyMinimize, ...;
 * :mod:`bilevel.testing` — hypothesis strategies and :func:`check_implicit_grad`;
 * results and diagnostics — :class:`Status`, :class:`SolverResult`,
-  :class:`LinearSolveResult`, :class:`Diagnostics`, :class:`ConvergenceWarning`,
-  :class:`ConvergenceError`, :class:`NonFiniteError`, :class:`ClosedOverTensorWarning`.
+  :class:`LinearSolveResult`, :class:`Diagnostics`;
+* errors and warnings (one module, ``bilevel/_errors.py``) — every exception derives from
+  :class:`BilevelError` (and the matching built-in: ``ValueError``, ``TypeError``, ...),
+  every warning from :class:`BilevelWarning`: :class:`ConvergenceWarning`,
+  :class:`ConvergenceError`, :class:`NonFiniteError`, :class:`ClosedOverTensorWarning`,
+  :class:`BilevelValueError`, :class:`BilevelTypeError`, :class:`UnsupportedError`.
 """
 
 from __future__ import annotations
 
 from . import linsolve, solvers
 from ._diagnostics import Diagnostics
-from ._implicit import ClosedOverTensorWarning
-from ._layers import Argmin, FixedPoint, ImplicitLayer, Proximal, custom_root
-from ._result import (
+from ._errors import (
+    BilevelError,
+    BilevelTypeError,
+    BilevelValueError,
+    BilevelWarning,
+    ClosedOverTensorWarning,
     ConvergenceError,
     ConvergenceWarning,
-    LinearSolveResult,
     NonFiniteError,
-    SolverResult,
-    Status,
+    UnsupportedError,
 )
+from ._layers import Argmin, FixedPoint, ImplicitLayer, Proximal, custom_root
+from ._result import LinearSolveResult, SolverResult, Status
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Argmin",
+    "BilevelError",
+    "BilevelTypeError",
+    "BilevelValueError",
+    "BilevelWarning",
     "ClosedOverTensorWarning",
     "ConvergenceError",
     "ConvergenceWarning",
@@ -46,6 +57,7 @@ __all__ = [
     "Proximal",
     "SolverResult",
     "Status",
+    "UnsupportedError",
     "custom_root",
     "linsolve",
     "solvers",

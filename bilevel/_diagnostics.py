@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 from ._result import LinearSolveResult, SolverResult
 
@@ -22,8 +22,8 @@ class Diagnostics:
         backward: the linear solve's :class:`~bilevel.LinearSolveResult` with ``x=None``.
     """
 
-    forward: Optional[SolverResult] = None
-    backward: Optional[LinearSolveResult] = None
+    forward: SolverResult | None = None
+    backward: LinearSolveResult | None = None
 
     def __str__(self) -> str:
         lines = []

@@ -25,26 +25,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._diagnostics import Diagnostics, strip_backward, strip_forward
-from ._result import NonFiniteError, Status, report, stack_linear_results
-from ._tree import TreeDef, batch_size, tree_detach, tree_flatten, tree_map, tree_unflatten
+from ._errors import (
+    BilevelTypeError,
+    BilevelValueError,
+    ClosedOverTensorWarning,
+    NonFiniteError,
+)
+from ._result import Status, report, stack_linear_results
+from ._tree import (
+    TreeDef,
+    batch_size,
+    tree_detach,
+    tree_flatten,
+    tree_map,
+    tree_unflatten,
+)
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 _HVP_MODES = ("forward", "reverse")
-
-
-class ClosedOverTensorWarning(UserWarning):
-    """A tensor that requires grad is used by the optimality condition without being an argument.
-
-    Such a tensor receives no gradient from the implicit layer (the silent-zero-gradient
-    trap): pass it as an argument of the layer instead of closing over it.
-    """
 
 
 @contextlib.contextmanager
@@ -74,6 +80,12 @@ def _suspended_saved_tensor_hooks() -> Iterator[None]:
             ag._push_saved_tensors_default_hooks(pack, unpack)
 
 
+#: ``closed_vjp(x*, u, arg_leaves, needs_grad) -> per-argument gradients, or None``: a
+#: layer's closed form of ``-Bᵀu`` (e.g. :class:`~bilevel.Proximal`'s ``Λu``); ``None``
+#: (returned, or as the spec's field) means "use the generic VJP of the optimality map".
+ClosedVJP = Callable[[list[Tensor], list[Tensor], Sequence[Tensor], Sequence[bool]], list[Tensor | None] | None]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # identity semantics: it is a per-call token
 class _Spec:
     """Per-call configuration handed to the autograd Function (never stored on a layer)."""
@@ -93,11 +105,14 @@ class _Spec:
     # The per-task-loop strategy (``batched="loop"``): the optimality map of ONE task and
     # the task dimension of each argument (None: shared).  The backward then runs one
     # unbatched linear solve and one VJP per task instead of vmapped ones.
-    task_optimality: Optional[Callable[..., Any]] = None
-    task_dims: Optional[tuple[Optional[int], ...]] = None
+    task_optimality: Callable[..., Any] | None = None
+    task_dims: tuple[int | None, ...] | None = None
+    # A closed form of the argument VJP, used when every operator of the backward built a
+    # reverse-mode graph of F (where closed-over tensors are then detected for free).
+    closed_vjp: ClosedVJP | None = None
 
 
-def task_slice(args: tuple, dims: tuple[Optional[int], ...], b: int) -> tuple:
+def task_slice(args: tuple, dims: tuple[int | None, ...], b: int) -> tuple:
     """Task ``b``'s arguments: slice ``b`` of each argument with a task dimension."""
     return tuple(a if d is None else tree_map(lambda t, d=d: t.select(d, b), a) for a, d in zip(args, dims))
 
@@ -136,11 +151,11 @@ def _unpack_args(layout: list[tuple], leaves: tuple | list) -> tuple:
 def _solution_of(out: Any, name: str) -> Any:
     """The solution tree inside whatever the solver returned (a tree or an object with .x)."""
     if out is None:
-        raise TypeError(f"{name}: the solver returned None instead of a solution")
+        raise BilevelTypeError(f"{name}: the solver returned None instead of a solution")
     if hasattr(out, "x") and not isinstance(out, Tensor):
         x = out.x
         if x is None:
-            raise TypeError(f"{name}: the solver's result has no solution (its .x is None)")
+            raise BilevelTypeError(f"{name}: the solver's result has no solution (its .x is None)")
         return x
     return out
 
@@ -168,12 +183,12 @@ class _ImplicitFunction(torch.autograd.Function):
         try:
             leaves, d = tree_flatten(x)
         except TypeError as e:
-            raise TypeError(f"{spec.name}: the solver's solution is not a tensor tree: {e}") from None
+            raise BilevelTypeError(f"{spec.name}: the solver's solution is not a tensor tree: {e}") from None
         if d != spec.x_def:
-            raise ValueError(f"{spec.name}: the solution's structure {d!r} differs from the initial point's {spec.x_def!r}")
+            raise BilevelValueError(f"{spec.name}: the solution's structure {d!r} differs from the initial point's {spec.x_def!r}")
         for leaf, (shape, dtype) in zip(leaves, spec.x_meta):
             if leaf.shape != shape or leaf.dtype != dtype:
-                raise ValueError(
+                raise BilevelValueError(
                     f"{spec.name}: the solver returned a leaf of shape {tuple(leaf.shape)} and dtype {leaf.dtype}; "
                     f"the initial point's is {tuple(shape)} / {dtype}"
                 )
@@ -206,7 +221,7 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # the backward is first-order: a double backward raises instead of being silently wrong
-    def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         spec: _Spec = ctx.spec
         nx = spec.x_def.num_leaves
         saved = ctx.saved_tensors
@@ -223,11 +238,12 @@ class _ImplicitFunction(torch.autograd.Function):
         args_det = _unpack_args(spec.layout, [a.detach() for a in arg_leaves])
 
         loop = spec.task_optimality is not None and spec.task_dims is not None
+        graphs = _GraphLog(spec.name, check=spec.closed_vjp is not None)
         with _suspended_saved_tensor_hooks():
             if loop:
-                res = _looped_solve(spec, x_leaves, v_leaves, args_det)
+                res = _looped_solve(spec, x_leaves, v_leaves, args_det, graphs)
             else:
-                matvec = _operator(spec, x, args_det, spec.optimality)
+                matvec = _operator(spec, x, args_det, spec.optimality, graphs)
                 with torch.enable_grad():
                     res = spec.linsolve(matvec, v, batched=spec.batched)
         spec.diagnostics.backward = strip_backward(res)
@@ -242,7 +258,12 @@ class _ImplicitFunction(torch.autograd.Function):
         )
         u_leaves, _ = tree_flatten(res.x)
 
-        # dl/dargs = -B^T u: one VJP of F with respect to the arguments.
+        # dl/dargs = -B^T u: in closed form where the layer has one and the graphs of F
+        # have been checked for closed-over tensors; else one VJP of F.
+        if spec.closed_vjp is not None and graphs.all_built():
+            closed = spec.closed_vjp(x_leaves, [t.detach() for t in u_leaves], [a.detach() for a in arg_leaves], need)
+            if closed is not None:
+                return none_prefix + tuple(closed)
         with torch.enable_grad():
             req = [a.detach().requires_grad_(True) if n else a.detach() for a, n in zip(arg_leaves, need)]
             args_req = _unpack_args(spec.layout, req)
@@ -261,7 +282,7 @@ class _ImplicitFunction(torch.autograd.Function):
             targets = [r for r, n in zip(req, need) if n]
             _warn_closed_over(F_leaves, targets, spec.name)
             pairs = [(f, -u) for f, u in zip(F_leaves, u_leaves) if f.requires_grad]
-            gs: tuple[Optional[Tensor], ...] = (None,) * len(targets)
+            gs: tuple[Tensor | None, ...] = (None,) * len(targets)
             if pairs:
                 gs = torch.autograd.grad(
                     [p[0] for p in pairs], targets, grad_outputs=[p[1] for p in pairs], allow_unused=True
@@ -275,29 +296,54 @@ def _check_residual_structure(Fx: Any, x: Any, name: str) -> None:
     try:
         fl, fd = tree_flatten(Fx)
     except TypeError as e:
-        raise TypeError(f"{name}: the optimality residual is not a tensor tree: {e}") from None
+        raise BilevelTypeError(f"{name}: the optimality residual is not a tensor tree: {e}") from None
     xl, xd = tree_flatten(x)
     if fd != xd or any(a.shape != b.shape for a, b in zip(fl, xl)):
-        raise ValueError(
+        raise BilevelValueError(
             f"{name}: the optimality residual must have the structure of x; got {fd!r} with shapes "
             f"{[tuple(a.shape) for a in fl]}, x is {xd!r} with shapes {[tuple(b.shape) for b in xl]}"
         )
 
 
-def _looped_solve(spec: _Spec, x_leaves: list[Tensor], v_leaves: list[Tensor], args: tuple) -> Any:
+class _GraphLog:
+    """Which backward operators built their reverse-mode graph of F, and the closed-over check on it.
+
+    A graph of F built with the arguments detached reaches, besides x, exactly the
+    tensors the optimality map closes over: when a closed-form VJP skips the generic
+    VJP (where :func:`_warn_closed_over` runs), the check runs here instead, once per
+    backward, at no extra cost.
+    """
+
+    def __init__(self, name: str, check: bool) -> None:
+        self.name, self.check = name, check
+        self.operators = 0
+        self.built = 0
+
+    def graph(self, F_leaves: list[Tensor], x_leaves: list[Tensor]) -> None:
+        if self.check and self.built == 0:
+            _warn_closed_over(F_leaves, x_leaves, self.name)
+        self.built += 1
+
+    def all_built(self) -> bool:
+        return self.operators > 0 and self.built == self.operators
+
+
+def _looped_solve(spec: _Spec, x_leaves: list[Tensor], v_leaves: list[Tensor], args: tuple, graphs: _GraphLog) -> Any:
     """One unbatched linear solve per task (``batched="loop"``), results stacked."""
     per = []
     for b in range(x_leaves[0].shape[0]):
         xb = tree_unflatten(spec.x_def, [t[b] for t in x_leaves])
         vb = tree_unflatten(spec.x_def, [t[b] for t in v_leaves])
-        matvec = _operator(spec, xb, task_slice(args, spec.task_dims, b), spec.task_optimality)  # type: ignore[arg-type]
+        matvec = _operator(spec, xb, task_slice(args, spec.task_dims, b), spec.task_optimality, graphs)  # type: ignore[arg-type]
         with torch.enable_grad():
             per.append(spec.linsolve(matvec, vb, batched=False))
     u = tree_unflatten(spec.x_def, [torch.stack(ls) for ls in zip(*[tree_flatten(r.x)[0] for r in per])])
     return stack_linear_results(per, u)
 
 
-def _operator(spec: _Spec, x: Any, args: tuple, optimality: Callable[..., Any]) -> Callable[[Any], Any]:
+def _operator(
+    spec: _Spec, x: Any, args: tuple, optimality: Callable[..., Any], graphs: _GraphLog | None = None
+) -> Callable[[Any], Any]:
     """Matrix-free ``u -> A^T u`` at the solution (``A u`` when A is symmetric).
 
     Symmetric, ``hvp="forward"``: forward-over-reverse (``torch.func.jvp`` of the
@@ -324,6 +370,8 @@ def _operator(spec: _Spec, x: Any, args: tuple, optimality: Callable[..., Any]) 
         return matvec_t
 
     state: dict[str, Any] = {"mode": "jvp" if spec.hvp == "forward" else "reverse", "checked": False}
+    if graphs is not None:
+        graphs.operators += 1
 
     def reverse(u: Any) -> Any:
         if "graph" not in state:
@@ -335,6 +383,8 @@ def _operator(spec: _Spec, x: Any, args: tuple, optimality: Callable[..., Any]) 
                 _check_residual_structure(Fx, x, spec.name)
                 state["checked"] = True
             state["graph"] = (tree_flatten(Fx)[0], xr, xd)
+            if graphs is not None:
+                graphs.graph(state["graph"][0], xr)
         F_leaves, xr, xd = state["graph"]
         ul, _ = tree_flatten(u)
         pairs = [(f, w) for f, w in zip(F_leaves, ul) if f.requires_grad]
@@ -400,8 +450,9 @@ def implicit_apply(
     on_failure: str,
     name: str,
     hvp: str = "reverse",
-    task_optimality: Optional[Callable[..., Any]] = None,
-    task_dims: Optional[tuple[Optional[int], ...]] = None,
+    task_optimality: Callable[..., Any] | None = None,
+    task_dims: tuple[int | None, ...] | None = None,
+    closed_vjp: ClosedVJP | None = None,
 ) -> Any:
     """Run ``solve`` and return its solution, differentiable w.r.t. the tensor trees in ``args``.
 
@@ -409,18 +460,18 @@ def implicit_apply(
     tasks: one unbatched linear solve and VJP per task (the ``batched="loop"`` strategy).
     """
     if on_failure not in _ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+        raise BilevelValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
     if hvp not in _HVP_MODES:
-        raise ValueError(f"hvp must be one of {_HVP_MODES}, got {hvp!r}")
+        raise BilevelValueError(f"hvp must be one of {_HVP_MODES}, got {hvp!r}")
     try:
         x_leaves, x_def = tree_flatten(x0)
     except TypeError as e:
-        raise TypeError(f"{name}: the initial point must be a tensor tree: {e}") from None
+        raise BilevelTypeError(f"{name}: the initial point must be a tensor tree: {e}") from None
     if not x_leaves:
-        raise ValueError(f"{name}: the initial point is an empty tree")
+        raise BilevelValueError(f"{name}: the initial point is an empty tree")
     for leaf in x_leaves:
         if not leaf.dtype.is_floating_point:
-            raise TypeError(f"{name}: the unknowns must be floating-point tensors, got {leaf.dtype}")
+            raise BilevelTypeError(f"{name}: the unknowns must be floating-point tensors, got {leaf.dtype}")
     if batched:
         batch_size(x0)
     arg_leaves, layout = _pack_args(args)
@@ -439,6 +490,7 @@ def implicit_apply(
         name=name,
         task_optimality=task_optimality if batched else None,
         task_dims=task_dims if batched else None,
+        closed_vjp=closed_vjp,
     )
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
     return tree_unflatten(x_def, list(out))

@@ -10,16 +10,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor
+
+from ._errors import ConvergenceError, ConvergenceWarning
 
 
 class Status(enum.Enum):
     """Outcome of a solve.  The value is the message."""
 
     SUCCESS = "converged to the requested tolerance"
-    COMPLETED = "ran the configured number of steps (no tolerance was set)"
+    COMPLETED = "ran the configured number of steps (a fixed budget, no tolerance)"
     MAX_ITERATIONS = "reached the maximum number of iterations before the tolerance"
     NEGATIVE_CURVATURE = "found non-positive curvature (p^T A p <= 0): the operator is not positive definite"
     BREAKDOWN = "breakdown (division by a vanishing quantity)"
@@ -35,14 +37,6 @@ class Status(enum.Enum):
 
     def __str__(self) -> str:
         return f"{self.name}: {self.value}"
-
-
-class ConvergenceWarning(UserWarning):
-    """A forward (inner) or backward (linear) solve did not converge."""
-
-
-class ConvergenceError(RuntimeError):
-    """Raised instead of :class:`ConvergenceWarning` when a layer is set to ``on_failure="raise"``."""
 
 
 # Integer codes let batched solvers keep one status per task in a tensor, without a
@@ -84,12 +78,14 @@ class LinearSolveResult:
     status: Status
     iterations: int
     residual_norm: Tensor
-    task_status: Optional[tuple[Status, ...]] = None
-    task_iterations: Optional[Tensor] = None
+    task_status: tuple[Status, ...] | None = None
+    task_iterations: Tensor | None = None
 
     @property
     def success(self) -> bool:
-        return self.status is Status.SUCCESS
+        """Whether ``x`` can be trusted: ``status.ok`` (``SUCCESS``, or ``COMPLETED`` for a fixed
+        budget), the same meaning as :attr:`SolverResult.success`."""
+        return self.status.ok
 
     def summary(self) -> str:
         """One line: status, iterations, residual norm(s)."""
@@ -129,25 +125,27 @@ class SolverResult:
     x: Any
     status: Status
     iterations: int
-    grad_norm: Optional[Tensor] = None
-    value: Optional[Tensor] = None
+    grad_norm: Tensor | None = None
+    value: Tensor | None = None
     n_fun: int = 0
     n_grad: int = 0
     n_hvp: int = 0
-    task_status: Optional[tuple[Status, ...]] = None
-    task_iterations: Optional[Tensor] = None
+    task_status: tuple[Status, ...] | None = None
+    task_iterations: Tensor | None = None
     raw: Any = None
     message: str = ""
-    grad_norm_initial: Optional[Tensor] = None
-    grad_norm_monotone: Optional[Tensor] = None
-    value_monotone: Optional[Tensor] = None
+    grad_norm_initial: Tensor | None = None
+    grad_norm_monotone: Tensor | None = None
+    value_monotone: Tensor | None = None
 
     @property
     def success(self) -> bool:
+        """Whether ``x`` can be trusted: ``status.ok`` (``SUCCESS``, or ``COMPLETED`` for a
+        fixed step count), the same meaning as :attr:`LinearSolveResult.success`."""
         return self.status.ok
 
 
-def _stack(ts: list[Optional[Tensor]]) -> Optional[Tensor]:
+def _stack(ts: list[Tensor | None]) -> Tensor | None:
     if any(t is None for t in ts):
         return None
     import torch
@@ -200,7 +198,3 @@ def report(status_ok: bool, message: str, on_failure: str) -> None:
     if on_failure == "raise":
         raise ConvergenceError(message)
     warnings.warn(message, ConvergenceWarning, stacklevel=4)
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or Inf appeared in an objective value, a gradient or a solution."""

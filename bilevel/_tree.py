@@ -14,10 +14,13 @@ tensors, broadcast against the leading dimension.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import torch
 from torch import Tensor
+
+from ._errors import BilevelTypeError, BilevelValueError
 
 Tree = Union[Tensor, tuple, list, dict]
 """A tensor tree (a Tensor, a tuple/list of trees, or a dict of trees)."""
@@ -26,7 +29,7 @@ Tree = Union[Tensor, tuple, list, dict]
 class TreeDef:
     """The structure of a tree, without its leaves (hashable, comparable)."""
 
-    __slots__ = ("kind", "meta", "children")
+    __slots__ = ("children", "kind", "meta")
 
     def __init__(self, kind: str, meta: Any = None, children: tuple = ()) -> None:
         self.kind = kind  # "leaf", "tuple", "list", "dict", "none"
@@ -81,7 +84,7 @@ def tree_flatten(tree: Any) -> tuple[list[Tensor], TreeDef]:
         if isinstance(t, (tuple, list)) and not hasattr(t, "_fields"):
             kind = "tuple" if isinstance(t, tuple) else "list"
             return TreeDef(kind, None, tuple(rec(c, f"{path}[{i}]") for i, c in enumerate(t)))
-        raise TypeError(
+        raise BilevelTypeError(
             f"expected a tensor tree (Tensor, tuple/list or dict of Tensors), "
             f"found {type(t).__name__} at {path or 'the root'}"
         )
@@ -105,7 +108,7 @@ def tree_unflatten(treedef: TreeDef, leaves: list[Tensor] | tuple[Tensor, ...]) 
     out = rec(treedef)
     rest = list(it)
     if rest:
-        raise ValueError(f"{len(rest)} leaves left over when rebuilding {treedef!r}")
+        raise BilevelValueError(f"{len(rest)} leaves left over when rebuilding {treedef!r}")
     return out
 
 
@@ -129,7 +132,7 @@ def tree_map(fn: Callable[..., Tensor], tree: Any, *rest: Any) -> Any:
     for r in rest:
         rl, rd = tree_flatten(r)
         if rd != treedef:
-            raise ValueError(f"tree structures differ: {treedef!r} vs {rd!r}")
+            raise BilevelValueError(f"tree structures differ: {treedef!r} vs {rd!r}")
         others.append(rl)
     return tree_unflatten(treedef, [fn(*xs) for xs in zip(leaves, *others)])
 
@@ -173,9 +176,9 @@ def tree_vdot(a: Any, b: Any, batched: bool = False) -> Tensor:
     la, da = tree_flatten(a)
     lb, db = tree_flatten(b)
     if da != db:
-        raise ValueError(f"tree structures differ: {da!r} vs {db!r}")
+        raise BilevelValueError(f"tree structures differ: {da!r} vs {db!r}")
     if not la:
-        raise ValueError("empty tree")
+        raise BilevelValueError("empty tree")
     if batched:
         return sum(  # type: ignore[return-value]
             (x.reshape(x.shape[0], -1) * y.reshape(y.shape[0], -1)).sum(1) for x, y in zip(la, lb)
@@ -207,7 +210,7 @@ def tree_unravel(like: Any, flat: Tensor, batched: bool = False) -> Any:
         out.append(chunk.reshape(x.shape).to(dtype=x.dtype, device=x.device))
         i += n
     if i != (flat.shape[1] if batched else flat.numel()):
-        raise ValueError("flat vector length does not match the tree")
+        raise BilevelValueError("flat vector length does not match the tree")
     return tree_unflatten(treedef, out)
 
 
@@ -221,7 +224,7 @@ def tree_dtype(a: Any) -> torch.dtype:
     """The common floating dtype of the leaves (the widest one)."""
     leaves, _ = tree_flatten(a)
     if not leaves:
-        raise ValueError("empty tree")
+        raise BilevelValueError("empty tree")
     dt = leaves[0].dtype
     for x in leaves[1:]:
         dt = torch.promote_types(dt, x.dtype)
@@ -243,7 +246,7 @@ def batch_size(a: Any) -> int:
     leaves, _ = tree_flatten(a)
     sizes = {x.shape[0] if x.dim() > 0 else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
-        raise ValueError(
+        raise BilevelValueError(
             f"batched mode needs every leaf to have the same leading task dimension; got {sorted(map(str, sizes))}"
         )
     return sizes.pop()  # type: ignore[return-value]

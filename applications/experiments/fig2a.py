@@ -297,7 +297,7 @@ def imaml_meta_gradient(
         support_loss,
         lam=lam,
         solver=GradientDescent(lr=lr, steps=steps),
-        linsolve=CG(tol=cg_tol, maxiter=cg_steps),
+        linsolve=CG(rtol=cg_tol, maxiter=cg_steps),
         on_failure=on_failure,
         # Reverse-over-reverse products reuse one gradient graph for all n CG steps: cheaper
         # in eager PyTorch than forward-over-reverse (see benchmarks/), and the same numbers.

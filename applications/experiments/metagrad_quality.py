@@ -453,7 +453,7 @@ def measure_task(
     # The forward once, through the layer (the application's iMAML-GD inner procedure);
     # the tight solve reuses it.
     tight = implicit_meta_gradient(
-        loss, loss, theta, lam, MINRES(tol=s.tight_tol, maxiter=s.tight_maxiter),
+        loss, loss, theta, lam, MINRES(rtol=s.tight_tol, maxiter=s.tight_maxiter),
         inner_args=support, outer_args=query, solver=gd,
     )
     phi = tight.phi
@@ -479,7 +479,7 @@ def measure_task(
         for name in s.linsolves:
             for n in s.krylov:
                 r = implicit_meta_gradient(
-                    loss, loss, theta, lam, LINSOLVERS[name](tol=KRYLOV_TOL, maxiter=n),
+                    loss, loss, theta, lam, LINSOLVERS[name](rtol=KRYLOV_TOL, maxiter=n),
                     inner_args=support, outer_args=query, phi=phi, damping=delta,
                 )
                 curves[(delta, name, n)] = Point(

@@ -475,7 +475,11 @@ def reptile_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batc
 # the registry: adding an algorithm touches only this file
 # --------------------------------------------------------------------------------------
 def _backward_linsolve(cfg: LearnerConfig) -> Any:
-    return LINSOLVERS[cfg.linsolve](tol=cfg.cg_tol, maxiter=cfg.cg_steps)
+    # No tolerance: the paper's fixed budget of Krylov steps, which the library runs
+    # without a host sync per step (``steps``); with --cg-tol, a tolerance and a cap.
+    if cfg.cg_tol is None:
+        return LINSOLVERS[cfg.linsolve](steps=cfg.cg_steps)
+    return LINSOLVERS[cfg.linsolve](rtol=cfg.cg_tol, maxiter=cfg.cg_steps)
 
 
 def _imaml_gd_layer(learner: MetaLearner) -> bilevel.Proximal:
@@ -487,7 +491,8 @@ def _imaml_gd_layer(learner: MetaLearner) -> bilevel.Proximal:
         lam = cfg.lam + cfg.lam_damping
         damping = cfg.cg_damping * lam
     else:
-        solver, lam, damping = GradientDescent(lr=cfg.inner_lr, steps=cfg.inner_steps), cfg.lam, 0.0
+        # monitor=True: the inner-loop health columns (one extra gradient and a norm per step).
+        solver, lam, damping = GradientDescent(lr=cfg.inner_lr, steps=cfg.inner_steps, monitor=True), cfg.lam, 0.0
     return bilevel.Proximal(learner.support_loss, lam=lam, solver=solver, linsolve=_backward_linsolve(cfg),
                             damping=damping, on_failure="ignore", hvp=cfg.hvp)
 

@@ -26,4 +26,4 @@ from ._gmres import GMRES
 from ._minres import MINRES
 from ._neumann import Neumann
 
-__all__ = ["LinearSolver", "MatVec", "CG", "MINRES", "GMRES", "BiCGSTAB", "Neumann", "Dense"]
+__all__ = ["CG", "GMRES", "MINRES", "BiCGSTAB", "Dense", "LinearSolver", "MatVec", "Neumann"]

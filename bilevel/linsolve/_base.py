@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, ClassVar, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from .._errors import BilevelTypeError, BilevelValueError
 from .._result import LinearSolveResult, Status, code, overall_status, status_from_codes
 from .._tree import (
     default_tol,
@@ -30,37 +32,75 @@ MatVec = Callable[[Any], Any]
 class LinearSolver(abc.ABC):
     """Base class: an immutable configuration, called as ``solver(matvec, b, x0=None)``.
 
+    Two ways to say how long to iterate (scipy's names):
+
+    * **to a tolerance** — ``rtol``, ``atol``, ``maxiter``: the solve stops when
+      ``||r|| <= max(rtol * ||b||, atol)`` and reports ``SUCCESS``, or ``MAX_ITERATIONS``
+      after ``maxiter`` iterations.  Testing the residual costs one host sync per
+      iteration.
+    * **a fixed budget** — ``steps``: exactly ``steps`` iterations (a task stops early only
+      on an exact zero residual, a breakdown, non-positive curvature or a non-finite
+      value), reported as ``COMPLETED``, like an inner solver without a tolerance.  CG,
+      MINRES and Neumann then run without any host sync inside the loop (one at the end,
+      to build the statuses) and report the residual their recurrence tracks, not a
+      recomputed one; this is iMAML's "a few CG steps" (Rajeswaran et al. 2019, Sec. 4)
+      without the cost of a stopping test it does not use.
+
     Args:
-        tol: relative tolerance; the solve stops when ``||r|| <= max(tol * ||b||, atol)``
-            (the scipy rule).  ``None`` picks a default from the dtype of ``b``
+        rtol: relative tolerance in (0, 1); ``None`` picks a default from the dtype of ``b``
             (:func:`bilevel._tree.default_tol`).
         atol: absolute tolerance (default 0).
         maxiter: iteration cap; ``None`` means ``10 * n`` (at least 10), where ``n`` is
-            the number of unknowns (per task).  A cap that computes to 0 is impossible.
+            the number of unknowns (per task).
+        steps: a fixed number of iterations (>= 1), exclusive with ``rtol``, ``atol`` and
+            ``maxiter``.
 
     Subclasses set ``requires_symmetric`` when they are only valid for symmetric operators.
     """
 
-    tol: Optional[float] = None
+    rtol: float | None = None
     atol: float = 0.0
-    maxiter: Optional[int] = None
+    maxiter: int | None = None
+    steps: int | None = None
 
     requires_symmetric: ClassVar[bool] = False
     requires_positive_definite: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.tol is not None and not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
-            raise ValueError(f"{type(self).__name__}: tol must be a float in (0, 1), got {self.tol!r}")
+        if self.rtol is not None and not (isinstance(self.rtol, (int, float)) and 0 < self.rtol < 1):
+            raise BilevelValueError(f"{type(self).__name__}: rtol must be a float in (0, 1), got {self.rtol!r}")
         if not (isinstance(self.atol, (int, float)) and self.atol >= 0):
-            raise ValueError(f"{type(self).__name__}: atol must be a float >= 0, got {self.atol!r}")
+            raise BilevelValueError(f"{type(self).__name__}: atol must be a float >= 0, got {self.atol!r}")
         if self.maxiter is not None and not (isinstance(self.maxiter, int) and self.maxiter >= 1):
-            raise ValueError(f"{type(self).__name__}: maxiter must be an int >= 1, got {self.maxiter!r}")
+            raise BilevelValueError(f"{type(self).__name__}: maxiter must be an int >= 1, got {self.maxiter!r}")
+        if self.steps is not None:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+                raise BilevelValueError(f"{type(self).__name__}: steps must be an int >= 1, got {self.steps!r}")
+            if self.rtol is not None or self.atol != 0 or self.maxiter is not None:
+                raise BilevelValueError(
+                    f"{type(self).__name__}: steps (a fixed budget) excludes rtol, atol and maxiter (a tolerance); "
+                    "give one or the other"
+                )
+
+    @property
+    def fixed_budget(self) -> bool:
+        """Whether the solver runs a fixed number of iterations (``steps``) without a stopping test."""
+        return self.steps is not None
+
+    @property
+    def _exhausted(self) -> Status:
+        """Status of a task that used its whole budget: ``COMPLETED`` (fixed) or ``MAX_ITERATIONS``."""
+        return Status.COMPLETED if self.steps is not None else Status.MAX_ITERATIONS
 
     # -- helpers for subclasses -------------------------------------------------------
     def _tol(self, b: Any) -> float:
-        return self.tol if self.tol is not None else default_tol(tree_dtype(b))
+        if self.steps is not None:
+            return 0.0  # a fixed budget: only an exact zero residual stops a task early
+        return self.rtol if self.rtol is not None else default_tol(tree_dtype(b))
 
     def _maxiter(self, b: Any, batched: bool) -> int:
+        if self.steps is not None:
+            return self.steps
         if self.maxiter is not None:
             return self.maxiter
         return max(10, 10 * tree_size(b, batched))
@@ -82,12 +122,12 @@ class LinearSolver(abc.ABC):
 def check_rhs(b: Any, batched: bool) -> None:
     leaves, _ = tree_flatten(b)
     if not leaves:
-        raise ValueError("the right-hand side is an empty tree")
+        raise BilevelValueError("the right-hand side is an empty tree")
     for leaf in leaves:
         if not leaf.dtype.is_floating_point:
-            raise TypeError(f"linear solvers need floating-point tensors, got {leaf.dtype}")
+            raise BilevelTypeError(f"linear solvers need floating-point tensors, got {leaf.dtype}")
         if batched and leaf.dim() == 0:
-            raise ValueError("batched mode needs a leading task dimension on every leaf")
+            raise BilevelValueError("batched mode needs a leading task dimension on every leaf")
 
 
 def finish(
@@ -111,9 +151,12 @@ def finish(
     return LinearSolveResult(x=x, status=statuses[0], iterations=int(iters.reshape(-1)[0]), residual_norm=rnorm.reshape(()))
 
 
-def codes_from_masks(shape: torch.Size, device: torch.device, **masks: Tensor) -> Tensor:
-    """Integer status codes: the first mask (in keyword order) that is true wins; else MAX_ITERATIONS."""
-    out = torch.full(shape, code(Status.MAX_ITERATIONS), dtype=torch.long, device=device)
+def codes_from_masks(
+    shape: torch.Size, device: torch.device, default: Status = Status.MAX_ITERATIONS, **masks: Tensor
+) -> Tensor:
+    """Integer status codes: the first mask (in keyword order) that is true wins; else ``default``
+    (``MAX_ITERATIONS``, or ``COMPLETED`` for a fixed budget)."""
+    out = torch.full(shape, code(default), dtype=torch.long, device=device)
     for name, m in reversed(list(masks.items())):
         out = torch.where(m, torch.full_like(out, code(Status[name])), out)
     return out

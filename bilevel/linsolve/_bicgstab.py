@@ -61,7 +61,7 @@ class BiCGSTAB(LinearSolver):
     (one host sync per iteration for that test, plus one at each verification).
 
     Args:
-        tol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.  ``maxiter``
+        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.  ``maxiter``
             counts iterations (two matvecs each).
     """
 
@@ -155,7 +155,7 @@ class BiCGSTAB(LinearSolver):
         converged, rnorm = verify_final(matvec, b, x, pending, thresh, converged, rnorm, batched)
 
         codes = codes_from_masks(
-            converged.shape, converged.device, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
+            converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
         )
         return finish(x, rnorm, codes, iters, batched)
 

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
+from .._errors import BilevelTypeError
 from .._result import LinearSolveResult
 from .._tree import tree_axpy, tree_norm, tree_vdot, tree_where
-from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish, initial_guess, initial_status
+from ._base import (
+    LinearSolver,
+    MatVec,
+    check_rhs,
+    codes_from_masks,
+    finish,
+    initial_guess,
+    initial_status,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +37,15 @@ class CG(LinearSolver):
 
     In batched mode every task has its own step sizes, residual and convergence mask; a
     converged task stops moving and the loop ends when all tasks have stopped (one host
-    sync per iteration, for that test).
+    sync per iteration, for that test).  With a fixed budget (``steps``) there is no such
+    test and no host sync in the loop: stopped tasks are masked on the device.
 
     Args:
         preconditioner: optional ``r -> M^{-1} r`` on trees, with ``M`` SPD.
-        tol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
     """
 
-    preconditioner: Optional[Callable[[Any], Any]] = None
+    preconditioner: Callable[[Any], Any] | None = None
 
     requires_symmetric: ClassVar[bool] = True
     requires_positive_definite: ClassVar[bool] = True
@@ -42,7 +53,7 @@ class CG(LinearSolver):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.preconditioner is not None and not callable(self.preconditioner):
-            raise TypeError("CG: preconditioner must be a callable r -> M^{-1} r")
+            raise BilevelTypeError("CG: preconditioner must be a callable r -> M^{-1} r")
 
     def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
         check_rhs(b, batched)
@@ -61,9 +72,11 @@ class CG(LinearSolver):
         converged, nonfinite, iters = initial_status(rnorm, thresh)
         negative = torch.zeros_like(converged)
 
+        fixed = self.fixed_budget
         for _ in range(maxiter):
             active = ~(converged | negative | nonfinite)
-            if not bool(active.any()):  # the one host sync per iteration: the stopping test
+            # The one host sync per iteration, the stopping test -- not with a fixed budget.
+            if not fixed and not bool(active.any()):
                 break
             Ap = matvec(p)
             pAp = tree_vdot(p, Ap, batched)
@@ -76,11 +89,8 @@ class CG(LinearSolver):
             # Only active tasks move: a stopped task keeps its last finite iterate (0 * NaN = NaN).
             x_new = tree_axpy(alpha, p, x, batched)
             r_new = tree_axpy(-alpha, Ap, r, batched)
-            if batched:
-                x = tree_where(active, x_new, x)
-                r = tree_where(active, r_new, r)
-            elif bool(active):
-                x, r = x_new, r_new
+            x = tree_where(active, x_new, x)
+            r = tree_where(active, r_new, r)
             iters = iters + active.long()
             rnorm = torch.where(active, tree_norm(r, batched), rnorm)
             nonfinite = nonfinite | (active & ~torch.isfinite(rnorm))
@@ -93,6 +103,6 @@ class CG(LinearSolver):
             rz = torch.where(active, rz_new, rz)
 
         codes = codes_from_masks(
-            converged.shape, converged.device, SUCCESS=converged, NONFINITE=nonfinite, NEGATIVE_CURVATURE=negative
+            converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite, NEGATIVE_CURVATURE=negative
         )
         return finish(x, rnorm, codes, iters, batched)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -19,7 +19,7 @@ class Dense(LinearSolver):
     Valid for any operator; the cost is ``n`` matvecs, ``O(n^2)`` memory and ``O(n^3)``
     time (``n`` unknowns per task), so it is meant for small problems and as the reference
     the iterative solvers are tested against.  It has no tolerance or iteration cap:
-    ``Dense()`` takes no arguments (``tol``, ``atol`` and ``maxiter`` are not constructor
+    ``Dense()`` takes no arguments (``rtol``, ``atol`` and ``maxiter`` are not constructor
     parameters, and passing them is a ``TypeError``).
 
     Statuses (per task):
@@ -42,10 +42,11 @@ class Dense(LinearSolver):
     """
 
     # A direct solve has no tolerance and no iteration cap: keep the inherited fields
-    # (so that code reading ``solver.tol`` still works) but out of ``__init__`` and repr.
-    tol: Optional[float] = dataclasses.field(default=None, init=False, repr=False)
+    # (so that code reading ``solver.rtol`` still works) but out of ``__init__`` and repr.
+    rtol: float | None = dataclasses.field(default=None, init=False, repr=False)
     atol: float = dataclasses.field(default=0.0, init=False, repr=False)
-    maxiter: Optional[int] = dataclasses.field(default=None, init=False, repr=False)
+    maxiter: int | None = dataclasses.field(default=None, init=False, repr=False)
+    steps: int | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
         check_rhs(b, batched)

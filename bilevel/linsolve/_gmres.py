@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._errors import BilevelValueError
 from .._result import LinearSolveResult
 from .._tree import (
     tree_axpy,
@@ -25,7 +26,15 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
-from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish, initial_guess, initial_status
+from ._base import (
+    LinearSolver,
+    MatVec,
+    check_rhs,
+    codes_from_masks,
+    finish,
+    initial_guess,
+    initial_status,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +67,7 @@ class GMRES(LinearSolver):
 
     Args:
         restart: Krylov dimension per cycle (``m``), an int >= 1.
-        tol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
     """
 
     restart: int = 20
@@ -66,7 +75,7 @@ class GMRES(LinearSolver):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.restart, bool) or not isinstance(self.restart, int) or self.restart < 1:
-            raise ValueError(f"GMRES: restart must be an int >= 1, got {self.restart!r}")
+            raise BilevelValueError(f"GMRES: restart must be an int >= 1, got {self.restart!r}")
 
     def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
         check_rhs(b, batched)
@@ -180,6 +189,6 @@ class GMRES(LinearSolver):
             converged = converged | (active & (rtrue <= thresh))
 
         codes = codes_from_masks(
-            converged.shape, converged.device, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
+            converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
         )
         return finish(x, rnorm, codes, iters, batched)

@@ -64,13 +64,15 @@ class MINRES(LinearSolver):
 
     In batched mode every task has its own Lanczos coefficients, rotations and
     convergence mask; stopped tasks stop moving and the loop ends when all have stopped
-    (one host sync per iteration for that test, plus one at each verification).
+    (one host sync per iteration for that test, plus one at each verification).  With a
+    fixed budget (``steps``) there is neither: the loop runs ``steps`` Lanczos steps with
+    stopped tasks masked on the device, and the reported residual is the recurrence's.
 
     ``iterations`` counts Lanczos steps (one matvec each); verification matvecs are not
     counted.
 
     Args:
-        tol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
     """
 
     requires_symmetric: ClassVar[bool] = True
@@ -92,20 +94,23 @@ class MINRES(LinearSolver):
         active = ~(converged | nonfinite)
         st = _start(r0, rnorm, zeros)
 
+        fixed = self.fixed_budget
         for _ in range(maxiter):
             # The one host sync per iteration: the stopping test (and whether to verify).
-            any_active, any_pending = (bool(f) for f in torch.stack((active.any(), pending.any())).tolist())
-            if any_pending:
-                converged, nonfinite, rnorm, again, rtrue, rt = verify_claims(
-                    matvec, b, x, pending, thresh, converged, nonfinite, rnorm, batched
-                )
-                # Restart the tasks whose estimate was too optimistic from where they are.
-                st = merge_state(again, _start(rtrue, rt, zeros), st, _TREES, _SCALARS)
-                active = active | again
-                pending = torch.zeros_like(pending)
-                any_active = bool(active.any())
-            if not any_active:
-                break
+            # A fixed budget has neither: it runs on, stopped tasks masked on the device.
+            if not fixed:
+                any_active, any_pending = (bool(f) for f in torch.stack((active.any(), pending.any())).tolist())
+                if any_pending:
+                    converged, nonfinite, rnorm, again, rtrue, rt = verify_claims(
+                        matvec, b, x, pending, thresh, converged, nonfinite, rnorm, batched
+                    )
+                    # Restart the tasks whose estimate was too optimistic from where they are.
+                    st = merge_state(again, _start(rtrue, rt, zeros), st, _TREES, _SCALARS)
+                    active = active | again
+                    pending = torch.zeros_like(pending)
+                    any_active = bool(active.any())
+                if not any_active:
+                    break
 
             act = active
             beta, oldb = st["beta"], st["oldb"]
@@ -149,7 +154,7 @@ class MINRES(LinearSolver):
             w_new = tree_axpy(-denom * oldeps, st["w2"], w_new, batched)
             x = tree_where(step, tree_axpy(phi, w_new, x, batched), x)
 
-            keep = lambda new, old: torch.where(step, new, old)  # noqa: E731
+            keep = lambda new, old: torch.where(step, new, old)
             st = {
                 "r1": r1,
                 "r2": r2,
@@ -173,10 +178,15 @@ class MINRES(LinearSolver):
             pending = pending | claim
             active = step & ~claim
 
-        converged, rnorm = verify_final(matvec, b, x, pending, thresh, converged, rnorm, batched)
+        if fixed:
+            # A zero residual estimate with a fixed budget: the Krylov space is exhausted,
+            # x solves the system in exact arithmetic (not re-verified: no extra matvec).
+            converged = converged | pending
+        else:
+            converged, rnorm = verify_final(matvec, b, x, pending, thresh, converged, rnorm, batched)
 
         codes = codes_from_masks(
-            converged.shape, converged.device, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
+            converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
         )
         return finish(x, rnorm, codes, iters, batched)
 

@@ -14,9 +14,18 @@ from typing import Any
 
 import torch
 
+from .._errors import BilevelValueError
 from .._result import LinearSolveResult
 from .._tree import tree_axpy, tree_norm, tree_where
-from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish, initial_guess, initial_status
+from ._base import (
+    LinearSolver,
+    MatVec,
+    check_rhs,
+    codes_from_masks,
+    finish,
+    initial_guess,
+    initial_status,
+)
 
 DEFAULT_NEUMANN_TERMS = 50
 """Default ``maxiter`` (number of series terms) of :class:`Neumann`."""
@@ -55,7 +64,7 @@ class Neumann(LinearSolver):
 
     Args:
         alpha: positive, finite scale of the series (see above).
-        tol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
     """
 
     alpha: float = 1.0
@@ -64,9 +73,11 @@ class Neumann(LinearSolver):
         super().__post_init__()
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-            raise ValueError(f"Neumann: alpha must be a finite number > 0, got {a!r}")
+            raise BilevelValueError(f"Neumann: alpha must be a finite number > 0, got {a!r}")
 
     def _maxiter(self, b: Any, batched: bool) -> int:
+        if self.steps is not None:
+            return self.steps
         return self.maxiter if self.maxiter is not None else DEFAULT_NEUMANN_TERMS
 
     def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
@@ -81,9 +92,11 @@ class Neumann(LinearSolver):
         rnorm = tree_norm(r, batched)
         converged, nonfinite, iters = initial_status(rnorm, thresh)
 
+        fixed = self.fixed_budget
         for _ in range(maxiter):
             active = ~(converged | nonfinite)
-            if not bool(active.any()):  # the one host sync per iteration: the stopping test
+            # The one host sync per iteration, the stopping test -- not with a fixed budget.
+            if not fixed and not bool(active.any()):
                 break
             # Stopped tasks get a zero step: their x and residual stay put.
             a = torch.where(active, torch.full_like(rnorm, alpha), torch.zeros_like(rnorm))
@@ -101,6 +114,6 @@ class Neumann(LinearSolver):
             nonfinite = nonfinite | bad
             converged = converged | (step & (rn <= thresh))
 
-        codes = codes_from_masks(converged.shape, converged.device, SUCCESS=converged, NONFINITE=nonfinite)
+        codes = codes_from_masks(converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite)
         return finish(x, rnorm, codes, iters, batched)
 

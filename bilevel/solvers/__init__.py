@@ -26,15 +26,15 @@ from ._newton_cg import NewtonCG
 from ._scipy_minimize import SCIPY_METHODS, ScipyMinimize
 
 __all__ = [
-    "Solver",
-    "GradientDescent",
-    "Adam",
     "LBFGS",
+    "SCIPY_METHODS",
+    "Adam",
+    "BacktrackingArmijo",
+    "FixedPointIteration",
+    "GradientDescent",
+    "LineSearchResult",
     "NewtonCG",
     "ScipyMinimize",
-    "SCIPY_METHODS",
-    "FixedPointIteration",
-    "BacktrackingArmijo",
+    "Solver",
     "StrongWolfe",
-    "LineSearchResult",
 ]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
+from .._errors import BilevelValueError
 from .._result import SolverResult
-from .._tree import tree_detach, tree_dtype, tree_map, tree_where, tree_zeros_like
-from ._base import GradientTracker, Objective, Solver, check_int, check_real, check_tol
+from .._tree import tree_detach, tree_dtype, tree_flatten, tree_map, tree_unflatten, tree_where, tree_zeros_like
+from ._base import GradientTracker, LeanLoop, Objective, Solver, check_int, check_real, check_tol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,28 +21,32 @@ class Adam(Solver):
         m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
         x <- x - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    Stopping and statuses follow :class:`GradientDescent`: ``tol=None`` runs ``steps``
+    Stopping and statuses follow :class:`GradientDescent`: ``rtol=None`` runs ``steps``
     steps (``COMPLETED``); with a tolerance the run stops when
-    ``||g|| <= tol * max(1, ||g0||)`` (``SUCCESS``) or after ``steps`` steps
+    ``||g|| <= rtol * max(1, ||g0||)`` (``SUCCESS``) or after ``steps`` steps
     (``MAX_ITERATIONS``).  In batched mode the test is per task and a converged task stops
     moving (its moments and step counter freeze), so each task follows the iterates of its
     own unbatched solve.  Note that Adam's step does not shrink with the gradient (it is
     about ``lr`` per coordinate), so it only approaches a minimiser to within about
-    ``lr``; a tight ``tol`` needs a small ``lr``.
+    ``lr``; a tight ``rtol`` needs a small ``lr``.  The cost and the ``monitor`` switch are
+    those of :class:`GradientDescent` (the lean default: fused updates, no per-step norm,
+    no host sync, no gradient at the returned point).
 
     Args:
         lr: step size (> 0).
         steps: maximum number of steps (>= 0).
         betas: ``(b1, b2)``, each in [0, 1).
         eps: denominator offset (> 0).
-        tol: optional gradient-norm tolerance in (0, 1).
+        rtol: optional gradient-norm tolerance in (0, 1).
+        monitor: record per-step statistics without a tolerance (see :class:`GradientDescent`).
     """
 
     lr: float = 1e-3
     steps: int = 100
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    tol: Optional[float] = None
+    rtol: float | None = None
+    monitor: bool = False
 
     supports_batched: ClassVar[bool] = True
 
@@ -50,12 +55,14 @@ class Adam(Solver):
         check_real(name, "lr", self.lr, 0.0)
         check_int(name, "steps", self.steps, 0)
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
-            raise ValueError(f"{name}: betas must be a pair (b1, b2), got {self.betas!r}")
+            raise BilevelValueError(f"{name}: betas must be a pair (b1, b2), got {self.betas!r}")
         check_real(name, "betas[0]", self.betas[0], 0.0, 1.0, lo_open=False)
         check_real(name, "betas[1]", self.betas[1], 0.0, 1.0, lo_open=False)
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
         check_real(name, "eps", self.eps, 0.0)
-        check_tol(name, self.tol)
+        check_tol(name, self.rtol)
+        if not isinstance(self.monitor, bool):
+            raise BilevelValueError(f"{name}: monitor must be a bool, got {self.monitor!r}")
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         self._check_batched(batched)
@@ -63,7 +70,9 @@ class Adam(Solver):
         tree_dtype(x0)  # validates the tree
         b1, b2 = self.betas
         x = tree_detach(x0)
-        st = GradientTracker.start(objective, x, args, self.tol, name, batched)
+        if self.rtol is None and not self.monitor:
+            return self._lean(objective, x, args, batched, name)
+        st = GradientTracker.start(objective, x, args, self.rtol, name, batched)
         m = tree_zeros_like(st.g)
         v = tree_zeros_like(st.g)
 
@@ -88,3 +97,26 @@ class Adam(Solver):
             st.advance(objective, x, args, active, k, name, batched)
 
         return st.result(x, batched, name)
+
+    def _lean(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
+        """``steps`` fused Adam updates of all leaves; nothing else (see :class:`GradientDescent`)."""
+        b1, b2 = self.betas
+        xl, xd = tree_flatten(x)
+        loop = LeanLoop(batched)
+        m: list[torch.Tensor] = []
+        v: list[torch.Tensor] = []
+        for k in range(self.steps):
+            g = loop.value_and_grad(objective, tree_unflatten(xd, xl), args, k, batched)
+            if not m:
+                m, v = [torch.zeros_like(t) for t in g], [torch.zeros_like(t) for t in g]
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, g, alpha=1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, g, g, value=1 - b2)
+            t = k + 1  # every task takes every step: the bias corrections are plain floats
+            c1, c2 = 1 - b1**t, 1 - b2**t
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, c2**0.5)
+            torch._foreach_add_(denom, self.eps)
+            xl = list(torch._foreach_addcdiv(xl, m, denom, value=-self.lr / c1))  # out of place: x0 is never written
+        return loop.result(tree_unflatten(xd, xl), self.steps, batched, name)

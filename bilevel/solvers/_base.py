@@ -17,13 +17,20 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .._result import NonFiniteError, SolverResult, Status, code, overall_status, status_from_codes
-from .._tree import tree_detach, tree_norm, tree_where
+from .._errors import (
+    BilevelTypeError,
+    BilevelValueError,
+    NonFiniteError,
+    UnsupportedError,
+)
+from .._result import SolverResult, Status, code, overall_status, status_from_codes
+from .._tree import tree_detach, tree_flatten, tree_norm, tree_where
 
 Objective = Callable[..., Tensor]
 
@@ -40,7 +47,7 @@ class Solver(abc.ABC):
 
     def _check_batched(self, batched: bool) -> None:
         if batched and not self.supports_batched:
-            raise NotImplementedError(f"{type(self).__name__} does not support batched (multi-task) solves")
+            raise UnsupportedError(f"{type(self).__name__} does not support batched (multi-task) solves")
 
 
 def _total(objective: Objective, batched: bool) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -49,13 +56,13 @@ def _total(objective: Objective, batched: bool) -> Callable[..., tuple[Tensor, T
     def f(x: Any, *args: Any) -> tuple[Tensor, Tensor]:
         v = objective(x, *args)
         if not isinstance(v, Tensor):
-            raise TypeError(f"the objective must return a tensor, got {type(v).__name__}")
+            raise BilevelTypeError(f"the objective must return a tensor, got {type(v).__name__}")
         if batched:
             if v.dim() != 1:
-                raise ValueError(f"in batched mode the objective must return a (B,) tensor, got shape {tuple(v.shape)}")
+                raise BilevelValueError(f"in batched mode the objective must return a (B,) tensor, got shape {tuple(v.shape)}")
             return v.sum(), v
         if v.dim() != 0:
-            raise ValueError(f"the objective must return a scalar (0-d) tensor, got shape {tuple(v.shape)}")
+            raise BilevelValueError(f"the objective must return a scalar (0-d) tensor, got shape {tuple(v.shape)}")
         return v, v
 
     return f
@@ -108,24 +115,24 @@ def check_real(
     if not ok:
         lb = "(" if lo_open else "["
         rb = ")" if hi_open else "]"
-        raise ValueError(f"{owner}: {name} must be a real number in {lb}{lo}, {hi}{rb}, got {v!r}")
+        raise BilevelValueError(f"{owner}: {name} must be a real number in {lb}{lo}, {hi}{rb}, got {v!r}")
 
 
 def check_int(owner: str, name: str, v: Any, lo: int) -> None:
     """Raise ValueError unless ``v`` is an int ``>= lo``."""
     if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
-        raise ValueError(f"{owner}: {name} must be an int >= {lo}, got {v!r}")
+        raise BilevelValueError(f"{owner}: {name} must be an int >= {lo}, got {v!r}")
 
 
 def check_tol(owner: str, tol: Any) -> None:
     if tol is not None:
-        check_real(owner, "tol", tol, 0.0, 1.0)
+        check_real(owner, "rtol", tol, 0.0, 1.0)
 
 
 def gradient_tol(dtype: torch.dtype) -> float:
     """Default tolerance on the gradient norm of the minimisers: ``eps**0.5`` of ``dtype``.
 
-    float64: ~1.5e-8, float32: ~3.5e-4 (relative, as the solvers use it: ``||g|| <= tol *
+    float64: ~1.5e-8, float32: ~3.5e-4 (relative, as the solvers use it: ``||g|| <= rtol *
     max(1, ||g0||)``).  Not :func:`bilevel._tree.default_tol` (``eps**0.75``), which is not
     reliably reachable by line-search methods: near a minimiser a step decreases ``f`` by
     about ``||g||^2 / (2 L)``, which drops below the rounding of ``f`` once ``||g||`` is
@@ -135,8 +142,8 @@ def gradient_tol(dtype: torch.dtype) -> float:
     with condition number 1e3, L-BFGS (ours, and equally scipy's L-BFGS-B and
     ``torch.optim.LBFGS`` with exact textbook line searches) stalls between 1e-10 and 1e-7
     in the gradient norm.  ``eps**0.5`` is reached in all our test problems in float32 and
-    float64 and leaves implicit gradients accurate to about ``tol / lambda_min(H)``; pass
-    a smaller ``tol`` explicitly for more (Newton-CG reaches ~1e-12 in float64).
+    float64 and leaves implicit gradients accurate to about ``rtol / lambda_min(H)``; pass
+    a smaller ``rtol`` explicitly for more (Newton-CG reaches ~1e-12 in float64).
     """
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
     return float(eps**0.5)
@@ -146,8 +153,8 @@ def finish_result(
     x: Any,
     codes: Tensor,
     iters: Tensor,
-    grad_norm: Optional[Tensor],
-    val: Optional[Tensor],
+    grad_norm: Tensor | None,
+    val: Tensor | None,
     batched: bool,
     n_fun: int,
     n_grad: int,
@@ -218,7 +225,7 @@ def checked_grad_norm(f: Tensor, g: Any, iteration: int, solver: str, batched: b
 class GradientTracker:
     """Per-task value, gradient and convergence state of a fixed-step first-order solver.
 
-    With a tolerance a task converges once ``||g|| <= tol * max(1, ||g0||)`` and stops
+    With a tolerance a task converges once ``||g|| <= rtol * max(1, ||g0||)`` and stops
     moving (the solver passes ``active`` masks); without one every task runs all steps.
     The objective and gradient are evaluated once at ``x0`` and once after each step.
 
@@ -261,13 +268,13 @@ class GradientTracker:
 
     @classmethod
     def start(
-        cls, objective: Objective, x: Any, args: tuple, tol: Optional[float], solver: str, batched: bool
+        cls, objective: Objective, x: Any, args: tuple, rtol: float | None, solver: str, batched: bool
     ) -> GradientTracker:
         """Evaluate at the starting point ``x`` (iteration 0)."""
         f, g = value_and_grad(objective, x, args, batched)
         gnorm = checked_grad_norm(f, g, 0, solver, batched)
-        use_tol = tol is not None
-        thresh = (tol if tol is not None else 0.0) * torch.clamp(gnorm, min=1.0)
+        use_tol = rtol is not None
+        thresh = (rtol if rtol is not None else 0.0) * torch.clamp(gnorm, min=1.0)
         converged = (gnorm <= thresh) if use_tol else torch.zeros_like(gnorm, dtype=torch.bool)
         iters = torch.zeros(gnorm.shape, dtype=torch.long, device=gnorm.device)
         return cls(
@@ -339,3 +346,71 @@ class GradientTracker:
         res = finish_result(x, codes, self.iters, self.gnorm, self.f, batched, n_fun=self.n_eval, n_grad=self.n_eval)
         return dataclasses.replace(res, grad_norm_initial=self.gnorm0, grad_norm_monotone=self.monotone,
                                    value_monotone=self.descent)
+
+
+# ----------------------------------------------------------------------------------------
+# The lean path of the fixed-step first-order solvers: no tolerance, no monitoring.
+# ----------------------------------------------------------------------------------------
+class LeanLoop:
+    """Bookkeeping of a fixed-step loop that must cost nothing beyond its gradients.
+
+    Per step it records, on the device, the first iteration whose objective value or
+    gradient is not finite (an ``isfinite`` reduction per leaf, no norm, no copy of the
+    gradient, no host sync); :meth:`result` then makes the one host sync of the whole
+    solve, checks the returned iterate, and raises :class:`NonFiniteError` naming the
+    iteration and tasks.  Unlike ``monitor=True`` a failing task is not stopped: the
+    error is raised at the end instead of at the step.
+    """
+
+    def __init__(self, batched: bool) -> None:
+        self.batched = batched
+        self.first_bad: Tensor | None = None
+        self.bad_value: Tensor | None = None
+        self.n_eval = 0
+
+    def _nonfinite(self, leaves: list[Tensor]) -> Tensor:
+        """Per task (batched) or overall: whether any leaf holds a NaN/Inf."""
+        if self.batched:
+            return torch.stack([~torch.isfinite(t.reshape(t.shape[0], -1)).all(1) for t in leaves]).any(0)
+        return torch.stack([~torch.isfinite(t).all() for t in leaves]).any()
+
+    def value_and_grad(self, objective: Objective, x: Any, args: tuple, iteration: int, batched: bool) -> list[Tensor]:
+        """The gradient leaves at ``x``; value and gradient are checked for finiteness on the device."""
+        f, g = value_and_grad(objective, x, args, batched)
+        self.n_eval += 1
+        leaves = tree_flatten(g)[0]
+        value_bad = ~torch.isfinite(f)
+        bad = value_bad | self._nonfinite(leaves)
+        if self.first_bad is None or self.bad_value is None:
+            self.first_bad = torch.where(bad, iteration, -1)
+            self.bad_value = value_bad
+        else:
+            newly = bad & (self.first_bad < 0)
+            self.first_bad = torch.where(newly, iteration, self.first_bad)
+            self.bad_value = torch.where(newly, value_bad, self.bad_value)
+        return leaves
+
+    def result(self, x: Any, steps: int, batched: bool, solver: str) -> SolverResult:
+        """``COMPLETED`` after ``steps`` steps; raises :class:`NonFiniteError` on a NaN/Inf.
+
+        The statistics of the returned point (value, gradient norm, health flags) are
+        ``None``: computing them is what ``monitor=True`` pays for.
+        """
+        leaves = tree_flatten(x)[0]
+        x_bad = self._nonfinite(leaves)
+        first = self.first_bad if self.first_bad is not None else torch.full_like(x_bad, -1, dtype=torch.long)
+        failed = (first >= 0) | x_bad
+        if bool(failed.any()):  # the one host sync of the solve
+            where = f" for task(s) {failed.nonzero().reshape(-1).tolist()}" if failed.dim() == 1 else ""
+            if bool((first >= 0).any()):
+                it = int(first[first >= 0].min())
+                at = (first == it) & (self.bad_value if self.bad_value is not None else torch.zeros_like(failed))
+                what = f"the {'objective value' if bool(at.any()) else 'gradient'} became non-finite at iteration {it}"
+            else:
+                what = f"the iterate became non-finite after the last of the {steps} steps"
+            raise NonFiniteError(f"{solver}: {what}{where}")
+        lead = leaves[0].shape[0] if batched else None
+        n = lead if lead is not None else 1
+        iters = torch.full((n,), steps, dtype=torch.long, device=leaves[0].device)
+        codes = torch.full((n,), code(Status.COMPLETED), dtype=torch.long, device=leaves[0].device)
+        return finish_result(x, codes, iters, None, None, batched, n_fun=self.n_eval, n_grad=self.n_eval)

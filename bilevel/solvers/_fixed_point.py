@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
+from .._errors import BilevelValueError
 from .._result import SolverResult, Status
-from .._tree import default_tol, tree_detach, tree_dtype, tree_flatten, tree_map, tree_norm, tree_sub, tree_where
+from .._tree import (
+    default_tol,
+    tree_detach,
+    tree_dtype,
+    tree_flatten,
+    tree_map,
+    tree_norm,
+    tree_sub,
+    tree_where,
+)
 from ._base import Solver, check_int, check_real, check_tol, finish_result, status_codes
 
 
@@ -18,7 +29,7 @@ class FixedPointIteration(Solver):
 
     Called as ``solver(fn, x0, *args, batched=False)`` where ``fn`` maps a tree to a tree
     of the same structure and shapes.  Iterates ``x <- (1 - damping) x + damping fn(x)``
-    until the residual satisfies ``||fn(x) - x|| <= tol * max(1, ||x||)`` (mixed
+    until the residual satisfies ``||fn(x) - x|| <= rtol * max(1, ||x||)`` (mixed
     absolute/relative test).  Converges for any contraction ``fn`` (Banach), and with
     ``damping < 1`` also for non-expansive maps (Krasnosel'skii-Mann).
 
@@ -32,7 +43,7 @@ class FixedPointIteration(Solver):
     quantity is per task and a converged (or non-finite) task stops moving.
 
     Args:
-        tol: residual tolerance in (0, 1); ``None`` means
+        rtol: residual tolerance in (0, 1); ``None`` means
             :func:`bilevel._tree.default_tol` of the dtype of ``x0`` (float64 ~2e-12,
             float32 ~6e-6).  The residual is a difference of iterates, not of function
             values, so unlike the gradient tests of the minimisers it can reach
@@ -41,7 +52,7 @@ class FixedPointIteration(Solver):
         damping: ``t`` in (0, 1].
     """
 
-    tol: Optional[float] = None
+    rtol: float | None = None
     maxiter: int = 500
     damping: float = 1.0
 
@@ -49,7 +60,7 @@ class FixedPointIteration(Solver):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_tol(name, self.tol)
+        check_tol(name, self.rtol)
         check_int(name, "maxiter", self.maxiter, 0)
         check_real(name, "damping", self.damping, 0.0, 1.0, hi_open=False)
 
@@ -58,7 +69,7 @@ class FixedPointIteration(Solver):
     ) -> SolverResult:
         self._check_batched(batched)
         name = type(self).__name__
-        tol = self.tol if self.tol is not None else default_tol(tree_dtype(x0))
+        tol = self.rtol if self.rtol is not None else default_tol(tree_dtype(x0))
         _, treedef = tree_flatten(x0)
         t = self.damping
 
@@ -67,7 +78,7 @@ class FixedPointIteration(Solver):
                 y = fn(x, *args)
             leaves, d = tree_flatten(y)
             if d != treedef:
-                raise ValueError(f"{name}: fn must return a tree shaped like x0 ({treedef!r}), got {d!r}")
+                raise BilevelValueError(f"{name}: fn must return a tree shaped like x0 ({treedef!r}), got {d!r}")
             return tree_detach(y)
 
         x = tree_detach(x0)

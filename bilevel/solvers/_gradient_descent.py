@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
+from .._errors import BilevelValueError
 from .._result import SolverResult
-from .._tree import tree_axpy, tree_detach, tree_dtype, tree_where, tree_zeros_like
-from ._base import GradientTracker, Objective, Solver, check_int, check_real, check_tol
+from .._tree import tree_axpy, tree_detach, tree_dtype, tree_flatten, tree_unflatten, tree_where, tree_zeros_like
+from ._base import GradientTracker, LeanLoop, Objective, Solver, check_int, check_real, check_tol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,30 +21,39 @@ class GradientDescent(Solver):
 
         v <- mu * v + g;   x <- x - lr * (g + mu * v if nesterov else v)
 
-    With ``tol=None`` it takes exactly ``steps`` steps and reports ``COMPLETED``.  With a
-    tolerance it stops as soon as ``||g|| <= tol * max(1, ||g0||)`` (``g0``: the gradient
+    With ``rtol=None`` it takes exactly ``steps`` steps and reports ``COMPLETED``.  With a
+    tolerance it stops as soon as ``||g|| <= rtol * max(1, ||g0||)`` (``g0``: the gradient
     at ``x0``) and reports ``SUCCESS``, or ``MAX_ITERATIONS`` after ``steps`` steps.  In
     batched mode that test is per task and a converged task stops moving (its momentum is
     frozen too), so each task follows exactly the iterates of its own unbatched solve.
 
-    The gradient is evaluated once per step plus once at the returned point (so
-    ``grad_norm`` and ``value`` describe the returned ``x``): ``n_fun = n_grad = steps + 1``
-    for a full run.  A NaN/Inf objective value or gradient raises
-    :class:`~bilevel.NonFiniteError` naming the iteration.
+    Cost.  With ``rtol=None`` and ``monitor=False`` (the default) a solve is the lean loop
+    iMAML's inner problem needs: ``steps`` gradients, fused ``torch._foreach_*`` updates of
+    all leaves, no norm, no copy and no host sync per step, and no gradient at the returned
+    point (``n_fun = n_grad = steps``; ``grad_norm``, ``value`` and the health flags are
+    ``None``).  With a tolerance or ``monitor=True`` the gradient is also evaluated at the
+    returned point and each step records the gradient norm and objective, so that
+    ``grad_norm``, ``value``, ``grad_norm_initial``, ``grad_norm_monotone`` and
+    ``value_monotone`` describe the solve (``n_fun = n_grad = steps + 1`` for a full run).
+    A NaN/Inf objective value or gradient raises :class:`~bilevel.NonFiniteError` naming
+    the iteration (the lean loop checks on the device and raises once, at the end).
 
     Args:
         lr: step size (> 0).
         steps: maximum number of steps (>= 0; 0 returns ``x0``).
         momentum: heavy-ball coefficient in [0, 1).
         nesterov: use Nesterov's look-ahead form (needs ``momentum > 0``).
-        tol: optional tolerance in (0, 1) on the gradient norm (see above).
+        rtol: optional tolerance in (0, 1) on the gradient norm (see above).
+        monitor: record the statistics above without a tolerance (costs one norm per step
+            and one extra gradient).
     """
 
     lr: float
     steps: int
     momentum: float = 0.0
     nesterov: bool = False
-    tol: Optional[float] = None
+    rtol: float | None = None
+    monitor: bool = False
 
     supports_batched: ClassVar[bool] = True
 
@@ -53,17 +63,21 @@ class GradientDescent(Solver):
         check_int(name, "steps", self.steps, 0)
         check_real(name, "momentum", self.momentum, 0.0, 1.0, lo_open=False)
         if not isinstance(self.nesterov, bool):
-            raise ValueError(f"{name}: nesterov must be a bool, got {self.nesterov!r}")
+            raise BilevelValueError(f"{name}: nesterov must be a bool, got {self.nesterov!r}")
         if self.nesterov and self.momentum == 0:
-            raise ValueError(f"{name}: nesterov=True needs momentum > 0")
-        check_tol(name, self.tol)
+            raise BilevelValueError(f"{name}: nesterov=True needs momentum > 0")
+        check_tol(name, self.rtol)
+        if not isinstance(self.monitor, bool):
+            raise BilevelValueError(f"{name}: monitor must be a bool, got {self.monitor!r}")
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         self._check_batched(batched)
         name = type(self).__name__
         tree_dtype(x0)  # validates the tree (raises on a non-tensor leaf or an empty tree)
         x = tree_detach(x0)
-        st = GradientTracker.start(objective, x, args, self.tol, name, batched)
+        if self.rtol is None and not self.monitor:
+            return self._lean(objective, x, args, batched, name)
+        st = GradientTracker.start(objective, x, args, self.rtol, name, batched)
         vel = tree_zeros_like(st.g) if self.momentum > 0 else None
 
         for k in range(1, self.steps + 1):
@@ -83,3 +97,23 @@ class GradientDescent(Solver):
             st.advance(objective, x, args, active, k, name, batched)
 
         return st.result(x, batched, name)
+
+    def _lean(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
+        """``steps`` fused updates of all leaves; nothing else (see the class docstring)."""
+        xl, xd = tree_flatten(x)
+        loop = LeanLoop(batched)
+        vel: list[torch.Tensor] | None = None
+        mu, lr = self.momentum, self.lr
+        for k in range(self.steps):
+            g = loop.value_and_grad(objective, tree_unflatten(xd, xl), args, k, batched)
+            if mu > 0:
+                if vel is None:
+                    vel = [t.clone() for t in g]  # v_1 = g_0 (PyTorch SGD's first step)
+                else:
+                    torch._foreach_mul_(vel, mu)
+                    torch._foreach_add_(vel, g)
+                upd = torch._foreach_add(g, vel, alpha=mu) if self.nesterov else vel
+            else:
+                upd = g
+            xl = list(torch._foreach_add(xl, upd, alpha=-lr))  # out of place: x0 is never written
+        return loop.result(tree_unflatten(xd, xl), self.steps, batched, name)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
+from .._errors import BilevelValueError
 from .._result import SolverResult, Status
-from .._tree import tree_axpy, tree_detach, tree_dtype, tree_norm, tree_scale, tree_sub, tree_vdot
+from .._tree import (
+    tree_axpy,
+    tree_detach,
+    tree_dtype,
+    tree_norm,
+    tree_scale,
+    tree_sub,
+    tree_vdot,
+)
 from ._base import (
     Objective,
     Solver,
@@ -34,7 +43,7 @@ class LBFGS(Solver):
     definite and ``d`` is a descent direction.  A pair whose curvature ``s^T y`` is not
     safely positive (roundoff) is skipped rather than stored.
 
-    Stops with ``SUCCESS`` when ``||g|| <= tol * max(1, ||g0||)``, ``MAX_ITERATIONS``
+    Stops with ``SUCCESS`` when ``||g|| <= rtol * max(1, ||g0||)``, ``MAX_ITERATIONS``
     after ``maxiter`` iterations, or ``LINESEARCH_FAILED`` (returning the last accepted
     point) when the line search finds no acceptable step even along steepest descent: a
     failure with a non-empty memory first clears the memory and retries (as L-BFGS-B).  A NaN/Inf value or gradient at
@@ -42,7 +51,7 @@ class LBFGS(Solver):
     NaN/Inf at line-search trial points only shortens the step.  Unbatched only.
 
     Args:
-        tol: gradient-norm tolerance in (0, 1); ``None`` picks
+        rtol: gradient-norm tolerance in (0, 1); ``None`` picks
             :func:`~bilevel.solvers._base.gradient_tol` of the dtype of ``x0``
             (``eps**0.5``: float64 ~1.5e-8, float32 ~3.5e-4).
         maxiter: maximum number of iterations (>= 0).
@@ -50,7 +59,7 @@ class LBFGS(Solver):
         line_search: a :class:`StrongWolfe` instance.
     """
 
-    tol: Optional[float] = None
+    rtol: float | None = None
     maxiter: int = 100
     history: int = 10
     line_search: StrongWolfe = StrongWolfe()
@@ -59,16 +68,16 @@ class LBFGS(Solver):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_tol(name, self.tol)
+        check_tol(name, self.rtol)
         check_int(name, "maxiter", self.maxiter, 0)
         check_int(name, "history", self.history, 1)
         if not isinstance(self.line_search, StrongWolfe):
-            raise ValueError(f"{name}: line_search must be a StrongWolfe instance, got {self.line_search!r}")
+            raise BilevelValueError(f"{name}: line_search must be a StrongWolfe instance, got {self.line_search!r}")
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         self._check_batched(batched)
         name = type(self).__name__
-        tol = self.tol if self.tol is not None else gradient_tol(tree_dtype(x0))
+        tol = self.rtol if self.rtol is not None else gradient_tol(tree_dtype(x0))
         x = tree_detach(x0)
         f, g = value_and_grad(objective, x, args)
         n_fun = n_grad = 1

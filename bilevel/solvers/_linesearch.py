@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._errors import BilevelValueError, UnsupportedError
 from .._tree import tree_axpy, tree_vdot
 from ._base import Objective, check_int, check_real, value, value_and_grad
 
@@ -111,8 +112,8 @@ class BacktrackingArmijo:
         f0: Tensor,
         g0: Any,
         batched: bool = False,
-        active: Optional[Tensor] = None,
-        initial_step: Optional[float] = None,
+        active: Tensor | None = None,
+        initial_step: float | None = None,
     ) -> LineSearchResult:
         """Search along ``d`` from ``x``.
 
@@ -158,7 +159,7 @@ class BacktrackingArmijo:
         return LineSearchResult(x=x_new, step=step, value=f_new, grad=None, n_fun=n_fun, n_grad=0, success=success)
 
 
-def _cubic_min(a: float, fa: float, da: float, b: float, fb: float, db: float) -> Optional[float]:
+def _cubic_min(a: float, fa: float, da: float, b: float, fb: float, db: float) -> float | None:
     """Minimiser of the cubic interpolating ``(a, fa, da)`` and ``(b, fb, db)``
     (Nocedal & Wright 2006, eq. 3.59); ``None`` if it does not exist."""
     d1 = da + db - 3.0 * (fa - fb) / (a - b)
@@ -205,7 +206,7 @@ class StrongWolfe:
         check_real(name, "c1", self.c1, 0.0, 1.0)
         check_real(name, "c2", self.c2, 0.0, 1.0)
         if not self.c1 < self.c2:
-            raise ValueError(f"{name}: need c1 < c2, got c1={self.c1!r}, c2={self.c2!r}")
+            raise BilevelValueError(f"{name}: need c1 < c2, got c1={self.c1!r}, c2={self.c2!r}")
         check_int(name, "max_steps", self.max_steps, 1)
         check_real(name, "noise", self.noise, 0.0, lo_open=False)
 
@@ -223,7 +224,7 @@ class StrongWolfe:
     ) -> LineSearchResult:
         """Search along ``d`` from ``x`` (see :class:`BacktrackingArmijo` for the arguments)."""
         if batched:
-            raise NotImplementedError("StrongWolfe does not support batched (multi-task) line searches")
+            raise UnsupportedError("StrongWolfe does not support batched (multi-task) line searches")
         check_real(type(self).__name__, "initial_step", initial_step, 0.0)
         phi0 = float(f0)
         dphi0 = float(tree_vdot(g0, d))

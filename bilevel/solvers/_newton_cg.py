@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .._result import NonFiniteError, SolverResult, Status
+from .._errors import BilevelValueError, NonFiniteError
+from .._result import SolverResult, Status
 from .._tree import (
     tree_axpy,
     tree_detach,
@@ -53,12 +54,12 @@ class NewtonCG(Solver):
 
     * when the residual ``||H p + g|| <= eta_k ||g||`` with the forcing term
       ``eta_k = min(0.5, sqrt(||g||))`` (superlinear convergence, N&W eq. 7.3; the scipy
-      choice) or the fixed ``cg_tol`` if given,
+      choice) or the fixed ``cg_rtol`` if given,
     * on non-positive curvature ``d^T H d <= 0``, returning the last iterate — or the
       steepest-descent direction ``-g`` if that happens at the first CG iteration,
     * after ``cg_maxiter`` iterations.
 
-    The outer loop stops with ``SUCCESS`` when ``||g|| <= tol * max(1, ||g0||)``,
+    The outer loop stops with ``SUCCESS`` when ``||g|| <= rtol * max(1, ||g0||)``,
     ``MAX_ITERATIONS`` after ``maxiter`` iterations, or ``LINESEARCH_FAILED`` (that task
     keeps its last point) when backtracking finds no sufficient decrease.  A NaN/Inf
     value, gradient or Hessian-vector product at an accepted point raises
@@ -71,40 +72,40 @@ class NewtonCG(Solver):
     ``n_hvp``.
 
     Args:
-        tol: gradient-norm tolerance in (0, 1); ``None`` picks
+        rtol: gradient-norm tolerance in (0, 1); ``None`` picks
             :func:`~bilevel.solvers._base.gradient_tol` of the dtype of ``x0``
             (``eps**0.5``: float64 ~1.5e-8, float32 ~3.5e-4).
         maxiter: maximum number of Newton iterations (>= 0).
         cg_maxiter: CG iterations per Newton iteration; ``None`` means ``20 * n`` (as
             scipy), ``n`` the number of unknowns per task.
-        cg_tol: fixed relative CG tolerance in (0, 1), or ``None`` for the forcing term.
+        cg_rtol: fixed relative CG tolerance in (0, 1), or ``None`` for the forcing term.
         line_search: a :class:`BacktrackingArmijo` instance (its first trial is the full
             Newton step ``a = initial_step``, 1 by default).
     """
 
-    tol: Optional[float] = None
+    rtol: float | None = None
     maxiter: int = 50
-    cg_maxiter: Optional[int] = None
-    cg_tol: Optional[float] = None
+    cg_maxiter: int | None = None
+    cg_rtol: float | None = None
     line_search: BacktrackingArmijo = BacktrackingArmijo()
 
     supports_batched: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_tol(name, self.tol)
+        check_tol(name, self.rtol)
         check_int(name, "maxiter", self.maxiter, 0)
         if self.cg_maxiter is not None:
             check_int(name, "cg_maxiter", self.cg_maxiter, 1)
-        if self.cg_tol is not None:
-            check_real(name, "cg_tol", self.cg_tol, 0.0, 1.0)
+        if self.cg_rtol is not None:
+            check_real(name, "cg_rtol", self.cg_rtol, 0.0, 1.0)
         if not isinstance(self.line_search, BacktrackingArmijo):
-            raise ValueError(f"{name}: line_search must be a BacktrackingArmijo instance, got {self.line_search!r}")
+            raise BilevelValueError(f"{name}: line_search must be a BacktrackingArmijo instance, got {self.line_search!r}")
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         self._check_batched(batched)
         name = type(self).__name__
-        tol = self.tol if self.tol is not None else gradient_tol(tree_dtype(x0))
+        tol = self.rtol if self.rtol is not None else gradient_tol(tree_dtype(x0))
         cg_maxiter = self.cg_maxiter if self.cg_maxiter is not None else 20 * tree_size(x0, batched)
         x = tree_detach(x0)
         f, g = value_and_grad(objective, x, args, batched)
@@ -163,8 +164,8 @@ class NewtonCG(Solver):
         Written out rather than reusing :class:`~bilevel.linsolve.CG` because on negative
         curvature it must return the *last iterate* (or ``-g``), not stop with a status.
         """
-        if self.cg_tol is not None:
-            eta = torch.full_like(gnorm, self.cg_tol)
+        if self.cg_rtol is not None:
+            eta = torch.full_like(gnorm, self.cg_rtol)
         else:
             eta = torch.clamp(gnorm.sqrt(), max=0.5)
         cg_thresh = eta * gnorm

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from typing import Any, ClassVar, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.optimize
 import torch
 
+from .._errors import BilevelValueError
 from .._result import SolverResult, Status
 from .._tree import tree_detach, tree_dtype, tree_ravel, tree_unravel
 from ._base import Objective, Solver, _total, check_real, hvp, value, value_and_grad
@@ -69,20 +71,20 @@ class ScipyMinimize(Solver):
     """
 
     method: str = "L-BFGS-B"
-    tol: Optional[float] = None
-    options: Optional[Mapping[str, Any]] = dataclasses.field(default=None, hash=False)
+    tol: float | None = None
+    options: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     supports_batched: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         if not isinstance(self.method, str) or self.method.lower() not in {m.lower() for m in SCIPY_METHODS}:
-            raise ValueError(f"{name}: unknown method {self.method!r}; expected one of {', '.join(SCIPY_METHODS)}")
+            raise BilevelValueError(f"{name}: unknown method {self.method!r}; expected one of {', '.join(SCIPY_METHODS)}")
         if self.tol is not None:
             check_real(name, "tol", self.tol, 0.0)
         if self.options is not None:
             if not isinstance(self.options, Mapping):
-                raise ValueError(f"{name}: options must be a dict, got {type(self.options).__name__}")
+                raise BilevelValueError(f"{name}: options must be a dict, got {type(self.options).__name__}")
             object.__setattr__(self, "options", types.MappingProxyType(dict(self.options)))
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:

@@ -16,7 +16,13 @@ See ``README_SECTION.md`` ("Testing your own implicit layer") for a walk-through
 
 from __future__ import annotations
 
-from ._gradcheck import GradCheckEntry, GradCheckError, GradCheckReport, check_implicit_grad, default_tolerances
+from ._gradcheck import (
+    GradCheckEntry,
+    GradCheckError,
+    GradCheckReport,
+    check_implicit_grad,
+    default_tolerances,
+)
 from ._problems import (
     DTYPES,
     PARAM_KINDS,
@@ -38,12 +44,12 @@ from ._problems import (
 
 __all__ = [
     "DTYPES",
+    "PARAM_KINDS",
+    "PROBLEM_NAMES",
     "GradCheckEntry",
     "GradCheckError",
     "GradCheckReport",
     "Layout",
-    "PARAM_KINDS",
-    "PROBLEM_NAMES",
     "Problem",
     "check_implicit_grad",
     "default_tolerances",

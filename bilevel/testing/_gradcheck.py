@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._errors import BilevelError, BilevelTypeError, BilevelValueError
 from .._tree import TreeDef, tree_flatten, tree_unflatten
 
 __all__ = ["GradCheckEntry", "GradCheckError", "GradCheckReport", "check_implicit_grad", "default_tolerances"]
@@ -53,7 +55,7 @@ class GradCheckEntry:
     """
 
     input: str
-    direction: Optional[int]
+    direction: int | None
     kind: str
     analytic: float
     reference: float
@@ -141,7 +143,7 @@ class GradCheckReport:
         return "\n".join(out)
 
 
-class GradCheckError(AssertionError):
+class GradCheckError(BilevelError, AssertionError):
     """Raised by :func:`check_implicit_grad` when a comparison fails; ``.report`` holds the report."""
 
     def __init__(self, report: GradCheckReport) -> None:
@@ -156,11 +158,11 @@ def _dt(dtype: torch.dtype) -> str:
 def default_tolerances(
     dtype: torch.dtype,
     *,
-    fd_dtype: Optional[torch.dtype] = None,
-    solver_tol: Optional[float] = None,
+    fd_dtype: torch.dtype | None = None,
+    solver_tol: float | None = None,
     scale: float = 1.0,
     value_scale: float = 1.0,
-    eps: Optional[float] = None,
+    eps: float | None = None,
 ) -> tuple[float, float, float]:
     """The default ``(eps, rtol, atol)`` of :func:`check_implicit_grad` (see there).
 
@@ -198,7 +200,7 @@ class _Input:
         self.label = f"inputs[{index}]"
         self.obj = obj
         self.leaves: list[Tensor] = []
-        self.treedef: Optional[TreeDef] = None
+        self.treedef: TreeDef | None = None
         try:
             self.leaves, self.treedef = tree_flatten(obj)
         except TypeError:
@@ -207,7 +209,7 @@ class _Input:
             i for i, t in enumerate(self.leaves) if t.requires_grad and t.dtype.is_floating_point
         ]
 
-    def rebuild(self, replace: dict[int, Tensor], cast: Optional[torch.dtype]) -> Any:
+    def rebuild(self, replace: dict[int, Tensor], cast: torch.dtype | None) -> Any:
         if self.treedef is None:
             return self.obj
         leaves = []
@@ -220,26 +222,26 @@ class _Input:
         return tree_unflatten(self.treedef, leaves)
 
 
-def _reduce(out: Any, cot: Optional[list[Tensor]], seed: int) -> tuple[Tensor, list[Tensor]]:
+def _reduce(out: Any, cot: list[Tensor] | None, seed: int) -> tuple[Tensor, list[Tensor]]:
     """Scalar ``<c, out>`` with a fixed random cotangent ``c`` (``out`` itself if a scalar)."""
     try:
         leaves, _ = tree_flatten(out)
     except TypeError as e:
-        raise TypeError(f"check_implicit_grad: fn must return a tensor or a tensor tree: {e}") from None
+        raise BilevelTypeError(f"check_implicit_grad: fn must return a tensor or a tensor tree: {e}") from None
     if not leaves:
-        raise ValueError("check_implicit_grad: fn returned an empty tree")
+        raise BilevelValueError("check_implicit_grad: fn returned an empty tree")
     if len(leaves) == 1 and leaves[0].dim() == 0:
         return leaves[0], []
     if cot is None:
         g = torch.Generator().manual_seed(seed + 7919)
         cot = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in leaves]
     if len(cot) != len(leaves) or any(c.shape != t.shape for c, t in zip(cot, leaves)):
-        raise ValueError("check_implicit_grad: fn returned outputs of different shapes at different inputs")
+        raise BilevelValueError("check_implicit_grad: fn returned outputs of different shapes at different inputs")
     s = sum((c.to(dtype=t.dtype, device=t.device) * t).sum() for c, t in zip(cot, leaves))
     return s, cot  # type: ignore[return-value]
 
 
-def _entry(inp: str, k: Optional[int], kind: str, a: float, r: float, atol: float, rtol: float) -> GradCheckEntry:
+def _entry(inp: str, k: int | None, kind: str, a: float, r: float, atol: float, rtol: float) -> GradCheckEntry:
     err = abs(a - r)
     tol = atol + rtol * abs(r)
     finite = math.isfinite(a) and math.isfinite(r)
@@ -252,11 +254,11 @@ def check_implicit_grad(
     inputs: Any,
     *,
     directions: int = 3,
-    eps: Optional[float] = None,
-    rtol: Optional[float] = None,
-    atol: Optional[float] = None,
-    solver_tol: Optional[float] = None,
-    unrolled: Optional[Callable[..., Any]] = None,
+    eps: float | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    solver_tol: float | None = None,
+    unrolled: Callable[..., Any] | None = None,
     upcast: bool = False,
     raise_exception: bool = True,
     seed: int = 0,
@@ -322,17 +324,17 @@ def check_implicit_grad(
         ValueError: if no input requires grad, or ``directions < 1``.
     """
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
-        raise ValueError(f"check_implicit_grad: directions must be an int >= 1, got {directions!r}")
+        raise BilevelValueError(f"check_implicit_grad: directions must be an int >= 1, got {directions!r}")
     if solver_tol is not None and not (solver_tol >= 0 and math.isfinite(solver_tol)):
-        raise ValueError(f"check_implicit_grad: solver_tol must be finite and >= 0, got {solver_tol!r}")
+        raise BilevelValueError(f"check_implicit_grad: solver_tol must be finite and >= 0, got {solver_tol!r}")
     if eps is not None and not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"check_implicit_grad: eps must be finite and > 0, got {eps!r}")
+        raise BilevelValueError(f"check_implicit_grad: eps must be finite and > 0, got {eps!r}")
     if not isinstance(inputs, tuple):
         inputs = (inputs,)
     ins = [_Input(i, obj) for i, obj in enumerate(inputs)]
     checked = [inp for inp in ins if inp.checked]
     if not checked:
-        raise ValueError("check_implicit_grad: no input requires grad; nothing to check")
+        raise BilevelValueError("check_implicit_grad: no input requires grad; nothing to check")
     dtype = checked[0].leaves[checked[0].checked[0]].dtype
     fd_dtype = torch.float64 if upcast else dtype
     cast = torch.float64 if upcast else None
@@ -342,7 +344,7 @@ def check_implicit_grad(
     out = fn(*inputs)
     s, cot = _reduce(out, None, seed)
     targets = [inp.leaves[i] for inp in checked for i in inp.checked]
-    grads: list[Optional[Tensor]] = [None] * len(targets)
+    grads: list[Tensor | None] = [None] * len(targets)
     if s.requires_grad:
         grads = list(torch.autograd.grad(s, targets, allow_unused=True))
     else:

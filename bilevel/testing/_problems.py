@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 from .. import linsolve as _ls
 from .. import solvers as _solvers
+from .._errors import BilevelValueError
 from .._layers import Argmin, Proximal
 from .._tree import default_tol, tree_axpy, tree_flatten, tree_unflatten
 
@@ -84,9 +86,9 @@ class Layout:
         return torch.cat([tree[name].reshape(-1) for name, _ in self.specs])
 
 
-def _layout(kind: str, n: int, specs: Optional[Sequence[tuple[str, tuple[int, ...]]]] = None) -> Layout:
+def _layout(kind: str, n: int, specs: Sequence[tuple[str, tuple[int, ...]]] | None = None) -> Layout:
     if kind not in PARAM_KINDS:
-        raise ValueError(f"param_kind must be one of {PARAM_KINDS}, got {kind!r}")
+        raise BilevelValueError(f"param_kind must be one of {PARAM_KINDS}, got {kind!r}")
     if specs is None:
         # Weights and a 0-d "bias": exercises scalar leaves in trees.
         specs = (("w", (n - 1,)), ("b", ()))
@@ -139,7 +141,7 @@ class Problem:
     L: float
     seed: int
     info: str = ""
-    quadratic: Optional[tuple[Tensor, Tensor]] = None
+    quadratic: tuple[Tensor, Tensor] | None = None
     layout: Layout = dataclasses.field(default=None)  # type: ignore[assignment]
 
     def __repr__(self) -> str:
@@ -198,12 +200,12 @@ class Problem:
     @property
     def solver(self) -> _solvers.NewtonCG:
         """A tight inner solver for this problem (Newton-CG)."""
-        return _solvers.NewtonCG(tol=self.newton_tol, maxiter=100)
+        return _solvers.NewtonCG(rtol=self.newton_tol, maxiter=100)
 
     @property
     def linsolve(self) -> _ls.CG:
         """A tight backward linear solver for this problem (CG)."""
-        return _ls.CG(tol=self.linsolve_tol)
+        return _ls.CG(rtol=self.linsolve_tol)
 
     @property
     def solver_tol(self) -> float:
@@ -228,7 +230,7 @@ class Problem:
         """``Argmin(argmin_objective, solver, linsolve)`` with the tight defaults."""
         return Argmin(self.argmin_objective, solver or self.solver, linsolve or self.linsolve, **kw)
 
-    def proximal_meta_loss(self, layer: Optional[Proximal] = None) -> Callable[..., Tensor]:
+    def proximal_meta_loss(self, layer: Proximal | None = None) -> Callable[..., Tensor]:
         """``f(theta, lam=None) = outer(phi*(theta))`` through a proximal layer."""
         layer = layer or self.proximal_layer()
 
@@ -237,7 +239,7 @@ class Problem:
 
         return f
 
-    def argmin_meta_loss(self, layer: Optional[Argmin] = None) -> Callable[..., Tensor]:
+    def argmin_meta_loss(self, layer: Argmin | None = None) -> Callable[..., Tensor]:
         """``f(theta) = outer(x*(theta))`` through an argmin layer started at :attr:`x0`."""
         layer = layer or self.argmin_layer()
 
@@ -246,7 +248,7 @@ class Problem:
 
         return f
 
-    def unrolled_proximal_meta_loss(self, steps: int = 300, lr: Optional[float] = None) -> Callable[..., Tensor]:
+    def unrolled_proximal_meta_loss(self, steps: int = 300, lr: float | None = None) -> Callable[..., Tensor]:
         """``f(theta, lam=None)`` by differentiating through ``steps`` gradient steps.
 
         Starts at theta (as unrolled MAML does) with step ``lr = 1/(L + lam)``; the unrolled
@@ -269,7 +271,7 @@ class Problem:
 
         return f
 
-    def unrolled_argmin_meta_loss(self, steps: int = 300, lr: Optional[float] = None) -> Callable[..., Tensor]:
+    def unrolled_argmin_meta_loss(self, steps: int = 300, lr: float | None = None) -> Callable[..., Tensor]:
         """``f(theta)`` by differentiating through ``steps`` gradient steps from :attr:`x0`
         (step ``1 / (L + 3 lam/2)``)."""
 
@@ -314,7 +316,7 @@ class Problem:
 
     def _quad(self) -> tuple[Tensor, Tensor]:
         if self.quadratic is None:
-            raise ValueError(f"{self.name}: no closed form (the inner loss is not quadratic)")
+            raise BilevelValueError(f"{self.name}: no closed form (the inner loss is not quadratic)")
         return self.quadratic
 
 
@@ -332,7 +334,7 @@ def _finish(
     dtype: torch.dtype,
     seed: int,
     info: str = "",
-    quadratic: Optional[tuple[Tensor, Tensor]] = None,
+    quadratic: tuple[Tensor, Tensor] | None = None,
 ) -> Problem:
     """Wrap flat float64 functions into tree-valued ones in ``dtype``."""
     data_t = tuple(d.to(dtype) if d.dtype.is_floating_point else d for d in data)
@@ -381,9 +383,9 @@ def make_quadratic(dim: int, condition: float, dtype: torch.dtype, param_kind: s
     log-uniform in ``[0.1, 10]``; the outer loss is ``1/2 ||z - c||^2 + 1/2 sum sin(z)``.
     """
     if dim < 1 or (param_kind != "tensor" and dim < 2):
-        raise ValueError(f"dim must be >= 1 (>= 2 for trees), got {dim}")
+        raise BilevelValueError(f"dim must be >= 1 (>= 2 for trees), got {dim}")
     if not condition >= 1:
-        raise ValueError(f"condition must be >= 1, got {condition}")
+        raise BilevelValueError(f"condition must be >= 1, got {condition}")
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=_D))
     eig = condition ** torch.linspace(-0.5, 0.5, dim, dtype=_D) if dim > 1 else torch.ones(1, dtype=_D)
@@ -437,7 +439,7 @@ def _regression_draws(dim: int, seed: int) -> tuple[int, Tensor, Tensor, float, 
         log-uniform in ``[0.01, 1]``, ``lam`` in ``[0.1, 10]``, and the starting points.
     """
     if dim < 2:
-        raise ValueError(f"dim must be >= 2, got {dim}")
+        raise BilevelValueError(f"dim must be >= 2, got {dim}")
     g = torch.Generator().manual_seed(seed)
     m = 2 * dim + 4
     Xa, sa = _regression_data(g, m, dim)
@@ -531,7 +533,7 @@ def make_softmax(features: int, classes: int, dtype: torch.dtype, param_kind: st
     The outer loss is the validation cross-entropy.
     """
     if features < 1 or classes < 2:
-        raise ValueError(f"need features >= 1 and classes >= 2, got {features}, {classes}")
+        raise BilevelValueError(f"need features >= 1 and classes >= 2, got {features}, {classes}")
     g = torch.Generator().manual_seed(seed)
     m = 3 * classes * (features + 1)
     X = torch.randn(2 * m, features, generator=g, dtype=_D)
@@ -598,7 +600,7 @@ def make_mlp(inputs: int, hidden: int, dtype: torch.dtype, param_kind: str, seed
     ``lam`` doubled until the smallest Hessian eigenvalue there is >= lam/8.
     """
     if inputs < 1 or hidden < 1:
-        raise ValueError(f"need inputs >= 1 and hidden >= 1, got {inputs}, {hidden}")
+        raise BilevelValueError(f"need inputs >= 1 and hidden >= 1, got {inputs}, {hidden}")
     g = torch.Generator().manual_seed(seed)
     m = 8
     X = torch.randn(2 * m, inputs, generator=g, dtype=_D)
@@ -636,7 +638,7 @@ def make_mlp(inputs: int, hidden: int, dtype: torch.dtype, param_kind: str, seed
     lam = max(1.0, 4.0 * max(0.0, -mu))
     lay = _layout(param_kind, n, specs)
     # Verify at the solutions (float64, flat coordinates) and strengthen lam if needed.
-    solver = _solvers.NewtonCG(tol=1e-10, maxiter=100)
+    solver = _solvers.NewtonCG(rtol=1e-10, maxiter=100)
     for _ in range(8):
         w_lo = 0.5 * lam
 
@@ -695,7 +697,7 @@ def _ints(spec: IntSpec, name: str, lo: int) -> Any:
     st = _st()
     a, b = (spec, spec) if isinstance(spec, int) else spec
     if not (isinstance(a, int) and isinstance(b, int) and lo <= a <= b):
-        raise ValueError(f"{name} must be an int >= {lo} or a range (lo, hi) with {lo} <= lo <= hi, got {spec!r}")
+        raise BilevelValueError(f"{name} must be an int >= {lo} or a range (lo, hi) with {lo} <= lo <= hi, got {spec!r}")
     return st.integers(a, b)
 
 
@@ -703,7 +705,7 @@ def _choice(spec: Any, name: str, allowed: Sequence[Any]) -> Any:
     st = _st()
     vals = [spec] if isinstance(spec, (str, torch.dtype)) else list(spec)
     if not vals or any(v not in allowed for v in vals):
-        raise ValueError(f"{name} must be one of {tuple(allowed)} or a sequence of them, got {spec!r}")
+        raise BilevelValueError(f"{name} must be one of {tuple(allowed)} or a sequence of them, got {spec!r}")
     return st.sampled_from(vals)
 
 
@@ -754,7 +756,7 @@ def quadratic_problems(
         # Drawn in log space so that condition numbers spread over the decades.
         cond = st.floats(math.log(lo), math.log(hi)).map(math.exp) if hi > lo else st.just(lo)
     if not 1.0 <= lo <= hi:
-        raise ValueError(f"condition must be >= 1 (or a range 1 <= lo <= hi), got {condition!r}")
+        raise BilevelValueError(f"condition must be >= 1 (or a range 1 <= lo <= hi), got {condition!r}")
     return _builds(make_quadratic, dtype, param_kind, dim=_ints(dim, "dim", 2), condition=cond)
 
 
@@ -812,9 +814,9 @@ def problems(
     """
     st = _st()
     if not names or any(n not in PROBLEM_NAMES for n in names):
-        raise ValueError(f"names must be a non-empty subset of {PROBLEM_NAMES}, got {names!r}")
+        raise BilevelValueError(f"names must be a non-empty subset of {PROBLEM_NAMES}, got {names!r}")
     if not (isinstance(max_dim, int) and max_dim >= 4):
-        raise ValueError(f"max_dim must be an int >= 4, got {max_dim!r}")
+        raise BilevelValueError(f"max_dim must be an int >= 4, got {max_dim!r}")
     kw: dict[str, Any] = {"dtype": dtype, "param_kind": param_kind}
     d = (2, max_dim)
     out = []

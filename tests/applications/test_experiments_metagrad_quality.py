@@ -62,7 +62,7 @@ PD_EIGS = [-1.0, -0.3, 0.2, 0.5, 1.0, 2.0, 3.0]
 LAM = 1.5
 
 
-@pytest.mark.parametrize("linsolve", [CG(tol=1e-13, maxiter=100), MINRES(tol=1e-13, maxiter=100)], ids=["cg", "minres"])
+@pytest.mark.parametrize("linsolve", [CG(rtol=1e-13, maxiter=100), MINRES(rtol=1e-13, maxiter=100)], ids=["cg", "minres"])
 def test_implicit_matches_dense_formula(linsolve):
     H, _, w, theta, inner, outer = _problem(PD_EIGS)
     phi = {k: v + 0.1 for k, v in theta.items()}  # any point: H is constant on a quadratic
@@ -79,9 +79,9 @@ def test_implicit_indefinite_minres_and_damping():
     phi = {k: 0.5 * v for k, v in theta.items()}
     lam, delta = 0.5, 1.0
     eye = torch.eye(DIM, dtype=DT)
-    exact = mq.implicit_meta_gradient(inner, outer, theta, lam, MINRES(tol=1e-13, maxiter=200), phi=phi)
+    exact = mq.implicit_meta_gradient(inner, outer, theta, lam, MINRES(rtol=1e-13, maxiter=200), phi=phi)
     torch.testing.assert_close(mq.flatten(exact.grad), lam * torch.linalg.solve(H + lam * eye, _v(phi, w)), rtol=1e-8, atol=1e-10)
-    damped = mq.implicit_meta_gradient(inner, outer, theta, lam, CG(tol=1e-13, maxiter=100), phi=phi, damping=delta)
+    damped = mq.implicit_meta_gradient(inner, outer, theta, lam, CG(rtol=1e-13, maxiter=100), phi=phi, damping=delta)
     torch.testing.assert_close(
         mq.flatten(damped.grad), lam * torch.linalg.solve(H + (lam + delta) * eye, _v(phi, w)), rtol=1e-9, atol=1e-11
     )
@@ -131,7 +131,7 @@ def test_unrolled_tends_to_implicit():
     for steps in (2, 10, 40, 300):
         unrolled = mq.unrolled_meta_gradient(inner, outer, theta, LAM, lr=lr, steps=steps)
         phi = mq.proximal_gd(inner, theta, LAM, lr, steps)
-        implicit = mq.implicit_meta_gradient(inner, outer, theta, LAM, MINRES(tol=1e-13, maxiter=100), phi=phi)
+        implicit = mq.implicit_meta_gradient(inner, outer, theta, LAM, MINRES(rtol=1e-13, maxiter=100), phi=phi)
         errs.append(mq.relative_error(unrolled, implicit.grad))
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 1e-8
@@ -140,7 +140,7 @@ def test_unrolled_tends_to_implicit():
 def test_implicit_with_gd_solver_runs_the_forward():
     H, c, w, theta, inner, outer = _problem(PD_EIGS, seed=4)
     gd = bilevel.solvers.GradientDescent(lr=0.2, steps=300)
-    r = mq.implicit_meta_gradient(inner, outer, theta, LAM, CG(tol=1e-13, maxiter=100), solver=gd)
+    r = mq.implicit_meta_gradient(inner, outer, theta, LAM, CG(rtol=1e-13, maxiter=100), solver=gd)
     eye = torch.eye(DIM, dtype=DT)
     phi_star = torch.linalg.solve(H + LAM * eye, LAM * mq.flatten(theta) - c)
     torch.testing.assert_close(mq.flatten(r.phi), phi_star, rtol=1e-9, atol=1e-10)

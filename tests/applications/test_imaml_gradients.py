@@ -91,7 +91,7 @@ def _unflat(v: torch.Tensor, like: dict, keys: list[str]) -> dict:
 
 def _tight_layer(learner: MetaLearner, lam: float) -> bilevel.Proximal:
     return bilevel.Proximal(
-        learner.support_loss, lam=lam, solver=NewtonCG(tol=1e-13, maxiter=200), linsolve=CG(tol=1e-13, maxiter=1000),
+        learner.support_loss, lam=lam, solver=NewtonCG(rtol=1e-13, maxiter=200), linsolve=CG(rtol=1e-13, maxiter=1000),
         on_failure="raise",
     )
 

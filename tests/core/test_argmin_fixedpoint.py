@@ -36,7 +36,7 @@ def dense_ift_grad(theta: torch.Tensor, x_star: torch.Tensor, X: torch.Tensor, y
 def test_argmin_logistic_matches_dense_reference() -> None:
     X, y = logistic_data()
     theta = torch.linspace(-2, 1, 5, dtype=DT).requires_grad_(True)
-    layer = Argmin(logreg, solver=DenseNewton(), linsolve=CG(tol=1e-13))
+    layer = Argmin(logreg, solver=DenseNewton(), linsolve=CG(rtol=1e-13))
     x = layer(torch.zeros(5, dtype=DT), theta, X, y)
     gx = torch.func.grad(logreg)(x.detach(), theta.detach(), X, y)
     assert float(gx.norm()) < 1e-10
@@ -48,7 +48,7 @@ def test_argmin_logistic_matches_dense_reference() -> None:
 def test_argmin_gradient_independent_of_initial_point() -> None:
     X, y = logistic_data(seed=1)
     theta = torch.zeros(5, dtype=DT, requires_grad=True)
-    layer = Argmin(logreg, solver=DenseNewton(), linsolve=CG(tol=1e-13))
+    layer = Argmin(logreg, solver=DenseNewton(), linsolve=CG(rtol=1e-13))
     grads = []
     for x0 in (torch.zeros(5, dtype=DT), torch.full((5,), 3.0, dtype=DT)):
         x = layer(x0, theta, X, y)
@@ -61,7 +61,7 @@ def test_implicit_gradient_is_limit_of_unrolled() -> None:
     X, y = logistic_data(seed=2)
     theta = torch.full((5,), -1.0, dtype=DT, requires_grad=True)
     x0 = torch.zeros(5, dtype=DT)
-    layer = Argmin(logreg, solver=DenseNewton(), linsolve=CG(tol=1e-13))
+    layer = Argmin(logreg, solver=DenseNewton(), linsolve=CG(rtol=1e-13))
     (g_imp,) = torch.autograd.grad(layer(x0, theta, X, y).sum(), theta)
 
     def unrolled(steps: int) -> torch.Tensor:
@@ -95,7 +95,7 @@ def test_fixed_point_matches_dense_reference() -> None:
                 x = f(x, *args)
             return bilevel.SolverResult(x=x, status=bilevel.Status.COMPLETED, iterations=200)
 
-    layer = FixedPoint(fn, solver=Iterate(), linsolve=bilevel.linsolve.GMRES(tol=1e-13))
+    layer = FixedPoint(fn, solver=Iterate(), linsolve=bilevel.linsolve.GMRES(rtol=1e-13))
     x = layer(torch.zeros(n, dtype=DT), W, U, a)
     v = torch.linspace(-1, 1, n, dtype=DT)
     got = torch.autograd.grad((x * v).sum(), (W, U, a))
@@ -148,7 +148,7 @@ def test_batched_argmin_equals_looped(strategy: str) -> None:
     Xb = torch.stack([X, X.flip(0) * 0.7, X * 1.3])
     yb = torch.stack([y, y.flip(0), -y])
     theta = torch.tensor([-1.0, 0.0, 0.5, -0.3, 0.2], dtype=DT, requires_grad=True)
-    layer = Argmin(logreg, solver=PlainGD(lr=0.5, steps=1500), linsolve=CG(tol=1e-12))
+    layer = Argmin(logreg, solver=PlainGD(lr=0.5, steps=1500), linsolve=CG(rtol=1e-12))
     xb = layer(torch.zeros(3, 5, dtype=DT), theta, Xb, yb, batched=strategy, in_dims=(None, 0, 0))
     (gb,) = torch.autograd.grad((xb**2).sum(), theta)
     gl = torch.zeros(5, dtype=DT)

@@ -30,7 +30,7 @@ def _grads(strategy: str, linsolve: object, damping: float = 0.0) -> tuple[list,
     theta = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
     lam = {"w": torch.tensor(0.7, dtype=DT, requires_grad=True), "b": torch.tensor(1.3, dtype=DT, requires_grad=True)}
     xs = xs.clone().requires_grad_(True)
-    layer = Proximal(loss, solver=GradientDescent(lr=0.3, steps=60), linsolve=linsolve, damping=damping,
+    layer = Proximal(loss, solver=GradientDescent(lr=0.3, steps=60, monitor=True), linsolve=linsolve, damping=damping,
                      on_failure="ignore")
     phi = layer(theta, xs, ys, lam=lam, batched=strategy)
     out = sum((torch.sin(phi[k]) * (1 + i)).sum() for i, k in enumerate(phi))
@@ -38,7 +38,7 @@ def _grads(strategy: str, linsolve: object, damping: float = 0.0) -> tuple[list,
     return grads, {k: v.detach() for k, v in phi.items()}, layer.diagnostics
 
 
-@pytest.mark.parametrize("linsolve", [CG(tol=1e-12, maxiter=100), MINRES(maxiter=5)], ids=["cg-tight", "minres-5"])
+@pytest.mark.parametrize("linsolve", [CG(rtol=1e-12, maxiter=100), MINRES(maxiter=5)], ids=["cg-tight", "minres-5"])
 @pytest.mark.parametrize("damping", [0.0, 0.5])
 def test_vmap_and_loop_agree(linsolve: object, damping: float) -> None:
     gv, pv, dv = _grads("vmap", linsolve, damping)
@@ -59,9 +59,9 @@ def test_vmap_and_loop_agree(linsolve: object, damping: float) -> None:
 
 
 def test_auto_is_vmap_and_true_means_auto() -> None:
-    ga, _, _ = _grads("auto", CG(tol=1e-12, maxiter=100))
-    gt, _, _ = _grads(True, CG(tol=1e-12, maxiter=100))  # type: ignore[arg-type]
-    gl, _, _ = _grads("vmap", CG(tol=1e-12, maxiter=100))
+    ga, _, _ = _grads("auto", CG(rtol=1e-12, maxiter=100))
+    gt, _, _ = _grads(True, CG(rtol=1e-12, maxiter=100))  # type: ignore[arg-type]
+    gl, _, _ = _grads("vmap", CG(rtol=1e-12, maxiter=100))
     for a, b, c in zip(ga, gt, gl):
         assert torch.equal(a, c) and torch.equal(b, c)
 
@@ -83,7 +83,7 @@ def test_loop_runs_a_solver_without_batched_mode() -> None:
     def obj(x: torch.Tensor, th: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((A @ x - b) ** 2).sum() + 0.5 * ((x - th) ** 2).sum()
 
-    layer = Argmin(obj, solver=ScipyMinimize(method="L-BFGS-B", tol=1e-12), linsolve=CG(tol=1e-12))
+    layer = Argmin(obj, solver=ScipyMinimize(method="L-BFGS-B", tol=1e-12), linsolve=CG(rtol=1e-12))
     x = layer(torch.zeros(2, 4, dtype=DT), theta, A, b, batched="loop", in_dims=(None, 0, 0))
     (g_loop,) = torch.autograd.grad(x.sum(), theta)
     want = torch.zeros(4, dtype=DT)

@@ -41,7 +41,7 @@ def test_ridge_gradients_match_closed_form(per_element: bool) -> None:
     theta = torch.randn(6, generator=g, dtype=DT, requires_grad=True)
     lam0 = torch.rand(6, generator=g, dtype=DT) + 0.5 if per_element else torch.tensor(0.8, dtype=DT)
     lam = lam0.clone().requires_grad_(True)
-    layer = Proximal(sq_loss, lam, solver=DenseNewton(), linsolve=CG(tol=1e-13))
+    layer = Proximal(sq_loss, lam, solver=DenseNewton(), linsolve=CG(rtol=1e-13))
     phi = layer(theta, X, y)
     gt, gl = torch.autograd.grad(outer(phi), (theta, lam))
 
@@ -69,7 +69,7 @@ def test_dict_theta_per_layer_lam_matches_closed_form() -> None:
     def loss(p: dict, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((X @ p["w"] + p["b"] - y) ** 2).mean()
 
-    layer = Proximal(loss, lam, solver=DenseNewton(), linsolve=CG(tol=1e-13))
+    layer = Proximal(loss, lam, solver=DenseNewton(), linsolve=CG(rtol=1e-13))
     phi = layer(theta, X, y)
     assert set(phi) == {"w", "b"} and phi["b"].shape == ()
     leaves = [theta["w"], theta["b"], lam["w"], lam["b"]]
@@ -91,7 +91,7 @@ def test_gradcheck_proximal() -> None:
     X, y = ridge_data(n=12, d=3, seed=5)
 
     def f(theta: torch.Tensor, lam: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        layer = Proximal(sq_loss, solver=DenseNewton(), linsolve=CG(tol=1e-14))
+        layer = Proximal(sq_loss, solver=DenseNewton(), linsolve=CG(rtol=1e-14))
         return layer(theta, X, y, lam=lam)
 
     theta = torch.randn(3, dtype=DT, requires_grad=True)
@@ -120,7 +120,7 @@ def test_batched_equals_looped(strategy: str) -> None:
     """One batched call over B tasks == the sum of B single-task calls (θ and λ gradients)."""
     theta, xs, ys = _mlp_problem()
     lam = torch.tensor(2.0, dtype=DT, requires_grad=True)
-    layer = Proximal(mlp_loss, lam, solver=PlainGD(lr=0.2, steps=400), linsolve=CG(tol=1e-12))
+    layer = Proximal(mlp_loss, lam, solver=PlainGD(lr=0.2, steps=400), linsolve=CG(rtol=1e-12))
     phi = layer(theta, xs, ys, batched=strategy)
     assert phi["w1"].shape == (5, 8, 3)
     loss = sum((phi[k] ** 2).sum() for k in phi)
@@ -199,7 +199,7 @@ def test_no_graph_kept_on_layer() -> None:
 def test_dense_linsolve_agrees_with_cg() -> None:
     theta, xs, ys = _mlp_problem(3)
     grads = []
-    for ls in (CG(tol=1e-13), ls_mod.Dense()):
+    for ls in (CG(rtol=1e-13), ls_mod.Dense()):
         layer = Proximal(mlp_loss, 1.5, solver=PlainGD(lr=0.2, steps=300), linsolve=ls)
         phi = layer(theta, xs[0], ys[0])
         grads.append(torch.autograd.grad(sum((v**2).sum() for v in phi.values()), list(theta.values())))
@@ -228,7 +228,7 @@ class _CubeNoForwardAD(torch.autograd.Function):
 def test_hvp_modes_agree_with_closed_form(hvp: str) -> None:
     X, y = ridge_data(seed=7)
     theta = torch.randn(6, generator=torch.Generator().manual_seed(10), dtype=DT, requires_grad=True)
-    layer = Proximal(sq_loss, 0.8, solver=DenseNewton(), linsolve=CG(tol=1e-13), hvp=hvp)
+    layer = Proximal(sq_loss, 0.8, solver=DenseNewton(), linsolve=CG(rtol=1e-13), hvp=hvp)
     (g,) = torch.autograd.grad(outer(layer(theta, X, y)), theta)
     th2 = theta.detach().clone().requires_grad_(True)
     (g2,) = torch.autograd.grad(outer(closed_form(th2, torch.tensor(0.8, dtype=DT), X, y)), th2)
@@ -245,11 +245,11 @@ def test_forward_mode_falls_back_to_reverse_mode() -> None:
     theta = (0.3 * torch.randn(6, generator=torch.Generator().manual_seed(9), dtype=DT)).requires_grad_(True)
     grads = []
     for hvp in ("forward", "reverse"):
-        layer = Proximal(loss, 1.0, solver=PlainGD(lr=0.2, steps=600), linsolve=CG(tol=1e-12), hvp=hvp)
+        layer = Proximal(loss, 1.0, solver=PlainGD(lr=0.2, steps=600), linsolve=CG(rtol=1e-12), hvp=hvp)
         grads.append(torch.autograd.grad(outer(layer(theta, X, y)), theta)[0])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
     # And both equal the dense reference (I + H/λ)^{-1} v with H from torch.func.hessian.
-    layer = Proximal(loss, 1.0, solver=PlainGD(lr=0.2, steps=600), linsolve=CG(tol=1e-12))
+    layer = Proximal(loss, 1.0, solver=PlainGD(lr=0.2, steps=600), linsolve=CG(rtol=1e-12))
     phi = layer(theta, X, y).detach().requires_grad_(True)
     (v,) = torch.autograd.grad(outer(phi), phi)
     H = torch.autograd.functional.hessian(lambda w: loss(w, X, y), phi.detach())

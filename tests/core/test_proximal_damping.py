@@ -33,7 +33,7 @@ def test_damped_gradients_match_dense_system(hvp: str, linsolve: type) -> None:
     lam0, delta = 0.7, 1.9
     theta = theta0.clone().requires_grad_(True)
     lam = torch.tensor(lam0, dtype=DT, requires_grad=True)
-    layer = Proximal(sq_loss, solver=DenseNewton(), linsolve=linsolve(tol=1e-13, maxiter=200), damping=delta, hvp=hvp)
+    layer = Proximal(sq_loss, solver=DenseNewton(), linsolve=linsolve(rtol=1e-13, maxiter=200), damping=delta, hvp=hvp)
     phi = layer(theta, X, y, lam=lam)
     gt, gl = torch.autograd.grad((c * phi).sum() + (phi**2).sum(), (theta, lam))
 
@@ -54,7 +54,7 @@ def test_damped_gradients_match_dense_system(hvp: str, linsolve: type) -> None:
 def test_damped_batched_equals_per_task() -> None:
     X, y, theta0, c = _problem(1)
     Xb, yb = torch.stack([X, 2 * X]), torch.stack([y, -y])
-    layer = Proximal(sq_loss, lam=0.5, solver=DenseNewton(), linsolve=CG(tol=1e-13, maxiter=200), damping=0.3)
+    layer = Proximal(sq_loss, lam=0.5, solver=DenseNewton(), linsolve=CG(rtol=1e-13, maxiter=200), damping=0.3)
     theta = theta0.clone().requires_grad_(True)
     (gb,) = torch.autograd.grad((layer(theta, Xb, yb, batched=True) * c).sum(), theta)
     gl = sum(torch.autograd.grad((layer(theta, Xb[i], yb[i]) * c).sum(), theta)[0] for i in range(2))

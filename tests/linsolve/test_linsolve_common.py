@@ -53,7 +53,7 @@ def test_exports():
 @pytest.mark.parametrize("solver", ALL, ids=_id)
 def test_frozen(solver):
     with pytest.raises(dataclasses.FrozenInstanceError):
-        solver.tol = 1e-3  # type: ignore[misc]
+        solver.rtol = 1e-3  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("solver", ITERATIVE, ids=_id)
@@ -210,10 +210,10 @@ def test_bad_rhs():
 
 
 BAD = [
-    (lambda: MINRES(tol=0.0), ValueError),
-    (lambda: MINRES(tol=1.0), ValueError),
-    (lambda: GMRES(tol=-1e-3), ValueError),
-    (lambda: BiCGSTAB(tol="1e-6"), ValueError),
+    (lambda: MINRES(rtol=0.0), ValueError),
+    (lambda: MINRES(rtol=1.0), ValueError),
+    (lambda: GMRES(rtol=-1e-3), ValueError),
+    (lambda: BiCGSTAB(rtol="1e-6"), ValueError),
     (lambda: Neumann(atol=-1.0), ValueError),
     (lambda: MINRES(maxiter=0), ValueError),
     (lambda: GMRES(maxiter=2.5), ValueError),
@@ -230,11 +230,11 @@ BAD = [
     (lambda: Neumann(alpha=math.nan), ValueError),
     (lambda: Neumann(alpha="1"), ValueError),
     (lambda: Neumann(alpha=True), ValueError),
-    (lambda: Dense(tol=1e-6), TypeError),
+    (lambda: Dense(rtol=1e-6), TypeError),
     (lambda: Dense(atol=1e-6), TypeError),
     (lambda: Dense(maxiter=10), TypeError),
     (lambda: CG(preconditioner=3), TypeError),
-    (lambda: CG(tol=2.0), ValueError),
+    (lambda: CG(rtol=2.0), ValueError),
 ]
 
 
@@ -245,12 +245,12 @@ def test_bad_construction(make, exc):
 
 
 def test_good_construction():
-    assert GMRES(restart=1, maxiter=5, tol=1e-3, atol=1e-9).restart == 1
+    assert GMRES(restart=1, maxiter=5, rtol=1e-3, atol=1e-9).restart == 1
     assert Neumann(alpha=2).alpha == 2
     assert Neumann(alpha=0.1, maxiter=200).maxiter == 200
     assert repr(Dense()) == "Dense()"
     assert Dense() == Dense()
-    assert isinstance(MINRES(tol=1e-4)(lambda v: v, torch.ones(2)), LinearSolveResult)
+    assert isinstance(MINRES(rtol=1e-4)(lambda v: v, torch.ones(2)), LinearSolveResult)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +267,7 @@ def test_success_only_when_the_true_residual_meets_the_tolerance(systems, solver
     a = systems.system(system, cond=100.0).float()
     b = systems.randn(systems.n).float()
     mv = CountingMatVec(a)
-    res = solver(tol=tol, maxiter=100)(mv, b)
+    res = solver(rtol=tol, maxiter=100)(mv, b)
     true_res = (b - a @ res.x).norm()
     assert torch.allclose(res.residual_norm, true_res, rtol=1e-3)
     if res.status is Status.SUCCESS:

@@ -35,9 +35,9 @@ def _compare(res_b, singles, atol: float = 1e-12) -> None:
 @pytest.mark.parametrize(
     "solver",
     [
-        GradientDescent(lr=1.0, steps=200, tol=1e-6),
-        GradientDescent(lr=0.5, steps=200, momentum=0.5, nesterov=True, tol=1e-6),
-        Adam(lr=0.2, steps=200, tol=1e-4),
+        GradientDescent(lr=1.0, steps=200, rtol=1e-6),
+        GradientDescent(lr=0.5, steps=200, momentum=0.5, nesterov=True, rtol=1e-6),
+        Adam(lr=0.2, steps=200, rtol=1e-4),
     ],
     ids=["gd", "gd_nesterov", "adam"],
 )
@@ -58,7 +58,7 @@ def test_batched_first_order_equals_single_task(solver) -> None:
 def test_batched_gd_without_tol_completes_every_task() -> None:
     hs, bs = _quadratic_tasks()
     x0 = torch.zeros(3, 4, dtype=torch.float64)
-    solver = Adam(lr=0.01, steps=25)
+    solver = Adam(lr=0.01, steps=25, monitor=True)
     res = solver(quadratic, x0, hs, bs, batched=True)
     singles = [solver(quadratic, x0[i], hs[i], bs[i]) for i in range(3)]
     _compare(res, singles)
@@ -74,7 +74,7 @@ def test_batched_newton_cg_equals_single_task() -> None:
         return logistic_torch(w, a, y, lams)
 
     w0 = torch.zeros(3, 5, dtype=torch.float64)
-    solver = NewtonCG(tol=1e-10)
+    solver = NewtonCG(rtol=1e-10)
     res = solver(batched_obj, w0, a, y, lams, batched=True)
     singles = [solver(logistic_torch, w0[i], a, y, float(lams[i])) for i in range(3)]
     assert all(r.status is Status.SUCCESS for r in singles)
@@ -95,7 +95,7 @@ def test_batched_newton_cg_per_task_line_search_failure() -> None:
         jump = 10.0 * (x.sum(-1) < s0).to(x.dtype) * torch.tensor([0.0, 1.0, 0.0], dtype=x.dtype)
         return 0.5 * (x * x).sum(-1) + jump
 
-    res = NewtonCG(tol=1e-10)(obj, x0, hs, bs, batched=True)
+    res = NewtonCG(rtol=1e-10)(obj, x0, hs, bs, batched=True)
     assert res.task_status == (Status.SUCCESS, Status.LINESEARCH_FAILED, Status.SUCCESS)
     assert res.status is Status.LINESEARCH_FAILED
     assert torch.equal(res.x[1], x0[1])  # the failed task stays at its last point
@@ -116,7 +116,7 @@ def test_batched_fixed_point_equals_single_task() -> None:
     def fn(x, ms, cs):
         return torch.einsum("...ij,...j->...i", ms, x) + cs
 
-    solver = FixedPointIteration(tol=1e-12, maxiter=500, damping=0.9)
+    solver = FixedPointIteration(rtol=1e-12, maxiter=500, damping=0.9)
     x0 = torch.zeros(3, 4, dtype=torch.float64)
     res = solver(fn, x0, ms, cs, batched=True)
     singles = [solver(fn, x0[i], ms[i], cs[i]) for i in range(3)]
@@ -137,7 +137,7 @@ def test_batched_tree_input() -> None:
         return quadratic(x, hs, bs)
 
     x0 = (torch.zeros(3, 1, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64))
-    res = NewtonCG(tol=1e-10)(obj, x0, hs, bs, batched=True)
+    res = NewtonCG(rtol=1e-10)(obj, x0, hs, bs, batched=True)
     assert isinstance(res.x, tuple) and res.x[0].shape == (3, 1) and res.x[1].shape == (3, 3)
     assert res.status is Status.SUCCESS
     xs = torch.linalg.solve(hs, bs)

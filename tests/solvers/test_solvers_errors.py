@@ -28,7 +28,7 @@ def _linear_until_zero(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "solver",
-    [GradientDescent(lr=0.3, steps=10), GradientDescent(lr=0.3, steps=10, tol=1e-8), Adam(lr=0.3, steps=10)],
+    [GradientDescent(lr=0.3, steps=10), GradientDescent(lr=0.3, steps=10, rtol=1e-8), Adam(lr=0.3, steps=10)],
     ids=["gd", "gd_tol", "adam"],
 )
 def test_nonfinite_value_raises_naming_iteration(solver) -> None:
@@ -103,7 +103,7 @@ def test_newton_cg_nan_along_direction_is_reported() -> None:
 def test_max_iterations_status() -> None:
     h, b, _ = quadratic_problem(cond=1e3)
     x0 = torch.zeros(10, dtype=torch.float64)
-    for solver in (LBFGS(maxiter=3), NewtonCG(maxiter=1, cg_maxiter=1), GradientDescent(lr=1e-3, steps=3, tol=1e-8)):
+    for solver in (LBFGS(maxiter=3), NewtonCG(maxiter=1, cg_maxiter=1), GradientDescent(lr=1e-3, steps=3, rtol=1e-8)):
         res = solver(quadratic, x0, h, b)
         assert res.status is Status.MAX_ITERATIONS and not res.success
         assert res.iterations == getattr(solver, "maxiter", getattr(solver, "steps", None))
@@ -138,8 +138,8 @@ def test_non_tree_input_rejected() -> None:
         lambda: GradientDescent(lr=0.1, steps=10, momentum=1.0),
         lambda: GradientDescent(lr=0.1, steps=10, momentum=-0.1),
         lambda: GradientDescent(lr=0.1, steps=10, nesterov=True),
-        lambda: GradientDescent(lr=0.1, steps=10, tol=0.0),
-        lambda: GradientDescent(lr=0.1, steps=10, tol=2.0),
+        lambda: GradientDescent(lr=0.1, steps=10, rtol=0.0),
+        lambda: GradientDescent(lr=0.1, steps=10, rtol=2.0),
         lambda: GradientDescent(lr="0.1", steps=10),
         lambda: Adam(lr=0.0),
         lambda: Adam(betas=(0.9,)),
@@ -147,18 +147,18 @@ def test_non_tree_input_rejected() -> None:
         lambda: Adam(betas=(0.9, -0.1)),
         lambda: Adam(eps=0.0),
         lambda: Adam(steps=True),
-        lambda: LBFGS(tol=-1e-6),
+        lambda: LBFGS(rtol=-1e-6),
         lambda: LBFGS(maxiter=-1),
         lambda: LBFGS(history=0),
         lambda: LBFGS(line_search=BacktrackingArmijo()),
         lambda: NewtonCG(cg_maxiter=0),
-        lambda: NewtonCG(cg_tol=1.5),
+        lambda: NewtonCG(cg_rtol=1.5),
         lambda: NewtonCG(maxiter=None),
         lambda: NewtonCG(line_search=StrongWolfe()),
         lambda: FixedPointIteration(damping=0.0),
         lambda: FixedPointIteration(damping=1.5),
         lambda: FixedPointIteration(maxiter=-2),
-        lambda: FixedPointIteration(tol=1.0),
+        lambda: FixedPointIteration(rtol=1.0),
         lambda: ScipyMinimize("not-a-method"),
         lambda: ScipyMinimize(tol=-1.0),
         lambda: ScipyMinimize(options=[("maxiter", 3)]),

@@ -19,7 +19,7 @@ def quad(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("lr, stable", [(0.15, True), (0.25, False)])  # lr·H_max = 1.5 / 2.5
 def test_gd_monotone_flag_detects_oscillation(lr: float, stable: bool) -> None:
     x0 = torch.tensor([1.0, 1.0], dtype=DT)
-    res = GradientDescent(lr=lr, steps=12)(quad, x0)
+    res = GradientDescent(lr=lr, steps=12, monitor=True)(quad, x0)
     g0 = torch.linalg.vector_norm(CURV * x0)
     torch.testing.assert_close(res.grad_norm_initial, g0)
     assert bool(res.grad_norm_monotone) is stable
@@ -36,12 +36,12 @@ def test_gd_health_batched_per_task() -> None:
         return s * quad(x)
 
     batched = torch.func.vmap(obj)
-    res = GradientDescent(lr=0.15, steps=10)(batched, x0, scale, batched=True)
+    res = GradientDescent(lr=0.15, steps=10, monitor=True)(batched, x0, scale, batched=True)
     assert res.grad_norm_monotone.tolist() == [True, False]
     assert res.value_monotone.tolist() == [True, False]
     assert res.grad_norm_initial.shape == (2,)
 
 
 def test_adam_reports_health_too() -> None:
-    res = Adam(lr=0.1, steps=5)(quad, torch.tensor([1.0, -1.0], dtype=DT))
+    res = Adam(lr=0.1, steps=5, monitor=True)(quad, torch.tensor([1.0, -1.0], dtype=DT))
     assert res.grad_norm_initial is not None and res.grad_norm_monotone is not None

@@ -42,14 +42,14 @@ def _solvers_logistic(a: torch.Tensor):
     L = _lipschitz_logistic(a)
     lr = 2.0 / (L + LAM)  # the optimal fixed step for a mu-strongly convex, L-smooth function
     return {
-        "gd": GradientDescent(lr=lr, steps=2000, tol=1e-10),
-        "gd_momentum": GradientDescent(lr=1.0 / L, steps=2000, momentum=0.5, tol=1e-10),
-        "gd_nesterov": GradientDescent(lr=1.0 / L, steps=2000, momentum=0.5, nesterov=True, tol=1e-10),
+        "gd": GradientDescent(lr=lr, steps=2000, rtol=1e-10),
+        "gd_momentum": GradientDescent(lr=1.0 / L, steps=2000, momentum=0.5, rtol=1e-10),
+        "gd_nesterov": GradientDescent(lr=1.0 / L, steps=2000, momentum=0.5, nesterov=True, rtol=1e-10),
         # Adam with a constant step is not guaranteed to converge (its second-moment estimate
         # decays once g -> 0 and the effective step grows), so it is used with a tolerance.
-        "adam": Adam(lr=0.03, steps=3000, tol=1e-10),
-        "lbfgs": LBFGS(tol=1e-10),
-        "newton_cg": NewtonCG(tol=1e-10),
+        "adam": Adam(lr=0.03, steps=3000, rtol=1e-10),
+        "lbfgs": LBFGS(rtol=1e-10),
+        "newton_cg": NewtonCG(rtol=1e-10),
         "scipy_lbfgsb": ScipyMinimize("L-BFGS-B", options={"gtol": 1e-11, "ftol": 0.0}),
         "scipy_newton_cg": ScipyMinimize("Newton-CG", options={"xtol": 1e-12}),
     }
@@ -107,7 +107,7 @@ def test_float32_default_tolerance_is_reached(solver) -> None:
 
 @pytest.mark.parametrize(
     "solver",
-    [LBFGS(tol=1e-10), NewtonCG(tol=1e-10), ScipyMinimize("L-BFGS-B", options={"gtol": 1e-11, "ftol": 0.0})],
+    [LBFGS(rtol=1e-10), NewtonCG(rtol=1e-10), ScipyMinimize("L-BFGS-B", options={"gtol": 1e-11, "ftol": 0.0})],
     ids=["lbfgs", "newton_cg", "scipy"],
 )
 @pytest.mark.parametrize("kind", ["dict", "tuple"])
@@ -138,7 +138,7 @@ def test_tree_inputs_gradient_descent_dict() -> None:
     a1 = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)  # bias as a feature
     L = _lipschitz_logistic(a1)
     x0 = {"w": torch.zeros(5, dtype=torch.float64), "b": torch.zeros((), dtype=torch.float64)}
-    res = GradientDescent(lr=2.0 / (L + LAM), steps=3000, tol=1e-10)(logistic_dict, x0, a, y)
+    res = GradientDescent(lr=2.0 / (L + LAM), steps=3000, rtol=1e-10)(logistic_dict, x0, a, y)
     assert res.status is Status.SUCCESS
     assert float((torch.cat([res.x["w"], res.x["b"].reshape(1)]) - ref).norm()) < 1e-8
 
@@ -158,13 +158,13 @@ def test_x0_requiring_grad_is_not_differentiated_through(solver) -> None:
 
 
 # -- ill-conditioned quadratic ------------------------------------------------------------
-@pytest.mark.parametrize("solver", [LBFGS(tol=1e-8), NewtonCG(tol=1e-10)], ids=["lbfgs", "newton_cg"])
+@pytest.mark.parametrize("solver", [LBFGS(rtol=1e-8), NewtonCG(rtol=1e-10)], ids=["lbfgs", "newton_cg"])
 def test_ill_conditioned_quadratic(solver) -> None:
     h, b, xs = quadratic_problem(cond=1e3)
     res = solver(quadratic, torch.zeros(10, dtype=torch.float64), h, b)
     assert res.status is Status.SUCCESS
     g = h @ res.x - b
-    assert float(g.norm()) <= solver.tol * max(1.0, float(b.norm()))
+    assert float(g.norm()) <= solver.rtol * max(1.0, float(b.norm()))
     # lambda_min(H) = 1: ||x - x*|| <= ||H x - b||.
     assert float((res.x - xs).norm()) <= float(g.norm()) * (1 + 1e-6)
     assert float((res.x - xs).norm()) < 1e-7
@@ -175,12 +175,12 @@ def test_newton_cg_far_fewer_iterations_than_gd() -> None:
     h, b, _ = quadratic_problem(cond=1e3)
     x0 = torch.zeros(10, dtype=torch.float64)
     tol = 1e-6
-    newton = NewtonCG(tol=tol)(quadratic, x0, h, b)
+    newton = NewtonCG(rtol=tol)(quadratic, x0, h, b)
     assert newton.status is Status.SUCCESS
     # GD at its best fixed step 2/(L + mu), allowed 20x Newton's iterations, must still
     # be short of the same gradient tolerance: GD needs more than 20x as many iterations.
     budget = 20 * newton.iterations
-    gd = GradientDescent(lr=2.0 / (1e3 + 1.0), steps=budget, tol=tol)(quadratic, x0, h, b)
+    gd = GradientDescent(lr=2.0 / (1e3 + 1.0), steps=budget, rtol=tol)(quadratic, x0, h, b)
     assert gd.status is Status.MAX_ITERATIONS
     assert gd.iterations == budget
     assert float(gd.grad_norm) > tol * max(1.0, float(b.norm()))
@@ -193,9 +193,9 @@ def test_first_order_on_well_conditioned_quadratic(name: str) -> None:
     # conditioned one is covered by the Newton-CG vs GD comparison above).
     h, b, xs = quadratic_problem(cond=10.0)
     solver = (
-        GradientDescent(lr=2.0 / (10.0 + 1.0), steps=1000, tol=1e-10)
+        GradientDescent(lr=2.0 / (10.0 + 1.0), steps=1000, rtol=1e-10)
         if name == "gd"
-        else Adam(lr=0.05, steps=3000, tol=1e-10)
+        else Adam(lr=0.05, steps=3000, rtol=1e-10)
     )
     res = solver(quadratic, torch.zeros(10, dtype=torch.float64), h, b)
     assert res.status is Status.SUCCESS
@@ -206,7 +206,7 @@ def test_first_order_on_well_conditioned_quadratic(name: str) -> None:
 def test_fixed_budget_is_completed() -> None:
     h, b, _ = quadratic_problem(cond=10.0)
     x0 = torch.zeros(10, dtype=torch.float64)
-    for solver in (GradientDescent(lr=0.1, steps=7), Adam(lr=0.1, steps=7)):
+    for solver in (GradientDescent(lr=0.1, steps=7, monitor=True), Adam(lr=0.1, steps=7, monitor=True)):
         res = solver(quadratic, x0, h, b)
         assert res.status is Status.COMPLETED
         assert res.iterations == 7 and res.n_fun == res.n_grad == 8
@@ -255,7 +255,7 @@ def _double_well(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("start", [(0.1, 0.0), (0.1, 1.0), (-0.3, -2.0), (0.05, 3.0)])
 def test_newton_cg_handles_negative_curvature(start) -> None:
     x0 = torch.tensor(start, dtype=torch.float64)
-    res = NewtonCG(tol=1e-12)(_double_well, x0)
+    res = NewtonCG(rtol=1e-12)(_double_well, x0)
     assert res.status is Status.SUCCESS
     # Descent from a point with f > -1/4 must end at one of the two minimisers, on the side of x0[0].
     expected = torch.tensor([np.sign(start[0]), 0.0], dtype=torch.float64)

@@ -39,19 +39,19 @@ PROBLEM: Problem = make_logistic(3, DT, "dict", 21)
 
 INNER_SOLVERS: dict[str, Callable[[float], Any]] = {
     # Each gets the objective's L (for a step size) and is configured tightly.
-    "GradientDescent": lambda L: GradientDescent(lr=1.0 / L, steps=20000, tol=1e-11),
-    "Adam": lambda L: Adam(lr=0.01, steps=20000, tol=1e-11),
-    "LBFGS": lambda L: LBFGS(tol=1e-11, maxiter=500),
-    "NewtonCG": lambda L: NewtonCG(tol=1e-11, maxiter=100),
+    "GradientDescent": lambda L: GradientDescent(lr=1.0 / L, steps=20000, rtol=1e-11),
+    "Adam": lambda L: Adam(lr=0.01, steps=20000, rtol=1e-11),
+    "LBFGS": lambda L: LBFGS(rtol=1e-11, maxiter=500),
+    "NewtonCG": lambda L: NewtonCG(rtol=1e-11, maxiter=100),
     "ScipyMinimize(L-BFGS-B)": lambda L: ScipyMinimize("L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-16, "maxiter": 2000}),
 }
 SYMMETRIC_LINSOLVES: dict[str, Callable[[float], Any]] = {
-    "CG": lambda L: CG(tol=TOL),
-    "MINRES": lambda L: MINRES(tol=TOL),
+    "CG": lambda L: CG(rtol=TOL),
+    "MINRES": lambda L: MINRES(rtol=TOL),
     "Dense": lambda L: Dense(),
-    "GMRES": lambda L: GMRES(tol=TOL),
-    "BiCGSTAB": lambda L: BiCGSTAB(tol=TOL),
-    "Neumann": lambda L: Neumann(alpha=1.0 / L, tol=TOL, maxiter=5000),
+    "GMRES": lambda L: GMRES(rtol=TOL),
+    "BiCGSTAB": lambda L: BiCGSTAB(rtol=TOL),
+    "Neumann": lambda L: Neumann(alpha=1.0 / L, rtol=TOL, maxiter=5000),
 }
 
 
@@ -102,14 +102,14 @@ def _fp_fn(x: torch.Tensor, W: torch.Tensor, U: torch.Tensor, a: torch.Tensor) -
 
 
 FP_SOLVERS: dict[str, Any] = {
-    "FixedPointIteration": FixedPointIteration(tol=1e-13, maxiter=2000),
-    "FixedPointIteration(damping=0.5)": FixedPointIteration(tol=1e-13, maxiter=4000, damping=0.5),
+    "FixedPointIteration": FixedPointIteration(rtol=1e-13, maxiter=2000),
+    "FixedPointIteration(damping=0.5)": FixedPointIteration(rtol=1e-13, maxiter=4000, damping=0.5),
 }
 FP_LINSOLVES: dict[str, Any] = {
-    "GMRES": GMRES(tol=TOL),
-    "BiCGSTAB": BiCGSTAB(tol=TOL),
+    "GMRES": GMRES(rtol=TOL),
+    "BiCGSTAB": BiCGSTAB(rtol=TOL),
     "Dense": Dense(),
-    "Neumann": Neumann(alpha=1.0, tol=TOL, maxiter=500),
+    "Neumann": Neumann(alpha=1.0, rtol=TOL, maxiter=500),
 }
 
 
@@ -160,7 +160,7 @@ def test_neumann_alpha_outside_its_range_is_reported_not_silent() -> None:
     """alpha > 2/L_obj makes the series diverge: the layer must say so (warn), not return garbage."""
     p = PROBLEM
     L = p.proximal_curvature[1]
-    layer = p.proximal_layer(linsolve=Neumann(alpha=3.0 / L, tol=TOL, maxiter=200))
+    layer = p.proximal_layer(linsolve=Neumann(alpha=3.0 / L, rtol=TOL, maxiter=200))
     theta = p.theta_leaf()
     with pytest.warns(ConvergenceWarning, match="Neumann"):
         phi = layer(theta, *p.data)

@@ -170,7 +170,7 @@ def test_upcast_evaluates_finite_differences_in_float64() -> None:
     def fn(theta: torch.Tensor) -> torch.Tensor:
         data = tuple(d.to(theta.dtype) for d in p.data)
         layer = p.proximal_layer() if theta.dtype == DT else p.proximal_layer(
-            solver=type(p.solver)(tol=3e-4, maxiter=100), linsolve=type(p.linsolve)()
+            solver=type(p.solver)(rtol=3e-4, maxiter=100), linsolve=type(p.linsolve)()
         )
         return p.inner(layer(theta, *data), *data)
 

@@ -124,7 +124,7 @@ def test_negating_the_whole_residual_is_not_a_bug() -> None:
             return tree_map(torch.neg, HandProximal.optimality(self, x, theta, lam, *data))
 
     # −(H + λI) is negative definite: MINRES (symmetric indefinite), not CG.
-    layer = NegatedProximal(p, linsolve=bilevel.linsolve.MINRES(tol=1e-12))
+    layer = NegatedProximal(p, linsolve=bilevel.linsolve.MINRES(rtol=1e-12))
     fn = _hand_fn(p, layer)
     assert check_implicit_grad(fn, _inputs(p), directions=2, solver_tol=p.solver_tol).ok
 
@@ -177,7 +177,7 @@ def test_zero_gradient_theta_only_in_x0_is_caught() -> None:
     assert any("does not require grad" in n for n in report.notes)
 
     # The fix: the proximal term carries θ into the optimality condition.
-    fixed = p.proximal_layer(solver=GradientDescent(lr=1.0 / (p.L + p.lam), steps=2000, tol=1e-12))
+    fixed = p.proximal_layer(solver=GradientDescent(lr=1.0 / (p.L + p.lam), steps=2000, rtol=1e-12))
 
     def fn_fixed(theta: torch.Tensor) -> torch.Tensor:
         return p.outer(fixed(theta, *p.data))
@@ -249,7 +249,7 @@ class StaleResidualCG(LinearSolver):
 @pytest.mark.parametrize("name", ["quadratic-tuple", "logistic-dict"])
 def test_stale_cg_residual_is_caught(name: str) -> None:
     p = PROBLEMS[name]()
-    good = p.proximal_meta_loss(p.proximal_layer(linsolve=CG(tol=1e-12, maxiter=p.dim)))
+    good = p.proximal_meta_loss(p.proximal_layer(linsolve=CG(rtol=1e-12, maxiter=p.dim)))
     bad_layer = p.proximal_layer(linsolve=StaleResidualCG(maxiter=p.dim))
     bad = p.proximal_meta_loss(bad_layer)
     # Same budget, n iterations: real CG is exact in n steps, the stale one is not.

@@ -85,7 +85,7 @@ def _check_structure(p: Problem) -> None:
 def _check_well_posed(p: Problem) -> None:
     """Both objectives strongly convex at their (float64) solutions, within the bounds."""
     theta, x0, data = _cast(p.theta, DT), _cast(p.x0, DT), _data64(p)
-    solver = NewtonCG(tol=1e-10, maxiter=100)
+    solver = NewtonCG(rtol=1e-10, maxiter=100)
     lam = p.lam
     cases = (
         (lambda x, th, *d: p.proximal_objective(x, th, *d), theta, p.proximal_curvature),
