@@ -11,6 +11,9 @@ Public API:
 * :mod:`bilevel.linsolve` — CG, MINRES, GMRES, BiCGSTAB, Neumann, Dense;
 * :mod:`bilevel.solvers` — GradientDescent, Adam, LBFGS, NewtonCG, ScipyMinimize, ...;
 * :mod:`bilevel.testing` — hypothesis strategies and :func:`check_implicit_grad`;
+* types — :data:`OnFailure`, :data:`HvpMode`, :data:`Batched` (``Literal`` modes) and
+  the protocols :class:`InnerSolver` and :class:`LinearSolverLike` that any forward or
+  backward solver satisfies (``bilevel/_types.py``);
 * results and diagnostics — :class:`Status`, :class:`SolverResult`,
   :class:`LinearSolveResult`, :class:`Diagnostics`;
 * errors and warnings (one module, ``bilevel/_errors.py``) — every exception derives from
@@ -37,11 +40,13 @@ from ._errors import (
 )
 from ._layers import Argmin, FixedPoint, ImplicitLayer, Proximal, custom_root
 from ._result import LinearSolveResult, SolverResult, Status
+from ._types import Batched, HvpMode, InnerSolver, LinearSolverLike, OnFailure
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Argmin",
+    "Batched",
     "BilevelError",
     "BilevelTypeError",
     "BilevelValueError",
@@ -51,9 +56,13 @@ __all__ = [
     "ConvergenceWarning",
     "Diagnostics",
     "FixedPoint",
+    "HvpMode",
     "ImplicitLayer",
+    "InnerSolver",
+    "LinearSolverLike",
     "LinearSolveResult",
     "NonFiniteError",
+    "OnFailure",
     "Proximal",
     "SolverResult",
     "Status",

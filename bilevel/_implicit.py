@@ -40,6 +40,7 @@ from ._errors import (
     NonFiniteError,
 )
 from ._result import Status, report, stack_linear_results
+from ._types import HvpMode, OnFailure
 from ._tree import (
     TreeDef,
     batch_size,
@@ -99,8 +100,8 @@ class _Spec:
     symmetric: bool
     batched: bool
     diagnostics: Diagnostics
-    on_failure: str
-    hvp: str
+    on_failure: OnFailure
+    hvp: HvpMode
     name: str
     # The per-task-loop strategy (``batched="loop"``): the optimality map of ONE task and
     # the task dimension of each argument (None: shared).  The backward then runs one
@@ -233,63 +234,91 @@ class _ImplicitFunction(torch.autograd.Function):
             return none_prefix + (None,) * len(arg_leaves)
 
         v_leaves = [torch.zeros_like(xl) if g is None else g for g, xl in zip(grads, x_leaves)]
-        x = tree_unflatten(spec.x_def, x_leaves)
-        v = tree_unflatten(spec.x_def, v_leaves)
-        args_det = _unpack_args(spec.layout, [a.detach() for a in arg_leaves])
-
-        loop = spec.task_optimality is not None and spec.task_dims is not None
-        graphs = _GraphLog(spec.name, check=spec.closed_vjp is not None)
-        with _suspended_saved_tensor_hooks():
-            if loop:
-                res = _looped_solve(spec, x_leaves, v_leaves, args_det, graphs)
-            else:
-                matvec = _operator(spec, x, args_det, spec.optimality, graphs)
-                with torch.enable_grad():
-                    res = spec.linsolve(matvec, v, batched=spec.batched)
+        out, res = implicit_vjp(spec, x_leaves, v_leaves, list(arg_leaves), need)
         spec.diagnostics.backward = strip_backward(res)
         failing = ""
         if res.task_status is not None and not res.success:
-            failing = f"; failing task(s): {[i for i, s in enumerate(res.task_status) if s is not Status.SUCCESS]}"
+            failing = f"; failing task(s): {[i for i, s in enumerate(res.task_status) if not s.ok]}"
         report(
             res.success,
             f"{spec.name}: the backward linear solve ({type(spec.linsolve).__name__}) did not converge: "
             f"{res.summary()}{failing}",
             spec.on_failure,
         )
-        u_leaves, _ = tree_flatten(res.x)
-
-        # dl/dargs = -B^T u: in closed form where the layer has one and the graphs of F
-        # have been checked for closed-over tensors; else one VJP of F.
-        if spec.closed_vjp is not None and graphs.all_built():
-            closed = spec.closed_vjp(x_leaves, [t.detach() for t in u_leaves], [a.detach() for a in arg_leaves], need)
-            if closed is not None:
-                return none_prefix + tuple(closed)
-        with torch.enable_grad():
-            req = [a.detach().requires_grad_(True) if n else a.detach() for a, n in zip(arg_leaves, need)]
-            args_req = _unpack_args(spec.layout, req)
-            if loop:
-                # One VJP of the stacked per-task residuals: task b's F depends on slice b
-                # of the per-task arguments and on the shared ones, whose gradient sums.
-                F_leaves, u_all = [], []
-                for b in range(x_leaves[0].shape[0]):
-                    xb = tree_unflatten(spec.x_def, [t[b] for t in x_leaves])
-                    Fb = spec.task_optimality(xb, *task_slice(args_req, spec.task_dims, b))  # type: ignore[misc,arg-type]
-                    F_leaves += tree_flatten(Fb)[0]
-                    u_all += [u[b] for u in u_leaves]
-                u_leaves = u_all
-            else:
-                F_leaves = tree_flatten(spec.optimality(x, *args_req))[0]
-            targets = [r for r, n in zip(req, need) if n]
-            _warn_closed_over(F_leaves, targets, spec.name)
-            pairs = [(f, -u) for f, u in zip(F_leaves, u_leaves) if f.requires_grad]
-            gs: tuple[Tensor | None, ...] = (None,) * len(targets)
-            if pairs:
-                gs = torch.autograd.grad(
-                    [p[0] for p in pairs], targets, grad_outputs=[p[1] for p in pairs], allow_unused=True
-                )
-        it = iter(gs)
-        out = [next(it) if n else None for n in need]
         return none_prefix + tuple(out)
+
+
+def implicit_vjp(
+    spec: _Spec, x_leaves: list[Tensor], v_leaves: list[Tensor], arg_leaves: list[Tensor], need: Sequence[bool]
+) -> tuple[list[Tensor | None], Any]:
+    """The implicit function theorem's vector-Jacobian product, as one function of its inputs.
+
+    With ``A = ∂F/∂x`` and ``B = ∂F/∂args`` at the solution ``x*`` (DESIGN.md §1;
+    Rajeswaran et al. 2019, Lemma 1; Blondel et al. 2022, Eq. 5)::
+
+        solve  Aᵀ u = v          (spec.linsolve, matrix-free: products with Aᵀ only)
+        return −Bᵀ u             (one VJP of F, or the layer's closed form)
+
+    It reads nothing but its arguments and the per-call ``spec`` (no layer, no ctx), so
+    it can be called outside autograd, e.g. by a custom transform.
+
+    Args:
+        spec: the call's configuration (optimality map, linear solver, batching, ...).
+        x_leaves: leaves of the solution ``x*`` (detached).
+        v_leaves: leaves of the cotangent ``v = ∂l/∂x*``.
+        arg_leaves: the tensor leaves of the arguments, in the layer's packing order.
+        need: per argument leaf, whether its gradient is wanted.
+
+    Returns:
+        ``(grads, result)``: per argument leaf ``−Bᵀu`` (``None`` where not needed) and
+        the linear solve's :class:`~bilevel.LinearSolveResult` (whose ``x`` is ``u``).
+    """
+    x = tree_unflatten(spec.x_def, x_leaves)
+    v = tree_unflatten(spec.x_def, v_leaves)
+    args_det = _unpack_args(spec.layout, [a.detach() for a in arg_leaves])
+
+    loop = spec.task_optimality is not None and spec.task_dims is not None
+    graphs = _GraphLog(spec.name, check=spec.closed_vjp is not None)
+    with _suspended_saved_tensor_hooks():
+        if loop:
+            res = _looped_solve(spec, x_leaves, v_leaves, args_det, graphs)
+        else:
+            matvec = _operator(spec, x, args_det, spec.optimality, graphs)
+            with torch.enable_grad():
+                res = spec.linsolve(matvec, v, batched=spec.batched)
+    u_leaves, _ = tree_flatten(res.x)
+
+    # −Bᵀu in closed form where the layer has one and the graphs of F have been checked
+    # for closed-over tensors; else one VJP of F.
+    if spec.closed_vjp is not None and graphs.all_built():
+        closed = spec.closed_vjp(x_leaves, [t.detach() for t in u_leaves], [a.detach() for a in arg_leaves], need)
+        if closed is not None:
+            return closed, res
+    with torch.enable_grad(), _suspended_saved_tensor_hooks():
+        req = [a.detach().requires_grad_(True) if n else a.detach() for a, n in zip(arg_leaves, need)]
+        args_req = _unpack_args(spec.layout, req)
+        if loop:
+            # One VJP of the stacked per-task residuals: task b's F depends on slice b
+            # of the per-task arguments and on the shared ones, whose gradient sums.
+            F_leaves, u_all = [], []
+            for b in range(x_leaves[0].shape[0]):
+                xb = tree_unflatten(spec.x_def, [t[b] for t in x_leaves])
+                Fb = spec.task_optimality(xb, *task_slice(args_req, spec.task_dims, b))  # type: ignore[misc,arg-type]
+                F_leaves += tree_flatten(Fb)[0]
+                u_all += [u[b] for u in u_leaves]
+            u_leaves = u_all
+        else:
+            F_leaves = tree_flatten(spec.optimality(x, *args_req))[0]
+        targets = [r for r, n in zip(req, need) if n]
+        _warn_closed_over(F_leaves, targets, spec.name)
+        pairs = [(f, -u) for f, u in zip(F_leaves, u_leaves) if f.requires_grad]
+        gs: tuple[Tensor | None, ...] = (None,) * len(targets)
+        if pairs:
+            gs = torch.autograd.grad(
+                [p[0] for p in pairs], targets, grad_outputs=[p[1] for p in pairs], allow_unused=True
+            )
+    it = iter(gs)
+    return [next(it) if n else None for n in need], res
 
 
 def _check_residual_structure(Fx: Any, x: Any, name: str) -> None:
@@ -447,9 +476,9 @@ def implicit_apply(
     linsolve: Any,
     batched: bool,
     diagnostics: Diagnostics,
-    on_failure: str,
+    on_failure: OnFailure,
     name: str,
-    hvp: str = "reverse",
+    hvp: HvpMode = "reverse",
     task_optimality: Callable[..., Any] | None = None,
     task_dims: tuple[int | None, ...] | None = None,
     closed_vjp: ClosedVJP | None = None,

@@ -16,10 +16,9 @@ from ._errors import BilevelTypeError, BilevelValueError
 from ._implicit import _HVP_MODES, _ON_FAILURE, ClosedVJP, implicit_apply, task_slice
 from ._result import SolverResult, stack_solver_results
 from ._tree import batch_size, is_tree, tree_flatten, tree_map
+from ._types import Batched, HvpMode, OnFailure
 
 InDims = Union[int, None, Sequence[int | None]]
-#: ``batched=``: False (one task), True/"auto", "vmap" or "loop" (a batch of tasks).
-Batched = Union[bool, Literal["auto", "vmap", "loop"]]
 _STRATEGIES = ("auto", "vmap", "loop")
 
 
@@ -47,10 +46,10 @@ def _solution_tree(result: Any) -> Any:
     return result.x if hasattr(result, "x") and not isinstance(result, Tensor) else result
 
 
-def _check_on_failure(on_failure: str) -> str:
+def _check_on_failure(on_failure: str) -> OnFailure:
     if on_failure not in _ON_FAILURE:
         raise BilevelValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
-    return on_failure
+    return on_failure  # type: ignore[return-value]  # checked against the Literal above
 
 
 def _arg_dims(args: tuple, in_dims: InDims) -> tuple[int | None, ...]:
@@ -140,7 +139,7 @@ class ImplicitLayer(abc.ABC):
 
     symmetric: ClassVar[bool] = False
 
-    def __init__(self, linsolve: Any = None, *, on_failure: str = "warn", hvp: str = "reverse") -> None:
+    def __init__(self, linsolve: Any = None, *, on_failure: OnFailure = "warn", hvp: HvpMode = "reverse") -> None:
         from . import linsolve as _ls
 
         if linsolve is None:
@@ -252,8 +251,8 @@ class Argmin(ImplicitLayer):
         solver: Any = None,
         linsolve: Any = None,
         *,
-        on_failure: str = "warn",
-        hvp: str = "reverse",
+        on_failure: OnFailure = "warn",
+        hvp: HvpMode = "reverse",
     ) -> None:
         super().__init__(linsolve, on_failure=on_failure, hvp=hvp)
         if not callable(objective):
@@ -463,8 +462,8 @@ class Proximal(Argmin):
         linsolve: Any = None,
         *,
         damping: float = 0.0,
-        on_failure: str = "warn",
-        hvp: str = "reverse",
+        on_failure: OnFailure = "warn",
+        hvp: HvpMode = "reverse",
     ) -> None:
         super().__init__(inner_loss, solver, linsolve, on_failure=on_failure, hvp=hvp)
         if isinstance(lam, (int, float)) and not isinstance(lam, bool):
@@ -536,7 +535,7 @@ class FixedPoint(ImplicitLayer):
     symmetric = False
 
     def __init__(
-        self, fn: Callable[..., Any], solver: Any = None, linsolve: Any = None, *, on_failure: str = "warn"
+        self, fn: Callable[..., Any], solver: Any = None, linsolve: Any = None, *, on_failure: OnFailure = "warn"
     ) -> None:
         super().__init__(linsolve, on_failure=on_failure)
         if not callable(fn):
@@ -578,8 +577,8 @@ class _CustomRoot(ImplicitLayer):
         optimality_fn: Callable[..., Any],
         symmetric: bool,
         linsolve: Any,
-        on_failure: str,
-        hvp: str,
+        on_failure: OnFailure,
+        hvp: HvpMode,
     ) -> None:
         self._symmetric = symmetric
         self._solve_fn = solve_fn
@@ -613,8 +612,8 @@ def custom_root(
     linsolve: Any = None,
     *,
     symmetric: bool = False,
-    on_failure: str = "warn",
-    hvp: str = "reverse",
+    on_failure: OnFailure = "warn",
+    hvp: HvpMode = "reverse",
 ) -> Callable[[Callable[..., Any]], Any]:
     """Decorator: make ``solve(x0, *args)`` differentiable through ``optimality_fn``.
 

@@ -1,0 +1,42 @@
+"""The vocabulary of the public API as types: modes as ``Literal``s, components as ``Protocol``s.
+
+A layer accepts any object that satisfies :class:`InnerSolver` (forward) and
+:class:`LinearSolverLike` (backward), not only the library's own classes: a scipy
+wrapper, an external program, a hand-written loop.  The backward never looks inside
+either; it reads only the returned solution and, if present, the status fields of
+:class:`~bilevel.SolverResult` / :class:`~bilevel.LinearSolveResult`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, Union, runtime_checkable
+
+
+#: What a layer does when a forward or backward solve does not converge.
+OnFailure = Literal["warn", "raise", "ignore"]
+#: How symmetric Jacobian-vector products are computed in the backward.
+HvpMode = Literal["forward", "reverse"]
+#: How a batch of tasks runs: ``False`` (one task), ``True``/``"auto"``, ``"vmap"`` or ``"loop"``.
+Batched = Union[bool, Literal["auto", "vmap", "loop"]]
+
+
+@runtime_checkable
+class InnerSolver(Protocol):
+    """``solver(objective, x0, *args, batched=False) -> SolverResult | tree``.
+
+    Called under ``torch.no_grad()`` with detached arguments; it may be
+    non-differentiable or run outside PyTorch.  ``batched=True`` is only passed to a
+    solver whose ``supports_batched`` is true (the layers loop over tasks otherwise).
+    """
+
+    def __call__(self, objective: Any, x0: Any, *args: Any, batched: bool = ...) -> Any: ...
+
+
+@runtime_checkable
+class LinearSolverLike(Protocol):
+    """``solver(matvec, b, x0=None, *, batched=False) -> LinearSolveResult`` on tensor trees."""
+
+    def __call__(self, matvec: Any, b: Any, x0: Any = ..., *, batched: bool = ...) -> Any: ...
+
+
+__all__ = ["Batched", "HvpMode", "InnerSolver", "LinearSolverLike", "OnFailure"]
