@@ -236,6 +236,17 @@ class _ImplicitFunction(torch.autograd.Function):
         v_leaves = [torch.zeros_like(xl) if g is None else g for g, xl in zip(grads, x_leaves)]
         out, res = implicit_vjp(spec, x_leaves, v_leaves, list(arg_leaves), need)
         spec.diagnostics.backward = strip_backward(res)
+        statuses = res.task_status if res.task_status is not None else (res.status,)
+        if Status.NONFINITE in statuses:
+            # Whatever on_failure says: "ignore" means "a fixed budget is expected", not
+            # "hide NaN" -- a NaN/Inf cotangent or Hessian product would otherwise leave
+            # the solver's finite x = 0 as a silent zero meta-gradient.
+            tasks = [i for i, st in enumerate(statuses) if st is Status.NONFINITE] if res.task_status is not None else []
+            where = f" for task(s) {tasks}" if tasks else ""
+            raise NonFiniteError(
+                f"{spec.name}: the backward linear solve met a NaN or Inf{where} (in the cotangent of the solution "
+                f"or in a Jacobian-vector product): {res.summary()}"
+            )
         failing = ""
         if res.task_status is not None and not res.success:
             failing = f"; failing task(s): {[i for i, s in enumerate(res.task_status) if not s.ok]}"

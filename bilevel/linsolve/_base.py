@@ -10,10 +10,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._errors import BilevelTypeError, BilevelValueError
+from .._errors import BilevelTypeError, BilevelValueError, UnsupportedError
 from .._result import LinearSolveResult, Status, code, overall_status, status_from_codes
 from .._tree import (
     default_tol,
+    tree_scale,
     tree_dtype,
     tree_flatten,
     tree_map,
@@ -105,9 +106,17 @@ class LinearSolver(abc.ABC):
             return self.maxiter
         return max(10, 10 * tree_size(b, batched))
 
-    @abc.abstractmethod
     def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
         """Solve ``A x = b``.
+
+        The driver shared by every solver: it validates ``b``, solves the equivalent
+        system ``A (x/s) = b/s`` with ``s`` a power of two just above the largest entry of
+        ``|b|`` per task -- exact, so a well-scaled solve is bit-for-bit the unscaled one,
+        and no norm of a representable ``b`` overflows or underflows whatever its scale
+        (``||b||²`` overflows float32 from entries of about 1e19) -- then scales back.  A
+        task whose ``b`` holds a NaN/Inf gets the status ``NONFINITE`` (and ``x = 0``, its
+        residual norm NaN); the layers raise :class:`~bilevel.NonFiniteError` for it
+        whatever their ``on_failure``, so that it never becomes a silent zero gradient.
 
         Args:
             matvec: ``v -> A v`` on trees shaped like ``b``.
@@ -117,6 +126,56 @@ class LinearSolver(abc.ABC):
                 independent systems solved together, with per-task step sizes, residuals
                 and convergence.  ``matvec`` must be block-diagonal over tasks.
         """
+        check_rhs(b, batched)
+        scale = tree_amax(b, batched)
+        bad = ~torch.isfinite(scale)
+        # A power of two (the exponent of max |b|): scaling by it is exact, so a solve of a
+        # well-scaled b is bit-for-bit the unscaled one.  Zero and non-finite right-hand
+        # sides are left unscaled (x = 0, resp. NaN below).
+        ok = ~bad & (scale > 0)
+        exponent = torch.frexp(torch.where(ok, scale, torch.ones_like(scale))).exponent
+        s = torch.ldexp(torch.ones_like(scale), exponent)
+        b_hat = tree_where(bad, tree_zeros_like(b), tree_scale(1 / s, b, batched))
+        x0_hat = None if x0 is None else tree_scale(1 / s, x0, batched)
+        atol = torch.as_tensor(self.atol, dtype=s.dtype, device=s.device) / s
+        res = self._solve(matvec, b_hat, x0_hat, batched, atol)
+        x = tree_scale(s, res.x, batched)
+        rnorm = torch.where(bad, torch.full_like(s, float("nan")), res.residual_norm * s.reshape(res.residual_norm.shape))
+        return nonfinite_tasks(dataclasses.replace(res, x=x, residual_norm=rnorm), bad, batched)
+
+    def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
+        """The algorithm, on a right-hand side scaled to ``max |b|`` in [1/2, 1) per task (or 0).
+
+        ``atol`` is the absolute tolerance in those units (a 0-d or ``(B,)`` tensor).  A
+        subclass implements this (and inherits the driver), or overrides ``__call__``.
+        """
+        raise UnsupportedError(f"{type(self).__name__} implements neither _solve nor __call__")
+
+
+def tree_amax(b: Any, batched: bool) -> Tensor:
+    """Largest ``|entry|`` of a tree (per task when batched); NaN if any entry is NaN."""
+    leaves, _ = tree_flatten(b)
+    if batched:
+        per = [t.reshape(t.shape[0], -1).abs().amax(1) if t[0].numel() else torch.zeros(t.shape[0], dtype=t.dtype, device=t.device) for t in leaves]
+        nan = torch.stack([torch.isnan(t.reshape(t.shape[0], -1)).any(1) for t in leaves]).any(0)
+    else:
+        per = [t.abs().amax() if t.numel() else torch.zeros((), dtype=t.dtype, device=t.device) for t in leaves]
+        nan = torch.stack([torch.isnan(t).any() for t in leaves]).any()
+    m = torch.stack([t.to(per[0].dtype) for t in per]).amax(0)
+    return torch.where(nan, torch.full_like(m, float("nan")), m)
+
+
+def nonfinite_tasks(res: LinearSolveResult, bad: Tensor, batched: bool) -> LinearSolveResult:
+    """Mark the tasks in ``bad`` (a NaN/Inf right-hand side) ``NONFINITE``."""
+    if batched:
+        flags = bad.reshape(-1).tolist()
+        if not any(flags) or res.task_status is None:
+            return res
+        statuses = tuple(Status.NONFINITE if f else st for f, st in zip(flags, res.task_status))
+        return dataclasses.replace(res, task_status=statuses, status=overall_status(statuses))
+    if bool(bad):
+        return dataclasses.replace(res, status=Status.NONFINITE)
+    return res
 
 
 def check_rhs(b: Any, batched: bool) -> None:

@@ -7,14 +7,14 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
-from .._errors import BilevelTypeError
+from .._errors import BilevelTypeError, BilevelValueError, NonFiniteError
 from .._result import LinearSolveResult
-from .._tree import tree_axpy, tree_norm, tree_vdot, tree_where
+from .._tree import tree_axpy, tree_flatten, tree_norm, tree_vdot, tree_where
 from ._base import (
     LinearSolver,
     MatVec,
-    check_rhs,
     codes_from_masks,
     finish,
     initial_guess,
@@ -55,14 +55,15 @@ class CG(LinearSolver):
         if self.preconditioner is not None and not callable(self.preconditioner):
             raise BilevelTypeError("CG: preconditioner must be a callable r -> M^{-1} r")
 
-    def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
-        check_rhs(b, batched)
+    def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
         tol = self._tol(b)
         maxiter = self._maxiter(b, batched)
         precond = self.preconditioner or (lambda r: r)
+        if self.preconditioner is not None:
+            precond = _checked_preconditioner(self.preconditioner)
 
         bnorm = tree_norm(b, batched)
-        thresh = torch.clamp(tol * bnorm, min=self.atol)
+        thresh = torch.clamp(tol * bnorm, min=atol)
         x, r = initial_guess(matvec, b, x0)
         z = precond(r)
         p = z
@@ -106,3 +107,35 @@ class CG(LinearSolver):
             converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite, NEGATIVE_CURVATURE=negative
         )
         return finish(x, rnorm, codes, iters, batched)
+
+
+def _checked_preconditioner(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` whose first output is checked against its input: same tree structure, shapes
+    and dtypes, and finite.  A wrong shape would otherwise broadcast into the iterate and
+    grow it a dimension per iteration (and hang with the default ``maxiter``)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    state = {"checked": False}
+
+    def wrapped(r: Any) -> Any:
+        z = fn(r)
+        if state["checked"]:
+            return z
+        rl, rd = tree_flatten(r)
+        try:
+            zl, zd = tree_flatten(z)
+        except (TypeError, ValueError) as e:
+            raise BilevelTypeError(f"CG: the preconditioner {name} did not return a tensor tree: {e}") from None
+        if zd != rd:
+            raise BilevelValueError(f"CG: the preconditioner {name} returned a tree of structure {zd!r}; its input's is {rd!r}")
+        for zi, ri in zip(zl, rl):
+            if zi.shape != ri.shape or zi.dtype != ri.dtype:
+                raise BilevelValueError(
+                    f"CG: the preconditioner {name} returned a leaf of shape {tuple(zi.shape)} and dtype {zi.dtype} "
+                    f"for an input of shape {tuple(ri.shape)} and dtype {ri.dtype}; it must keep both"
+                )
+        if not bool(torch.stack([torch.isfinite(t).all() for t in zl]).all()):
+            raise NonFiniteError(f"CG: the preconditioner {name} returned NaN or Inf for a finite residual")
+        state["checked"] = True
+        return z
+
+    return wrapped

@@ -6,10 +6,11 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .._result import LinearSolveResult
 from .._tree import batch_size, tree_dtype, tree_ravel, tree_unravel
-from ._base import LinearSolver, MatVec, check_rhs, codes_from_masks, finish
+from ._base import LinearSolver, MatVec, codes_from_masks, finish
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,7 @@ class Dense(LinearSolver):
     maxiter: int | None = dataclasses.field(default=None, init=False, repr=False)
     steps: int | None = dataclasses.field(default=None, init=False, repr=False)
 
-    def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
-        check_rhs(b, batched)
+    def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
         dtype = tree_dtype(b)
         # Work on (B, n) in both modes (B = 1 when not batched).
         bf = tree_ravel(b, batched).to(dtype)

@@ -29,7 +29,6 @@ from .._tree import (
 from ._base import (
     LinearSolver,
     MatVec,
-    check_rhs,
     codes_from_masks,
     finish,
     initial_guess,
@@ -77,8 +76,7 @@ class GMRES(LinearSolver):
         if isinstance(self.restart, bool) or not isinstance(self.restart, int) or self.restart < 1:
             raise BilevelValueError(f"GMRES: restart must be an int >= 1, got {self.restart!r}")
 
-    def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
-        check_rhs(b, batched)
+    def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
         tol = self._tol(b)
         maxiter = self._maxiter(b, batched)
         n = tree_size(b, batched)
@@ -98,7 +96,7 @@ class GMRES(LinearSolver):
             return t if batched else t.reshape(())
 
         bnorm = norm(b)
-        thresh = torch.clamp(tol * bnorm, min=self.atol)
+        thresh = torch.clamp(tol * bnorm, min=atol)
         zeros = tree_zeros_like(b)
         x, r = initial_guess(matvec, b, x0)
         rnorm = norm(r)

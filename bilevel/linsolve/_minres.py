@@ -25,7 +25,6 @@ from .._tree import (
 from ._base import (
     LinearSolver,
     MatVec,
-    check_rhs,
     codes_from_masks,
     finish,
     initial_guess,
@@ -77,13 +76,12 @@ class MINRES(LinearSolver):
 
     requires_symmetric: ClassVar[bool] = True
 
-    def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
-        check_rhs(b, batched)
+    def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
         tol = self._tol(b)
         maxiter = self._maxiter(b, batched)
 
         bnorm = tree_norm(b, batched)
-        thresh = torch.clamp(tol * bnorm, min=self.atol)
+        thresh = torch.clamp(tol * bnorm, min=atol)
         zeros = tree_zeros_like(b)
         x, r0 = initial_guess(matvec, b, x0)
         rnorm = tree_norm(r0, batched)

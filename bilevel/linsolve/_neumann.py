@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .._errors import BilevelValueError
 from .._result import LinearSolveResult
@@ -20,7 +21,6 @@ from .._tree import tree_axpy, tree_norm, tree_where
 from ._base import (
     LinearSolver,
     MatVec,
-    check_rhs,
     codes_from_masks,
     finish,
     initial_guess,
@@ -80,14 +80,13 @@ class Neumann(LinearSolver):
             return self.steps
         return self.maxiter if self.maxiter is not None else DEFAULT_NEUMANN_TERMS
 
-    def __call__(self, matvec: MatVec, b: Any, x0: Any = None, *, batched: bool = False) -> LinearSolveResult:
-        check_rhs(b, batched)
+    def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
         tol = self._tol(b)
         maxiter = self._maxiter(b, batched)
         alpha = float(self.alpha)
 
         bnorm = tree_norm(b, batched)
-        thresh = torch.clamp(tol * bnorm, min=self.atol)
+        thresh = torch.clamp(tol * bnorm, min=atol)
         x, r = initial_guess(matvec, b, x0)
         rnorm = tree_norm(r, batched)
         converged, nonfinite, iters = initial_status(rnorm, thresh)
