@@ -36,6 +36,7 @@ from ._errors import (
     ConvergenceError,
     ConvergenceWarning,
     NonFiniteError,
+    NotDifferentiableError,
     UnsupportedError,
 )
 from ._layers import Argmin, FixedPoint, ImplicitLayer, Proximal, custom_root
@@ -62,6 +63,7 @@ __all__ = [
     "LinearSolverLike",
     "LinearSolveResult",
     "NonFiniteError",
+    "NotDifferentiableError",
     "OnFailure",
     "Proximal",
     "SolverResult",

@@ -31,6 +31,11 @@ class ConvergenceError(BilevelError, RuntimeError):
     """Raised instead of :class:`ConvergenceWarning` when a layer is set to ``on_failure="raise"``."""
 
 
+class NotDifferentiableError(BilevelError, RuntimeError):
+    """A gradient-based solver met an objective that torch cannot differentiate with respect
+    to the unknowns (its value leaves torch, e.g. through NumPy): use a derivative-free one."""
+
+
 class NonFiniteError(BilevelError, FloatingPointError):
     """A NaN or Inf appeared in an objective value, a gradient or a solution."""
 
@@ -60,5 +65,6 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "NonFiniteError",
+    "NotDifferentiableError",
     "UnsupportedError",
 ]

@@ -40,7 +40,6 @@ from ._errors import (
     NonFiniteError,
 )
 from ._result import Status, report, stack_linear_results
-from ._types import HvpMode, OnFailure
 from ._tree import (
     TreeDef,
     batch_size,
@@ -49,6 +48,7 @@ from ._tree import (
     tree_map,
     tree_unflatten,
 )
+from ._types import HvpMode, OnFailure
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 _HVP_MODES = ("forward", "reverse")
@@ -177,7 +177,9 @@ class _ImplicitFunction(torch.autograd.Function):
     def forward(spec: _Spec, *flat: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         nx = spec.x_def.num_leaves
         x0 = tree_unflatten(spec.x_def, list(flat[:nx]))
-        args = _unpack_args(spec.layout, flat[nx:])
+        # Detached: a solver that differentiates its objective itself must not build graphs
+        # through the inputs that require grad (the layer's own backward is the IFT).
+        args = _unpack_args(spec.layout, [t.detach() for t in flat[nx:]])
         with torch.no_grad(), _suspended_saved_tensor_hooks():
             out = spec.solve(x0, *args)
         x = _solution_of(out, spec.name)

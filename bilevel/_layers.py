@@ -6,7 +6,7 @@ import abc
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import Tensor

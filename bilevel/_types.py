@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol, Union, runtime_checkable
 
-
 #: What a layer does when a forward or backward solve does not converge.
 OnFailure = Literal["warn", "raise", "ignore"]
 #: How symmetric Jacobian-vector products are computed in the backward.

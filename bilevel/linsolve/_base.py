@@ -14,11 +14,11 @@ from .._errors import BilevelTypeError, BilevelValueError, UnsupportedError
 from .._result import LinearSolveResult, Status, code, overall_status, status_from_codes
 from .._tree import (
     default_tol,
-    tree_scale,
     tree_dtype,
     tree_flatten,
     tree_map,
     tree_norm,
+    tree_scale,
     tree_size,
     tree_sub,
     tree_where,

@@ -9,8 +9,24 @@ import torch
 
 from .._errors import BilevelValueError
 from .._result import SolverResult
-from .._tree import tree_detach, tree_dtype, tree_flatten, tree_map, tree_unflatten, tree_where, tree_zeros_like
-from ._base import GradientTracker, LeanLoop, Objective, Solver, check_int, check_real, check_tol
+from .._tree import (
+    tree_detach,
+    tree_dtype,
+    tree_flatten,
+    tree_map,
+    tree_unflatten,
+    tree_where,
+    tree_zeros_like,
+)
+from ._base import (
+    GradientTracker,
+    LeanLoop,
+    Objective,
+    Solver,
+    check_int,
+    check_real,
+    check_tol,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +118,11 @@ class Adam(Solver):
         """``steps`` fused Adam updates of all leaves; nothing else (see :class:`GradientDescent`)."""
         b1, b2 = self.betas
         xl, xd = tree_flatten(x)
-        loop = LeanLoop(batched)
+        loop = LeanLoop(x, args)
         m: list[torch.Tensor] = []
         v: list[torch.Tensor] = []
         for k in range(self.steps):
-            g = loop.value_and_grad(objective, tree_unflatten(xd, xl), args, k, batched)
+            g = loop.value_and_grad(objective, tree_unflatten(xd, xl), args, batched)
             if not m:
                 m, v = [torch.zeros_like(t) for t in g], [torch.zeros_like(t) for t in g]
             torch._foreach_mul_(m, b1)
@@ -119,4 +135,7 @@ class Adam(Solver):
             torch._foreach_div_(denom, c2**0.5)
             torch._foreach_add_(denom, self.eps)
             xl = list(torch._foreach_addcdiv(xl, m, denom, value=-self.lr / c1))  # out of place: x0 is never written
-        return loop.result(tree_unflatten(xd, xl), self.steps, batched, name)
+        out = tree_unflatten(xd, xl)
+        if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
+            return dataclasses.replace(self, monitor=True)(objective, x, *args, batched=batched)
+        return loop.result(out, self.steps, batched)

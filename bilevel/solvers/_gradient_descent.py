@@ -9,8 +9,24 @@ import torch
 
 from .._errors import BilevelValueError
 from .._result import SolverResult
-from .._tree import tree_axpy, tree_detach, tree_dtype, tree_flatten, tree_unflatten, tree_where, tree_zeros_like
-from ._base import GradientTracker, LeanLoop, Objective, Solver, check_int, check_real, check_tol
+from .._tree import (
+    tree_axpy,
+    tree_detach,
+    tree_dtype,
+    tree_flatten,
+    tree_unflatten,
+    tree_where,
+    tree_zeros_like,
+)
+from ._base import (
+    GradientTracker,
+    LeanLoop,
+    Objective,
+    Solver,
+    check_int,
+    check_real,
+    check_tol,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +52,9 @@ class GradientDescent(Solver):
     ``grad_norm``, ``value``, ``grad_norm_initial``, ``grad_norm_monotone`` and
     ``value_monotone`` describe the solve (``n_fun = n_grad = steps + 1`` for a full run).
     A NaN/Inf objective value or gradient raises :class:`~bilevel.NonFiniteError` naming
-    the iteration (the lean loop checks on the device and raises once, at the end).
+    the iteration and the tasks.  The lean loop only sums the values on the device (one
+    kernel per step) and checks once, at the end; if anything was non-finite it replays the
+    solve monitored, which finds and names the first bad step (a failing run costs twice).
 
     Args:
         lr: step size (> 0).
@@ -101,11 +119,11 @@ class GradientDescent(Solver):
     def _lean(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
         """``steps`` fused updates of all leaves; nothing else (see the class docstring)."""
         xl, xd = tree_flatten(x)
-        loop = LeanLoop(batched)
+        loop = LeanLoop(x, args)
         vel: list[torch.Tensor] | None = None
         mu, lr = self.momentum, self.lr
-        for k in range(self.steps):
-            g = loop.value_and_grad(objective, tree_unflatten(xd, xl), args, k, batched)
+        for _ in range(self.steps):
+            g = loop.value_and_grad(objective, tree_unflatten(xd, xl), args, batched)
             if mu > 0:
                 if vel is None:
                     vel = [t.clone() for t in g]  # v_1 = g_0 (PyTorch SGD's first step)
@@ -116,4 +134,7 @@ class GradientDescent(Solver):
             else:
                 upd = g
             xl = list(torch._foreach_add(xl, upd, alpha=-lr))  # out of place: x0 is never written
-        return loop.result(tree_unflatten(xd, xl), self.steps, batched, name)
+        out = tree_unflatten(xd, xl)
+        if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
+            return dataclasses.replace(self, monitor=True)(objective, x, *args, batched=batched)
+        return loop.result(out, self.steps, batched)
