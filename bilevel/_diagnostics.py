@@ -15,15 +15,36 @@ class Diagnostics:
     Only detached statistics are stored — never the solution, the inputs or a graph — so
     that reading diagnostics can never keep a meta-iteration's memory alive.
 
+    Every call of the layer is numbered (``calls``); ``forward_call`` and
+    ``backward_call`` say which call ``forward`` and ``backward`` describe.  A call clears
+    ``forward`` when it starts, so a call that raises before its inner solve finishes
+    leaves ``forward`` at ``None`` rather than the previous call's statistics; with
+    interleaved calls (two forwards, then two backwards) the numbers tell them apart,
+    and :meth:`__str__` says when the two describe different calls.
+
     Attributes:
         forward: the inner solver's :class:`~bilevel.SolverResult` with ``x=None`` (or
             ``None`` before the first call).  Per task in batched mode
             (``task_status``, ``task_iterations``, ``grad_norm`` of shape ``(B,)``).
         backward: the linear solve's :class:`~bilevel.LinearSolveResult` with ``x=None``.
+        calls: number of calls of the layer so far.
+        forward_call: the call ``forward`` belongs to (``None``: none yet, or the current
+            call has not finished its forward).
+        backward_call: the call ``backward`` belongs to.
     """
 
     forward: SolverResult | None = None
     backward: LinearSolveResult | None = None
+    calls: int = 0
+    forward_call: int | None = None
+    backward_call: int | None = None
+
+    def start_call(self) -> int:
+        """Number a new call and clear the forward statistics (returns the call's number)."""
+        self.calls += 1
+        self.forward = None
+        self.forward_call = None
+        return self.calls
 
     def __str__(self) -> str:
         lines = []
@@ -33,6 +54,8 @@ class Diagnostics:
             lines.append(f"forward : {f.status} after {f.iterations} iterations{gn}")
         if self.backward is not None:
             lines.append(f"backward: {self.backward.summary()}")
+        if self.forward_call is not None and self.backward_call is not None and self.forward_call != self.backward_call:
+            lines.append(f"(forward of call {self.forward_call}, backward of call {self.backward_call})")
         return "\n".join(lines) or "no solve yet"
 
 

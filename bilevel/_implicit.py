@@ -111,6 +111,9 @@ class _Spec:
     # A closed form of the argument VJP, used when every operator of the backward built a
     # reverse-mode graph of F (where closed-over tensors are then detected for free).
     closed_vjp: ClosedVJP | None = None
+    # Which call of the layer this is (Diagnostics.calls when it started): the forward and
+    # backward statistics carry it, so that interleaved calls cannot be confused.
+    call_id: int = 0
 
 
 def task_slice(args: tuple, dims: tuple[int | None, ...], b: int) -> tuple:
@@ -200,6 +203,7 @@ class _ImplicitFunction(torch.autograd.Function):
             raise NonFiniteError(
                 f"{spec.name}: the inner solution contains NaN or Inf{_describe_bad_tasks(leaves, spec.batched)}"
             )
+        spec.diagnostics.forward_call = spec.call_id
         if out is not x:
             spec.diagnostics.forward = strip_forward(out)
             status = spec.diagnostics.forward.status
@@ -238,6 +242,7 @@ class _ImplicitFunction(torch.autograd.Function):
         v_leaves = [torch.zeros_like(xl) if g is None else g for g, xl in zip(grads, x_leaves)]
         out, res = implicit_vjp(spec, x_leaves, v_leaves, list(arg_leaves), need)
         spec.diagnostics.backward = strip_backward(res)
+        spec.diagnostics.backward_call = spec.call_id
         statuses = res.task_status if res.task_status is not None else (res.status,)
         if Status.NONFINITE in statuses:
             # Whatever on_failure says: "ignore" means "a fixed budget is expected", not
@@ -517,6 +522,7 @@ def implicit_apply(
     if batched:
         batch_size(x0)
     arg_leaves, layout = _pack_args(args)
+    call_id = diagnostics.start_call()
     spec = _Spec(
         solve=solve,
         optimality=optimality,
@@ -533,6 +539,7 @@ def implicit_apply(
         task_optimality=task_optimality if batched else None,
         task_dims=task_dims if batched else None,
         closed_vjp=closed_vjp,
+        call_id=call_id,
     )
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
     return tree_unflatten(x_def, list(out))

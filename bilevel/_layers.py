@@ -76,7 +76,10 @@ def _task_count(args: tuple, dims: tuple[int | None, ...]) -> int:
             "batched mode needs task data with one common leading (task) dimension; "
             f"found sizes {sorted(sizes) if sizes else 'none (no batched argument)'}"
         )
-    return sizes.pop()
+    n = sizes.pop()
+    if n == 0:
+        raise BilevelValueError("batched mode got a batch of 0 tasks (the task dimension of the data is empty)")
+    return n
 
 
 def _scalar_objective(objective: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
@@ -497,9 +500,11 @@ class Proximal(Argmin):
         name = type(self).__name__
         strategy = _strategy(batched, theta, name)
         try:
-            tree_flatten(theta)
+            theta_leaves, _ = tree_flatten(theta)
         except TypeError as e:
             raise BilevelTypeError(f"{name}: theta must be a tensor tree: {e}") from None
+        if not theta_leaves:
+            raise BilevelValueError(f"{name}: theta is an empty tree ({theta!r}): there are no meta-parameters to solve for")
         lam_t = _lam_tree(self.lam if lam is None else lam, theta, name)
         objective = self._full_objective()
 

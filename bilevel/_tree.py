@@ -249,4 +249,7 @@ def batch_size(a: Any) -> int:
         raise BilevelValueError(
             f"batched mode needs every leaf to have the same leading task dimension; got {sorted(map(str, sizes))}"
         )
-    return sizes.pop()  # type: ignore[return-value]
+    n: int = sizes.pop()  # type: ignore[assignment]
+    if n == 0:
+        raise BilevelValueError("batched mode got a batch of 0 tasks (the leading task dimension is empty)")
+    return n
