@@ -542,4 +542,31 @@ def implicit_apply(
         call_id=call_id,
     )
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
+    if torch.is_grad_enabled() and not any(t.requires_grad for t in arg_leaves):
+        _warn_if_only_closed_over_tensors_need_grad(spec, list(out), arg_leaves)
     return tree_unflatten(x_def, list(out))
+
+
+def _warn_if_only_closed_over_tensors_need_grad(spec: _Spec, x_leaves: list[Tensor], arg_leaves: list[Tensor]) -> None:
+    """No argument requires grad, so the solution will not either; if the optimality map
+    closes over a tensor that does, the user meant it to get a gradient and would otherwise
+    meet torch's "element 0 of tensors does not require grad" at ``backward()``.
+
+    Costs one evaluation of F, and only in this case (with grad mode on and no argument
+    requiring grad -- e.g. evaluation outside ``torch.no_grad()``).
+    """
+    args = _unpack_args(spec.layout, [a.detach() for a in arg_leaves])
+    fn = spec.optimality
+    x_all = x_leaves
+    if spec.task_optimality is not None and spec.task_dims is not None:  # the loop strategy: task 0 suffices
+        fn, x_all, args = spec.task_optimality, [t[0] for t in x_leaves], task_slice(args, spec.task_dims, 0)
+    with torch.enable_grad():
+        F = tree_flatten(fn(tree_unflatten(spec.x_def, [t.detach() for t in x_all]), *args))[0]
+    if any(f.requires_grad for f in F):
+        warnings.warn(
+            f"{spec.name}: no argument of the layer requires grad, so its solution does not either, but the "
+            "optimality condition uses tensor(s) that do (closed over, not passed as arguments): they will get no "
+            "gradient, and backward() through the solution will fail. Pass them as arguments of the layer.",
+            ClosedOverTensorWarning,
+            stacklevel=3,
+        )

@@ -474,6 +474,16 @@ class Proximal(Argmin):
                 raise BilevelValueError(f"Proximal: lam must be finite and > 0, got {lam}")
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
             raise BilevelValueError(f"Proximal: damping must be a finite float >= 0, got {damping!r}")
+        try:
+            lam_leaves = tree_flatten(lam)[0] if not isinstance(lam, (int, float)) else []
+        except TypeError:
+            lam_leaves = []  # refused with a clear message at the first call
+        if any(t.grad_fn is not None for t in lam_leaves):
+            raise BilevelValueError(
+                "Proximal: lam carries an autograd graph (it was computed from a parameter, e.g. softplus(rho)); "
+                "stored on the layer, that graph would be freed by the first backward and every later call would "
+                "fail. Pass a learned λ per call instead: layer(theta, ..., lam=softplus(rho))"
+            )
         self.lam = lam
         self.damping = float(damping)
 
