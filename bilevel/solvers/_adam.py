@@ -122,7 +122,7 @@ class Adam(Solver):
         m: list[torch.Tensor] = []
         v: list[torch.Tensor] = []
         for k in range(self.steps):
-            g = loop.value_and_grad(objective, tree_unflatten(xd, xl), args, batched)
+            g = loop.value_and_grad(objective, xd, xl, args, batched)
             if not m:
                 m, v = [torch.zeros_like(t) for t in g], [torch.zeros_like(t) for t in g]
             torch._foreach_mul_(m, b1)

@@ -95,14 +95,22 @@ def value_and_grad(
     autograd (``benchmarks/small_problem.py``).  ``transform``: whether a transform
     encloses the call, if the caller already knows (a loop asks once per solve).
     """
-    total = _total(objective, batched)
     if transform if transform is not None else _inside_transform(x, args):
-        g, (_, v) = torch.func.grad_and_value(total, has_aux=True)(x, *args)
+        g, (_, v) = torch.func.grad_and_value(_total(objective, batched), has_aux=True)(x, *args)
         return v.detach(), tree_detach(g)
     leaves, treedef = tree_flatten(x)
+    v, gl = value_and_grad_leaves(objective, treedef, leaves, args, batched)
+    return v, tree_unflatten(treedef, gl)
+
+
+def value_and_grad_leaves(
+    objective: Objective, treedef: Any, leaves: list[Tensor], args: tuple, batched: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`value_and_grad` by plain reverse mode on the leaves of ``x`` (no transform
+    encloses the call): the gradient leaves, without rebuilding trees a loop does not need."""
     with torch.enable_grad():
         xr = [t.detach().requires_grad_(True) for t in leaves]
-        s, v = total(tree_unflatten(treedef, xr), *args)
+        s, v = _total(objective, batched)(tree_unflatten(treedef, xr), *args)
         if not s.requires_grad:
             raise NotDifferentiableError(
                 "the objective's value does not depend on x through torch operations (did it leave torch, e.g. "
@@ -110,8 +118,7 @@ def value_and_grad(
                 "one such as ScipyMinimize('Nelder-Mead' or 'Powell')"
             )
         gs = torch.autograd.grad(s, xr, allow_unused=True)
-    g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(gs, leaves)]
-    return v.detach(), tree_unflatten(treedef, g)
+    return v.detach(), [torch.zeros_like(t) if gi is None else gi for gi, t in zip(gs, leaves)]
 
 
 def value(objective: Objective, x: Any, args: tuple, batched: bool = False) -> Tensor:
@@ -410,12 +417,16 @@ class LeanLoop:
         self.fsum: Tensor | None = None
         self.n_eval = 0
 
-    def value_and_grad(self, objective: Objective, x: Any, args: tuple, batched: bool) -> list[Tensor]:
-        """The gradient leaves at ``x``; the value only joins the running sum."""
-        f, g = value_and_grad(objective, x, args, batched, self.transform)
+    def value_and_grad(self, objective: Objective, treedef: Any, leaves: list[Tensor], args: tuple, batched: bool) -> list[Tensor]:
+        """The gradient leaves at the point with these leaves; the value only joins the running sum."""
+        if self.transform:
+            f, g = value_and_grad(objective, tree_unflatten(treedef, leaves), args, batched, True)
+            gl = tree_flatten(g)[0]
+        else:
+            f, gl = value_and_grad_leaves(objective, treedef, leaves, args, batched)
         self.n_eval += 1
         self.fsum = f if self.fsum is None else self.fsum + f
-        return tree_flatten(g)[0]
+        return gl
 
     def failed(self, x: Any) -> bool:
         """Whether a value or the returned iterate is non-finite (the one host sync)."""

@@ -123,7 +123,7 @@ class GradientDescent(Solver):
         vel: list[torch.Tensor] | None = None
         mu, lr = self.momentum, self.lr
         for _ in range(self.steps):
-            g = loop.value_and_grad(objective, tree_unflatten(xd, xl), args, batched)
+            g = loop.value_and_grad(objective, xd, xl, args, batched)
             if mu > 0:
                 if vel is None:
                     vel = [t.clone() for t in g]  # v_1 = g_0 (PyTorch SGD's first step)
