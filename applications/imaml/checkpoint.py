@@ -12,7 +12,10 @@ either the previous checkpoint or the new one, never a truncated file.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import warnings
+import zipfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -75,7 +78,22 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            # torch's note on a foreign pickle protocol would be a second line of output for
+            # a file that is refused anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError,
+            AttributeError, TypeError, IndexError) as e:
+        # Truncated/empty (EOFError, "PytorchStreamReader failed"), foreign, or a pickle that
+        # weights_only refuses (code in it): one line, never a traceback.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a readable checkpoint of this program (truncated, empty, from another program, "
+            f"or holding code that is refused for safety): {reason}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} is not a checkpoint of this program (format {FORMAT_VERSION})")
     return ckpt

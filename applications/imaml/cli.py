@@ -8,6 +8,7 @@ about 100 seconds on two CPU cores (102 s measured), writing learning curves and
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -19,7 +20,7 @@ from .algorithms import ALGORITHMS
 from .config import resolve_config
 from .evaluate import evaluate_checkpoint
 from .tasks import DATASETS
-from .train import train
+from .train import TrainingInterrupted, train
 
 __all__ = ["DEFAULT_RUN", "build_parser", "main"]
 
@@ -31,7 +32,13 @@ DEFAULT_RUN = dict(dataset="sinusoid", algorithm="imaml", shots=5, meta_steps=10
 
 
 def _positive_int(s: str) -> int:
-    v = int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        f = float(s)  # "1e9": an integer written in scientific notation
+        if not (math.isfinite(f) and f == int(f)):
+            raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}") from None
+        v = int(f)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
@@ -46,8 +53,8 @@ def _nonneg_int(s: str) -> int:
 
 def _positive_float(s: str) -> float:
     v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
     return v
 
 
@@ -205,6 +212,12 @@ def main(argv: Optional[Sequence[str]] = None, *, log: Callable[[str], None] = p
             data_root=args.data_root, progress=not args.no_progress, log=log,
         )
         return 0
+    except TrainingInterrupted as err:
+        sys.stderr.write(f"{parser.prog}: {err}\n")
+        return 130
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{parser.prog}: interrupted\n")
+        return 130
     except (ValueError, OSError, FloatingPointError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0  # pragma: no cover

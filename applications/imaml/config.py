@@ -35,7 +35,7 @@ import torch
 from .algorithms import ALGORITHMS, LearnerConfig
 from .tasks import DATASETS
 
-__all__ = ["RunConfig", "default_out_dir", "default_device", "resolve_config"]
+__all__ = ["RunConfig", "check_device", "default_out_dir", "default_device", "resolve_config"]
 
 
 _LEARNER_FIELDS = tuple(f.name for f in dataclasses.fields(LearnerConfig) if f.name != "task")
@@ -110,6 +110,28 @@ _LEGACY: dict[str, Any] = {"batching": "auto", "recipe": "proximal", "cg_damping
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> torch.device:
+    """The device ``device`` names, if this machine has it; a one-line ``ValueError`` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device name (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} requested but CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--device {device} requested but Apple's MPS is not available on this machine (use --device cpu)")
+        return dev
+    raise ValueError(f"--device {device}: only cpu, cuda and mps are supported")
 
 
 def default_out_dir(dataset: str, algorithm: str, ways: int, shots: int) -> str:
@@ -219,6 +241,5 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"--filters must be >= 1, got {cfg.filters}")
     if cfg.dataset != "sinusoid" and cfg.ways < 2:
         raise ValueError(f"--ways must be >= 2 for classification, got {cfg.ways}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device} requested but CUDA is not available")
+    check_device(cfg.device)
     # The inner-loop settings were validated by LearnerConfig's constructor.

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .config import RunConfig, default_device
+from .config import RunConfig, check_device, default_device
 from .tasks import make_task_source
 from .train import load_learner
 
@@ -36,12 +36,14 @@ def format_result(metric: str, mean: float, ci: float, episodes: int) -> str:
 
 
 def evaluate_episodes(learner: Any, theta: dict, rho: dict, source: Any, n: int, batch_size: int, cfg: RunConfig, *,
-                      progress: bool = False, desc: str = "evaluate") -> dict[str, float]:
+                      progress: bool = False, desc: str = "evaluate",
+                      log: Optional[Callable[[str], None]] = None) -> dict[str, float]:
     """Adapt to episodes ``0 .. n-1`` of ``source`` (fixed, index-addressed) in batches and
     return the mean metric, its 95% CI half-width (normal approximation), std and mean loss."""
     values: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []
     bar = tqdm(total=n, desc=desc, unit="episode", disable=not progress, file=sys.stderr, dynamic_ncols=True, leave=False)
+    t0 = time.perf_counter()
     try:
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))
@@ -50,11 +52,25 @@ def evaluate_episodes(learner: Any, theta: dict, rho: dict, source: Any, n: int,
             values.append(metric.detach().double().cpu())
             losses.append(loss.detach().double().cpu())
             bar.update(len(idx))
+            if log is not None and start == 0 and n > len(idx):
+                # After the first batch: what the whole evaluation will take, at this pace.
+                per = (time.perf_counter() - t0) / len(idx)
+                log(f"evaluating {n} episodes: about {_duration(per * n)} at {1 / per:.1f} episodes/s")
     finally:
         bar.close()
     vals = torch.cat(values)
     std = float(vals.std(unbiased=True)) if n > 1 else 0.0
     return {"mean": float(vals.mean()), "ci95": 1.96 * std / math.sqrt(n), "std": std, "loss": float(torch.cat(losses).mean())}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def evaluate_checkpoint(
@@ -79,6 +95,8 @@ def evaluate_checkpoint(
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
     saved = ckpt["config"]
+    if device is not None:
+        check_device(device)  # an explicit request must be honoured or refused, never replaced
     dev = device or saved["device"]
     if dev.startswith("cuda") and not torch.cuda.is_available():
         dev = default_device()
@@ -96,7 +114,8 @@ def evaluate_checkpoint(
 
     metric_name = "accuracy" if cfg.task == "classification" else "mse"
     t0 = time.perf_counter()
-    stats = evaluate_episodes(learner, theta, rho, source, n, bs, cfg, progress=progress, desc=f"evaluate {cfg.algorithm}")
+    stats = evaluate_episodes(learner, theta, rho, source, n, bs, cfg, progress=progress, desc=f"evaluate {cfg.algorithm}",
+                              log=log)
     mean, ci, std = stats["mean"], stats["ci95"], stats["std"]
     seconds = time.perf_counter() - t0
     result = {

@@ -39,6 +39,7 @@ from .algorithms import MetaLearner
 from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
 from .config import RunConfig
 from .models import build_model
+from .rundir import RunLock, discard_old_run, new_run_id, read_run_id, remove_stale_temporaries
 from .tasks import TaskSource, make_task_source
 
 __all__ = ["CSV_COLUMNS", "VAL_COLUMNS", "Trainer", "build_learner", "load_learner", "train"]
@@ -130,13 +131,29 @@ class Trainer:
         self.progress = progress
         self.log = log
         self.device = torch.device(cfg.device)
-        if self.ckpt_path.exists() and not resume and not overwrite:
-            raise FileExistsError(
-                f"{str(self.ckpt_path)!r} exists: pass --resume to continue that run, --overwrite to start over, "
-                "or choose another --out"
-            )
-        if resume and not self.ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {str(self.ckpt_path)!r}")
+        self.tb = None
+        # One writer per folder (released on exit, however the process ends); then clean up
+        # what an interrupted atomic write left behind.
+        self.lock = RunLock(self.out)
+        try:
+            remove_stale_temporaries(self.out)
+            if self.ckpt_path.exists() and not resume and not overwrite:
+                raise FileExistsError(
+                    f"{str(self.ckpt_path)!r} exists: pass --resume to continue that run, --overwrite to start over, "
+                    "or choose another --out"
+                )
+            if resume and not self.ckpt_path.exists():
+                raise FileNotFoundError(f"--resume: no checkpoint at {str(self.ckpt_path)!r}")
+            if overwrite and not resume:
+                # The checkpoint goes first: a new run that dies before its own first
+                # checkpoint must leave nothing that --resume could continue.
+                discard_old_run(self.out)
+            self._setup(cfg, resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: RunConfig, resume: bool) -> None:
 
         self.source: TaskSource = make_task_source(
             cfg.dataset, "train", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed,
@@ -161,6 +178,7 @@ class Trainer:
         self.opt = torch.optim.Adam(groups, eps=cfg.adam_eps)
         self.step = 0
         self.elapsed = 0.0
+        self.run_id = new_run_id()
         if resume:
             self._load(load_checkpoint(self.ckpt_path, map_location=self.device))
         self.out.mkdir(parents=True, exist_ok=True)
@@ -181,12 +199,23 @@ class Trainer:
             "sampler_position": self.source.position,
             "rng": capture_rng_state(),
             "best_val": self.best_val,
+            "run_id": self.run_id,
         }
 
     def save(self) -> None:
         atomic_torch_save(self.state_dict(), self.ckpt_path)
+        self.saved_step: Optional[int] = self.step
 
     def _load(self, ckpt: dict[str, Any]) -> None:
+        folder_id, ckpt_id = read_run_id(self.out), ckpt.get("run_id")
+        if folder_id is not None and ckpt_id is not None and folder_id != ckpt_id:
+            raise ValueError(
+                f"--resume: {str(self.ckpt_path)!r} belongs to another run than the log and configuration in "
+                f"{str(self.out)!r} (run ids {ckpt_id[:8]} and {folder_id[:8]}): refusing to mix them; "
+                "start over with --overwrite"
+            )
+        if ckpt_id is not None:
+            self.run_id = ckpt_id
         saved, now = RunConfig.from_dict(ckpt["config"]).to_dict(), self.cfg.to_dict()
         diffs = {k: (saved[k], now[k]) for k in saved if k not in RESUMABLE_OVERRIDES and saved[k] != now[k]}
         if diffs:
@@ -225,7 +254,8 @@ class Trainer:
         self.val_path = self.out / "val.csv"
         if self.cfg.eval_every > 0:
             self._restart_csv(self.val_path, VAL_COLUMNS, resume)
-        meaning = {"peak_mem_mb": memory_meaning(self.device), "device": str(self.device), "torch": torch.__version__}
+        meaning = {"peak_mem_mb": memory_meaning(self.device), "device": str(self.device), "torch": torch.__version__,
+                   "run_id": self.run_id}
         (self.out / "run_info.json").write_text(json.dumps(meaning, indent=2) + "\n")
 
     def _write_row(self, row: dict[str, Any]) -> None:
@@ -390,6 +420,7 @@ class Trainer:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        self.lock.release()
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -401,8 +432,25 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log)
     try:
         return trainer.run(time_limit=time_limit)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(trainer) from None
     finally:
         trainer.close()
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: says where the last (intact: writes are atomic) checkpoint is."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        saved = getattr(trainer, "saved_step", None)
+        if saved is None and trainer.ckpt_path.exists():
+            saved = trainer.step  # a resumed run that has not saved since
+        if saved is None:
+            where = "no checkpoint had been written yet: run the same command again to start over"
+        else:
+            where = (f"the last checkpoint is {str(trainer.ckpt_path)!r} (meta-step {saved}); continue with: "
+                     f"python -m applications.imaml train --dataset {trainer.cfg.dataset} --out {trainer.out} --resume")
+        super().__init__(f"interrupted during meta-step {trainer.step + 1}; {where}")
 
 
 def read_log(path: str | os.PathLike[str]) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,7 @@ def load_npz_cache(path: Path, fingerprint: str, keys: Sequence[str]) -> dict[st
             if any(k not in data.files for k in keys):
                 return None
             return {k: data[k] for k in keys}
-    except (OSError, ValueError) as err:  # truncated/corrupt file: rebuild rather than fail
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:  # truncated/corrupt: rebuild
         logger.warning("ignoring unreadable cache %s (%s)", path, err)
         return None
 

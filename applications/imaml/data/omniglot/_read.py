@@ -159,10 +159,23 @@ def read_omniglot_npz(path: str | os.PathLike[str], *, source_split: str, image_
     from PIL import Image
 
     path = Path(path)
-    with np.load(path, allow_pickle=False) as data:
-        raw = data["images"]
-        alphabet_names = [str(a) for a in data["alphabet_names"]]
-        names = tuple(f"{alphabet_names[a]}/character{c:02d}" for a, c in zip(data["alphabet"].tolist(), data["character"].tolist()))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("images", "alphabet_names", "alphabet", "character") if k not in data.files]
+            if missing:
+                raise ValueError(f"{path} is not an Omniglot .npz of this format: it lacks the array(s) {missing}")
+            raw = data["images"]
+            alphabet_names = [str(a) for a in data["alphabet_names"]]
+            names = tuple(f"{alphabet_names[a]}/character{c:02d}"
+                          for a, c in zip(data["alphabet"].tolist(), data["character"].tolist()))
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, IndexError) as e:
+        raise ValueError(f"{path} is not a readable .npz file (truncated or corrupt): {type(e).__name__}") from None
+    except ValueError as e:
+        if "lacks the array" in str(e):
+            raise
+        # numpy's own text suggests allow_pickle=True for a file that is not a plain array
+        # archive: never pass that advice on to a user.
+        raise ValueError(f"{path} is not a readable .npz file of arrays (corrupt, or not written by numpy.savez)") from None
     if raw.dtype == np.bool_:
         grey = raw.astype(np.uint8) * np.uint8(255)  # True = white background
     else:
@@ -200,7 +213,10 @@ def _official_entries(path: Path, alphabets: set[str] | None) -> tuple[list[tupl
                 add(png.relative_to(path).parts, png.read_bytes)
         return entries, lambda: None
 
-    archive = zipfile.ZipFile(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path} is not a readable zip archive (truncated or corrupt): {e}") from None
     for info in archive.infolist():
         name = info.filename
         # Skip directories, macOS resource forks and anything that is not a regular file.
