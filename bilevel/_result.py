@@ -27,6 +27,7 @@ class Status(enum.Enum):
     BREAKDOWN = "breakdown (division by a vanishing quantity)"
     NONFINITE = "a non-finite value (NaN or Inf) appeared"
     LINESEARCH_FAILED = "the line search could not make progress"
+    NOT_A_MINIMUM = "stopped at a stationary point with negative curvature (a saddle or a maximum), not a minimum"
     EXTERNAL_FAILURE = "the external solver reported failure"
     UNKNOWN = "the solver reported no status"
 

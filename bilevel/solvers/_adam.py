@@ -26,6 +26,7 @@ from ._base import (
     check_int,
     check_real,
     check_tol,
+    with_minimum_check,
 )
 
 
@@ -55,6 +56,8 @@ class Adam(Solver):
         eps: denominator offset (> 0).
         rtol: optional gradient-norm tolerance in (0, 1).
         monitor: record per-step statistics without a tolerance (see :class:`GradientDescent`).
+        check_minimum: report ``NOT_A_MINIMUM`` where the returned point has negative
+            curvature (see :class:`GradientDescent`).
     """
 
     lr: float = 1e-3
@@ -63,6 +66,7 @@ class Adam(Solver):
     eps: float = 1e-8
     rtol: float | None = None
     monitor: bool = False
+    check_minimum: bool = False
 
     supports_batched: ClassVar[bool] = True
 
@@ -79,8 +83,14 @@ class Adam(Solver):
         check_tol(name, self.rtol)
         if not isinstance(self.monitor, bool):
             raise BilevelValueError(f"{name}: monitor must be a bool, got {self.monitor!r}")
+        if not isinstance(self.check_minimum, bool):
+            raise BilevelValueError(f"{name}: check_minimum must be a bool, got {self.check_minimum!r}")
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
+        res = self._run(objective, x0, *args, batched=batched)
+        return with_minimum_check(res, objective, args, batched) if self.check_minimum else res
+
+    def _run(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         self._check_batched(batched)
         name = type(self).__name__
         tree_dtype(x0)  # validates the tree
@@ -137,5 +147,5 @@ class Adam(Solver):
             xl = list(torch._foreach_addcdiv(xl, m, denom, value=-self.lr / c1))  # out of place: x0 is never written
         out = tree_unflatten(xd, xl)
         if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
-            return dataclasses.replace(self, monitor=True)(objective, x, *args, batched=batched)
+            return dataclasses.replace(self, monitor=True)._run(objective, x, *args, batched=batched)
         return loop.result(out, self.steps, batched)

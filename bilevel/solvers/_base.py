@@ -442,3 +442,69 @@ class LeanLoop:
         iters = torch.full((n,), steps, dtype=torch.long, device=leaves[0].device)
         codes = torch.full((n,), code(Status.COMPLETED), dtype=torch.long, device=leaves[0].device)
         return finish_result(x, codes, iters, None, None, batched, n_fun=self.n_eval, n_grad=self.n_eval)
+
+
+# ----------------------------------------------------------------------------------------
+# Is a stationary point a minimum?  (Lanczos on the Hessian: its extreme Ritz values.)
+# ----------------------------------------------------------------------------------------
+def negative_curvature(objective: Objective, x: Any, args: tuple, batched: bool, steps: int = 10) -> Tensor:
+    """Per task: whether the Hessian at ``x`` has a clearly negative eigenvalue.
+
+    ``min(steps, n)`` Lanczos steps from a fixed pseudo-random start (deterministic), then
+    the smallest eigenvalue of the tridiagonal ``T`` (its Ritz values bracket the
+    Hessian's spectrum from inside, and the extreme ones converge first).  "Clearly": below
+    ``-sqrt(eps) * max|Ritz|`` -- a positive semi-definite Hessian gives Ritz values >= 0
+    up to rounding.  Costs ``steps`` Hessian-vector products; a gradient test cannot tell a
+    minimum from a saddle or a maximum (the gradient is zero at all three).
+    """
+    from .._tree import tree_axpy, tree_scale, tree_size, tree_vdot
+
+    leaves, treedef = tree_flatten(x)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q = tree_unflatten(treedef, [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in leaves])
+    q = tree_scale(1 / tree_norm(q, batched), q, batched)
+    k = max(1, min(steps, tree_size(x, batched)))
+    alphas, betas = [], []
+    q_prev, beta = None, None
+    for j in range(k):
+        w = hvp(objective, x, q, args, batched)
+        a = tree_vdot(q, w, batched)
+        w = tree_axpy(-a, q, w, batched)
+        if q_prev is not None and beta is not None:
+            w = tree_axpy(-beta, q_prev, w, batched)
+        alphas.append(a)
+        if j == k - 1:
+            break
+        beta = tree_norm(w, batched)
+        betas.append(beta)
+        safe = torch.where(beta > 0, beta, torch.ones_like(beta))
+        q_prev, q = q, tree_scale(1 / safe, w, batched)
+    al = torch.stack(alphas, -1)  # (B, k) or (k,)
+    tri = torch.diag_embed(al)
+    if betas:
+        be = torch.stack(betas, -1)
+        tri = tri + torch.diag_embed(be, 1) + torch.diag_embed(be, -1)
+    ritz = torch.linalg.eigvalsh(tri.to(torch.float64))
+    scale = ritz.abs().amax(-1)
+    eps = torch.finfo(leaves[0].dtype).eps
+    return ritz[..., 0] < -(eps**0.5) * scale
+
+
+def with_minimum_check(res: SolverResult, objective: Objective, args: tuple, batched: bool) -> SolverResult:
+    """``res`` with the tasks whose returned point has negative curvature marked ``NOT_A_MINIMUM``
+    (the ``check_minimum=True`` option of the first-order solvers)."""
+    bad = negative_curvature(objective, res.x, args, batched)
+    flags = bad.reshape(-1).tolist()
+    if not any(flags):
+        return res
+    steps = max(1, min(10, _size(res.x, batched)))
+    if batched and res.task_status is not None:
+        statuses = tuple(Status.NOT_A_MINIMUM if f else st for f, st in zip(flags, res.task_status))
+        return dataclasses.replace(res, task_status=statuses, status=overall_status(statuses), n_hvp=res.n_hvp + steps)
+    return dataclasses.replace(res, status=Status.NOT_A_MINIMUM, n_hvp=res.n_hvp + steps)
+
+
+def _size(x: Any, batched: bool) -> int:
+    from .._tree import tree_size
+
+    return tree_size(x, batched)

@@ -26,6 +26,7 @@ from ._base import (
     check_int,
     check_real,
     check_tol,
+    with_minimum_check,
 )
 
 
@@ -64,6 +65,9 @@ class GradientDescent(Solver):
         rtol: optional tolerance in (0, 1) on the gradient norm (see above).
         monitor: record the statistics above without a tolerance (costs one norm per step
             and one extra gradient).
+        check_minimum: after the solve, test the Hessian at the returned point for negative
+            curvature (10 Lanczos steps) and report ``NOT_A_MINIMUM`` where it has some: a
+            zero gradient does not tell a minimum from a saddle or a maximum.
     """
 
     lr: float
@@ -72,6 +76,7 @@ class GradientDescent(Solver):
     nesterov: bool = False
     rtol: float | None = None
     monitor: bool = False
+    check_minimum: bool = False
 
     supports_batched: ClassVar[bool] = True
 
@@ -87,8 +92,14 @@ class GradientDescent(Solver):
         check_tol(name, self.rtol)
         if not isinstance(self.monitor, bool):
             raise BilevelValueError(f"{name}: monitor must be a bool, got {self.monitor!r}")
+        if not isinstance(self.check_minimum, bool):
+            raise BilevelValueError(f"{name}: check_minimum must be a bool, got {self.check_minimum!r}")
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
+        res = self._run(objective, x0, *args, batched=batched)
+        return with_minimum_check(res, objective, args, batched) if self.check_minimum else res
+
+    def _run(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         self._check_batched(batched)
         name = type(self).__name__
         tree_dtype(x0)  # validates the tree (raises on a non-tensor leaf or an empty tree)
@@ -136,5 +147,5 @@ class GradientDescent(Solver):
             xl = list(torch._foreach_add(xl, upd, alpha=-lr))  # out of place: x0 is never written
         out = tree_unflatten(xd, xl)
         if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
-            return dataclasses.replace(self, monitor=True)(objective, x, *args, batched=batched)
+            return dataclasses.replace(self, monitor=True)._run(objective, x, *args, batched=batched)
         return loop.result(out, self.steps, batched)

@@ -33,6 +33,7 @@ from ._base import (
     finish_result,
     gradient_tol,
     hvp,
+    negative_curvature,
     status_codes,
     value_and_grad,
 )
@@ -138,8 +139,14 @@ class NewtonCG(Solver):
             check_finite_grad(gnorm, k, name)
             converged = converged | (moved & (gnorm <= thresh))
 
+        # A zero gradient is a minimum, a saddle or a maximum: never claim a minimum where
+        # the Hessian has negative curvature (e.g. started exactly at a maximum, where
+        # Newton-CG takes no step at all).
+        saddle = converged & negative_curvature(objective, x, args, batched)
+        counts["hvp"] += max(1, min(10, tree_size(x, batched)))
         codes = status_codes(
-            gnorm.shape, gnorm.device, Status.MAX_ITERATIONS, SUCCESS=converged, LINESEARCH_FAILED=failed
+            gnorm.shape, gnorm.device, Status.MAX_ITERATIONS, NOT_A_MINIMUM=saddle, SUCCESS=converged,
+            LINESEARCH_FAILED=failed,
         )
         return finish_result(
             x, codes, iters, gnorm, f, batched, n_fun=counts["fun"], n_grad=counts["grad"], n_hvp=counts["hvp"]
