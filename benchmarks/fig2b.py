@@ -41,13 +41,9 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import json
 import os
 import platform
-import re
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -60,10 +56,11 @@ if __package__ in (None, ""):  # run as a file (or loaded by path): make the rep
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
-import bilevel
+
+from benchmarks.metastep import add_run_options, make_layer, paper_net, parse_run_args, run_memory_child, step_memory
 
 METHODS = ("maml", "fomaml", "imaml")
 KS = (1, 5, 10, 25, 50, 100)
@@ -79,30 +76,8 @@ Step = Callable[[], list[Tensor]]
 
 
 # --------------------------------------------------------------------------------------
-# the one place where the learner is built
+# problem (the learner, the net and the memory probe are metastep.py's, so both measure the same thing)
 # --------------------------------------------------------------------------------------
-def make_layer(inner_loss: Callable[..., Tensor], lam: float, steps: int, lr: float, cg_steps: int) -> bilevel.Proximal:
-    return bilevel.Proximal(inner_loss, lam, solver=bilevel.solvers.GradientDescent(lr=lr, steps=steps),
-                            linsolve=bilevel.linsolve.CG(steps=cg_steps),
-                            # The hand-written CG also stops on non-positive curvature (the tiny
-                            # --quick nets have Hessian eigenvalues below -λ): no warning for it.
-                            on_failure="ignore")
-
-
-# --------------------------------------------------------------------------------------
-# problem
-# --------------------------------------------------------------------------------------
-def paper_net(ways: int, filters: int) -> nn.Module:
-    """4 × [conv3x3(pad 1) → BatchNorm2d (batch statistics) → ReLU → maxpool 2], linear head."""
-    layers: list[nn.Module] = []
-    cin = 1
-    for _ in range(4):
-        layers += [nn.Conv2d(cin, filters, 3, padding=1), nn.BatchNorm2d(filters, track_running_stats=False),
-                   nn.ReLU(), nn.MaxPool2d(2)]
-        cin = filters
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters, ways))  # 28 → 14 → 7 → 3 → 1
-
-
 class Problem:
     def __init__(self, filters: int, meta_batch: int, seed: int = 0) -> None:
         with torch.random.fork_rng(devices=[]):
@@ -186,66 +161,17 @@ def build(p: Problem, method: str, k: int) -> Step:
 # --------------------------------------------------------------------------------------
 # memory (fresh child process per (method, K))
 # --------------------------------------------------------------------------------------
-def _proc_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            m = re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE)
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # VmHWM := current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def peak_growth(run: Callable[[], None]) -> float | None:
-    """Peak RSS growth (MiB) while ``run()`` runs, over the resident size just before it."""
-    gc.collect()
-    before = _proc_kib("VmRSS")
-    if before is None or not _reset_peak():
-        return None
-    run()
-    peak = _proc_kib("VmHWM")
-    return None if peak is None else (peak - before) / 1024.0
-
-
 def memory_child(cfg: dict) -> dict:
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     p = Problem(cfg["filters"], cfg["meta_batch"])
-    step = build(p, cfg["method"], cfg["k"])
-
-    def run(n: int) -> Callable[[], None]:
-        def go() -> None:
-            for _ in range(n):
-                out = step()
-                del out
-
-        return go
-
-    gc.collect()
-    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    first = peak_growth(run(1))
-    if first is None:  # no /proc: the process's high-water mark
-        return {"first_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0) / 1024.0, "steady_mb": None}
-    return {"first_mb": first, "steady_mb": peak_growth(run(cfg["mem_steps"]))}
+    return step_memory(build(p, cfg["method"], cfg["k"]), cfg["mem_steps"], cfg["threads"])
 
 
 def measure_memory(method: str, k: int, a: argparse.Namespace) -> dict:
     cfg = {"method": method, "k": k, "filters": a.filters, "meta_batch": a.meta_batch, "threads": a.threads,
            "mem_steps": a.mem_steps}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(cfg)],
-                          capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory child {method}/K={k} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_memory_child(str(Path(__file__).resolve()), cfg, f"{method}/K={k}")
 
 
 # --------------------------------------------------------------------------------------
@@ -280,25 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--mem-steps", type=int, default=2)
-    p.add_argument("--jobs", type=int, default=1,
-                   help="memory subprocesses run at once (default 1; each one's peak RSS is its own either way)")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (explicit options win): "
-                   + ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in QUICK.items()))
-    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    add_run_options(p, QUICK, "folder for fig2b.csv / .png")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
-    a = parser.parse_args(argv)
-    if a.memory_child:
-        print(json.dumps(memory_child(json.loads(a.memory_child))))
+    parsed = parse_run_args(parser, argv, QUICK, memory_child)
+    if parsed is None:
         return {}
-    if a.quick:
-        parser.set_defaults(**QUICK)
-        a = parser.parse_args(argv)
+    a = parsed
     if min(a.filters, a.meta_batch, a.rounds, a.warmup, a.mem_steps, a.jobs) < 1 or a.threads < 0:
         parser.error("--filters, --meta-batch, --rounds, --warmup, --mem-steps must be >= 1, --threads >= 0")
     threads_before = torch.get_num_threads()

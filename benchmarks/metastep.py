@@ -519,12 +519,11 @@ def peak_growth(run: Callable[[], None]) -> float | None:
     return None if peak is None else (peak - before) / 1024.0
 
 
-def memory_child(cfg: dict) -> dict:
-    """Child process body: build (net, setting, method), measure the first and later meta-steps."""
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
-    p = Problem(cfg["net"], cfg["setting"], cfg["meta_batch"], cfg["filters"], **cfg["hyper"])
-    step, _ = BUILDERS[cfg["method"]](p)
+def step_memory(step: Callable[[], Any], mem_steps: int, threads: int) -> dict:
+    """Peak resident-set growth of one meta-step (``first_mb``) and of ``mem_steps`` later ones
+    (``steady_mb``), in this (fresh) process."""
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     def run(n: int) -> Callable[[], None]:
         def go() -> None:
@@ -538,11 +537,27 @@ def memory_child(cfg: dict) -> dict:
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     first = peak_growth(run(1))
     if first is None:  # no /proc: the cruder high-water mark of the whole process
-        first = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0) / 1024.0
-        steady = None
-    else:
-        steady = peak_growth(run(cfg["mem_steps"]))
-    return {"first_mb": first, "steady_mb": steady}
+        return {"first_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0) / 1024.0, "steady_mb": None}
+    return {"first_mb": first, "steady_mb": peak_growth(run(mem_steps))}
+
+
+def run_memory_child(script: str, cfg: dict, what: str) -> dict:
+    """Run ``script --memory-child cfg`` in a fresh process (freed memory returned to the OS)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, script, "--memory-child", json.dumps(cfg)],
+                          capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child {what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_child(cfg: dict) -> dict:
+    """Child process body: build (net, setting, method), measure the first and later meta-steps."""
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    p = Problem(cfg["net"], cfg["setting"], cfg["meta_batch"], cfg["filters"], **cfg["hyper"])
+    step, _ = BUILDERS[cfg["method"]](p)
+    return step_memory(step, cfg["mem_steps"], cfg["threads"])
 
 
 def hyper(a: argparse.Namespace) -> dict:
@@ -553,12 +568,7 @@ def measure_memory(net: str, setting: str, method: str, a: argparse.Namespace) -
     cfg = {"net": net, "setting": setting, "method": method, "meta_batch": a.meta_batch, "filters": a.filters,
            "threads": a.threads, "mem_steps": a.mem_steps,
            "hyper": hyper(a)}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(cfg)],
-                          capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory child {net}/{setting}/{method} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_memory_child(str(Path(__file__).resolve()), cfg, f"{net}/{setting}/{method}")
 
 
 # --------------------------------------------------------------------------------------
@@ -624,26 +634,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="timed meta-steps per method (interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (the first also checks gradients)")
     p.add_argument("--mem-steps", type=int, default=2, help="meta-steps after the first in each memory child")
+    add_run_options(p, QUICK, "folder for metastep.csv / .png")
+    return p
+
+
+def add_run_options(p: argparse.ArgumentParser, quick: dict, out_help: str) -> None:
+    """Options every timing script shares: --jobs, --threads, --out, --quick, the memory child."""
     p.add_argument("--jobs", type=int, default=1,
                    help="memory subprocesses run at once (default 1; each one's peak RSS is its own either way)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for metastep.csv / .png")
+    p.add_argument("--out", default="benchmarks/results", help=out_help)
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke test (explicit options win): "
-                   + ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in QUICK.items()))
+                   + ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in quick.items()))
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
-    return p
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict,
+                   child: Callable[[dict], dict]) -> argparse.Namespace | None:
+    """Parse (``--quick`` sets the quick defaults, explicit options still win); ``None`` when
+    this process was a memory child, which has then printed its JSON line."""
+    a = parser.parse_args(argv)
+    if a.memory_child:
+        print(json.dumps(child(json.loads(a.memory_child))))
+        return None
+    if a.quick:
+        parser.set_defaults(**quick)
+        a = parser.parse_args(argv)
+    return a
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
-    a = parser.parse_args(argv)
-    if a.memory_child:
-        print(json.dumps(memory_child(json.loads(a.memory_child))))
+    parsed = parse_run_args(parser, argv, QUICK, memory_child)
+    if parsed is None:
         return {}
-    if a.quick:
-        parser.set_defaults(**QUICK)
-        a = parser.parse_args(argv)
+    a = parsed
     if min(a.meta_batch, a.filters, a.rounds, a.warmup, a.mem_steps, a.inner_steps, a.cg_steps, a.jobs) < 1 or a.threads < 0:
         parser.error("--meta-batch, --filters, --rounds, --warmup, --mem-steps, --inner-steps, --cg-steps must be >= 1, "
                      "--threads >= 0")

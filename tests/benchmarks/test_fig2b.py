@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import pathlib
 import sys
-from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -20,16 +18,8 @@ SCRIPT = ROOT / "benchmarks" / "fig2b.py"
 
 
 @pytest.fixture(scope="module")
-def bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("_bilevel_bench_fig2b", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+def bench(load_script) -> ModuleType:  # type: ignore[no-untyped-def]
+    return load_script("fig2b")
 
 
 def test_quick_run(bench: ModuleType, tmp_path: pathlib.Path) -> None:

@@ -10,32 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import pathlib
 import sys
-from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "metastep.py"
-
-
 @pytest.fixture(scope="module")
-def bench() -> Iterator[ModuleType]:
-    # Loaded by path under a private name: "benchmarks" would be ambiguous with tests/benchmarks.
-    spec = importlib.util.spec_from_file_location("_bilevel_bench_metastep", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+def bench(load_script) -> ModuleType:  # type: ignore[no-untyped-def]
+    return load_script("metastep")
 
 
 @pytest.mark.parametrize("net", ["paper", "app"])
