@@ -196,11 +196,18 @@ def test_bad_device_gives_one_line(device: str, tmp_path: Path, capsys: pytest.C
 
 
 # -- 11. Ctrl-C -----------------------------------------------------------------------------
+def _default_sigint() -> None:
+    # A background job of a non-interactive shell (e.g. CI started with "&") inherits an
+    # *ignored* SIGINT, and Python then installs no KeyboardInterrupt handler: restore the
+    # default so that the child behaves as under a terminal's Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_prints_where_to_resume_and_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "applications.imaml", *_train(out, 100000, "--checkpoint-every", "5")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )
     try:
         deadline = time.time() + 120
@@ -212,6 +219,7 @@ def test_sigint_prints_where_to_resume_and_exits_130(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
+        proc.communicate()  # reap it and close the pipes, whatever happened
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err and "checkpoint" in err
     ck = load_checkpoint(out / "checkpoint.pt")  # still loadable

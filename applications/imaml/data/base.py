@@ -171,7 +171,7 @@ def load_npz_cache(path: Path, fingerprint: str, keys: Sequence[str]) -> dict[st
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:  # our handle: always closed
             if "fingerprint" not in data.files or str(data["fingerprint"]) != fingerprint:
                 logger.info("cache %s is stale (different source); rebuilding", path)
                 return None

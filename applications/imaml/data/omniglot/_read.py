@@ -160,7 +160,8 @@ def read_omniglot_npz(path: str | os.PathLike[str], *, source_split: str, image_
 
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # The file handle is ours: numpy leaks its own when the file is not an archive.
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
             missing = [k for k in ("images", "alphabet_names", "alphabet", "character") if k not in data.files]
             if missing:
                 raise ValueError(f"{path} is not an Omniglot .npz of this format: it lacks the array(s) {missing}")
