@@ -128,13 +128,32 @@ def value(objective: Objective, x: Any, args: tuple, batched: bool = False) -> T
 
 
 def hvp(objective: Objective, x: Any, v: Any, args: tuple, batched: bool = False) -> Any:
-    """Hessian-vector product, forward-over-reverse (block-diagonal over tasks when batched)."""
+    """Hessian-vector product (block-diagonal over tasks when batched).
 
-    def g(y: Any) -> Any:
-        return torch.func.grad(lambda z: _total(objective, batched)(z, *args)[0])(y)
+    Reverse-over-reverse (the gradient with a graph, then its VJP with ``v``) unless a
+    ``torch.func`` transform encloses the call, where forward-over-reverse
+    (``torch.func.jvp`` of ``torch.func.grad``) is used.  Why: in eager PyTorch a
+    reverse-over-reverse product costs about 1.2-1.3 gradients against 4-10 for the
+    forward-mode one (``benchmarks/README.md``), and forward mode's first use makes torch
+    2.13 emit a ``torch.jit.script`` DeprecationWarning from its own decompositions.
+    """
+    if _inside_transform(x, args):
 
-    hv = torch.func.jvp(g, (x,), (v,))[1]
-    return tree_detach(hv)
+        def g(y: Any) -> Any:
+            return torch.func.grad(lambda z: _total(objective, batched)(z, *args)[0])(y)
+
+        return tree_detach(torch.func.jvp(g, (x,), (v,))[1])
+    leaves, treedef = tree_flatten(x)
+    vl, _ = tree_flatten(v)
+    with torch.enable_grad():
+        xr = [t.detach().requires_grad_(True) for t in leaves]
+        s, _ = _total(objective, batched)(tree_unflatten(treedef, xr), *args)
+        gs = torch.autograd.grad(s, xr, create_graph=True, allow_unused=True)
+        pairs = [(gi, vi) for gi, vi in zip(gs, vl) if gi is not None and gi.requires_grad]
+        hv: tuple[Tensor | None, ...] = (None,) * len(xr)
+        if pairs:
+            hv = torch.autograd.grad([p[0] for p in pairs], xr, grad_outputs=[p[1] for p in pairs], allow_unused=True)
+    return tree_unflatten(treedef, [torch.zeros_like(t) if h is None else h.detach() for h, t in zip(hv, leaves)])
 
 
 def check_finite_value(v: Tensor, iteration: int, solver: str) -> None:
