@@ -53,9 +53,10 @@ def evaluate_episodes(learner: Any, theta: dict, rho: dict, source: Any, n: int,
             losses.append(loss.detach().double().cpu())
             bar.update(len(idx))
             if log is not None and start == 0 and n > len(idx):
-                # After the first batch: what the whole evaluation will take, at this pace.
+                # After the first batch: what a long evaluation will take, at this pace.
                 per = (time.perf_counter() - t0) / len(idx)
-                log(f"evaluating {n} episodes: about {_duration(per * n)} at {1 / per:.1f} episodes/s")
+                if per * n > 30:
+                    log(f"evaluating {n} episodes: about {_duration(per * n)} at {1 / per:.1f} episodes/s")
     finally:
         bar.close()
     vals = torch.cat(values)
