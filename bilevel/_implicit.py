@@ -114,6 +114,8 @@ class _Spec:
     # Which call of the layer this is (Diagnostics.calls when it started): the forward and
     # backward statistics carry it, so that interleaved calls cannot be confused.
     call_id: int = 0
+    # The precision of the backward ("auto": float32 for half-precision inputs).
+    backward_dtype: Any = "auto"
 
 
 def task_slice(args: tuple, dims: tuple[int | None, ...], b: int) -> tuple:
@@ -291,6 +293,16 @@ def implicit_vjp(
         ``(grads, result)``: per argument leaf ``−Bᵀu`` (``None`` where not needed) and
         the linear solve's :class:`~bilevel.LinearSolveResult` (whose ``x`` is ``u``).
     """
+    work = _work_dtype(spec.backward_dtype, x_leaves, arg_leaves)
+    if work is not None:
+        # The whole backward in ``work`` precision (the adjoint system sums many products:
+        # half precision loses the meta-gradient), the gradients back in each input's dtype.
+        def up(t: Tensor) -> Tensor:
+            return t.to(work) if t.is_floating_point() else t
+
+        grads, res = implicit_vjp(dataclasses.replace(spec, backward_dtype=None), [up(t) for t in x_leaves],
+                                  [up(t) for t in v_leaves], [up(a.detach()) for a in arg_leaves], need)
+        return [None if g is None else g.to(a.dtype) for g, a in zip(grads, arg_leaves)], res
     x = tree_unflatten(spec.x_def, x_leaves)
     v = tree_unflatten(spec.x_def, v_leaves)
     args_det = _unpack_args(spec.layout, [a.detach() for a in arg_leaves])
@@ -337,6 +349,19 @@ def implicit_vjp(
             )
     it = iter(gs)
     return [next(it) if n else None for n in need], res
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _work_dtype(policy: Any, x_leaves: list[Tensor], arg_leaves: Sequence[Tensor]) -> torch.dtype | None:
+    """The dtype the backward runs in, if not the inputs' own (``None``)."""
+    if policy is None:
+        return None
+    floats = [t.dtype for t in (*x_leaves, *arg_leaves) if t.is_floating_point()]
+    if policy == "auto":
+        return torch.float32 if any(d in _HALF for d in floats) else None
+    return policy if any(d != policy for d in floats) else None
 
 
 def _check_residual_structure(Fx: Any, x: Any, name: str) -> None:
@@ -500,6 +525,7 @@ def implicit_apply(
     task_optimality: Callable[..., Any] | None = None,
     task_dims: tuple[int | None, ...] | None = None,
     closed_vjp: ClosedVJP | None = None,
+    backward_dtype: Any = "auto",
 ) -> Any:
     """Run ``solve`` and return its solution, differentiable w.r.t. the tensor trees in ``args``.
 
@@ -540,6 +566,7 @@ def implicit_apply(
         task_dims=task_dims if batched else None,
         closed_vjp=closed_vjp,
         call_id=call_id,
+        backward_dtype=backward_dtype,
     )
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
     if torch.is_grad_enabled() and not any(t.requires_grad for t in arg_leaves):

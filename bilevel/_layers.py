@@ -16,7 +16,7 @@ from ._errors import BilevelTypeError, BilevelValueError
 from ._implicit import _HVP_MODES, _ON_FAILURE, ClosedVJP, implicit_apply, task_slice
 from ._result import SolverResult, stack_solver_results
 from ._tree import batch_size, is_tree, tree_flatten, tree_map
-from ._types import Batched, HvpMode, OnFailure
+from ._types import BackwardDtype, Batched, HvpMode, OnFailure
 
 InDims = Union[int, None, Sequence[int | None]]
 _STRATEGIES = ("auto", "vmap", "loop")
@@ -134,6 +134,12 @@ class ImplicitLayer(abc.ABC):
             or ``"forward"`` (forward-over-reverse, ``torch.func.jvp`` of the optimality
             map, vmap-friendly, falling back to reverse mode for operations without a
             forward-mode rule).
+        backward_dtype: the precision of the backward (the Jacobian products, the linear
+            solve and its reductions, the argument VJP).  ``"auto"`` (default): float32
+            when the solution or an argument is float16/bfloat16 (the inner solver may run
+            in half precision; the adjoint system, a sum of many products, should not),
+            else the inputs' own dtype.  ``None``: always the inputs' dtype; a dtype: that
+            one.  Gradients are returned in each input's dtype.
 
     Attributes:
         symmetric: class attribute; ``True`` when ``dF/dx`` is symmetric (an argmin).
@@ -142,7 +148,10 @@ class ImplicitLayer(abc.ABC):
 
     symmetric: ClassVar[bool] = False
 
-    def __init__(self, linsolve: Any = None, *, on_failure: OnFailure = "warn", hvp: HvpMode = "reverse") -> None:
+    def __init__(
+        self, linsolve: Any = None, *, on_failure: OnFailure = "warn", hvp: HvpMode = "reverse",
+        backward_dtype: BackwardDtype = "auto",
+    ) -> None:
         from . import linsolve as _ls
 
         if linsolve is None:
@@ -159,6 +168,9 @@ class ImplicitLayer(abc.ABC):
         if hvp not in _HVP_MODES:
             raise BilevelValueError(f"hvp must be one of {_HVP_MODES}, got {hvp!r}")
         self.hvp = hvp
+        if not (backward_dtype in ("auto", None) or (isinstance(backward_dtype, torch.dtype) and backward_dtype.is_floating_point)):
+            raise BilevelValueError(f"backward_dtype must be 'auto', None or a floating torch.dtype, got {backward_dtype!r}")
+        self.backward_dtype = backward_dtype
         self.diagnostics = Diagnostics()
 
     @abc.abstractmethod
@@ -207,6 +219,7 @@ class ImplicitLayer(abc.ABC):
             diagnostics=self.diagnostics,
             on_failure=self.on_failure,
             hvp=self.hvp,
+            backward_dtype=self.backward_dtype,
             name=type(self).__name__ if name is None else name,
             task_optimality=task_optimality,
             task_dims=task_dims,
@@ -256,8 +269,9 @@ class Argmin(ImplicitLayer):
         *,
         on_failure: OnFailure = "warn",
         hvp: HvpMode = "reverse",
+        backward_dtype: BackwardDtype = "auto",
     ) -> None:
-        super().__init__(linsolve, on_failure=on_failure, hvp=hvp)
+        super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
         if not callable(objective):
             raise BilevelTypeError("objective must be callable")
         if solver is None:
@@ -467,8 +481,9 @@ class Proximal(Argmin):
         damping: float = 0.0,
         on_failure: OnFailure = "warn",
         hvp: HvpMode = "reverse",
+        backward_dtype: BackwardDtype = "auto",
     ) -> None:
-        super().__init__(inner_loss, solver, linsolve, on_failure=on_failure, hvp=hvp)
+        super().__init__(inner_loss, solver, linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
         if isinstance(lam, (int, float)) and not isinstance(lam, bool):
             if not math.isfinite(lam) or lam <= 0:
                 raise BilevelValueError(f"Proximal: lam must be finite and > 0, got {lam}")
@@ -550,9 +565,10 @@ class FixedPoint(ImplicitLayer):
     symmetric = False
 
     def __init__(
-        self, fn: Callable[..., Any], solver: Any = None, linsolve: Any = None, *, on_failure: OnFailure = "warn"
+        self, fn: Callable[..., Any], solver: Any = None, linsolve: Any = None, *, on_failure: OnFailure = "warn",
+        backward_dtype: BackwardDtype = "auto",
     ) -> None:
-        super().__init__(linsolve, on_failure=on_failure)
+        super().__init__(linsolve, on_failure=on_failure, backward_dtype=backward_dtype)
         if not callable(fn):
             raise BilevelTypeError("fn must be callable")
         if solver is None:
@@ -594,11 +610,12 @@ class _CustomRoot(ImplicitLayer):
         linsolve: Any,
         on_failure: OnFailure,
         hvp: HvpMode,
+        backward_dtype: BackwardDtype = "auto",
     ) -> None:
         self._symmetric = symmetric
         self._solve_fn = solve_fn
         self._optimality_fn = optimality_fn
-        super().__init__(linsolve, on_failure=on_failure, hvp=hvp)
+        super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
 
     @property
     def symmetric(self) -> bool:  # type: ignore[override]
@@ -629,6 +646,7 @@ def custom_root(
     symmetric: bool = False,
     on_failure: OnFailure = "warn",
     hvp: HvpMode = "reverse",
+    backward_dtype: BackwardDtype = "auto",
 ) -> Callable[[Callable[..., Any]], Any]:
     """Decorator: make ``solve(x0, *args)`` differentiable through ``optimality_fn``.
 
@@ -651,7 +669,7 @@ def custom_root(
     """
 
     def deco(solve_fn: Callable[..., Any]) -> Any:
-        layer = _CustomRoot(solve_fn, optimality_fn, symmetric, linsolve, on_failure, hvp)
+        layer = _CustomRoot(solve_fn, optimality_fn, symmetric, linsolve, on_failure, hvp, backward_dtype)
         functools.update_wrapper(layer, solve_fn)  # type: ignore[arg-type]
         return layer
 

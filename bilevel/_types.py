@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol, Union, runtime_checkable
 
+import torch  # noqa: F401  (named in BackwardDtype)
+
 #: What a layer does when a forward or backward solve does not converge.
 OnFailure = Literal["warn", "raise", "ignore"]
 #: How symmetric Jacobian-vector products are computed in the backward.
 HvpMode = Literal["forward", "reverse"]
+#: The precision of the backward: ``"auto"`` (float32 for half-precision inputs), ``None``
+#: (the inputs' dtype) or a floating ``torch.dtype``.
+BackwardDtype = Union[Literal["auto"], None, "torch.dtype"]
 #: How a batch of tasks runs: ``False`` (one task), ``True``/``"auto"``, ``"vmap"`` or ``"loop"``.
 Batched = Union[bool, Literal["auto", "vmap", "loop"]]
 
@@ -38,4 +43,4 @@ class LinearSolverLike(Protocol):
     def __call__(self, matvec: Any, b: Any, x0: Any = ..., *, batched: bool = ...) -> Any: ...
 
 
-__all__ = ["Batched", "HvpMode", "InnerSolver", "LinearSolverLike", "OnFailure"]
+__all__ = ["BackwardDtype", "Batched", "HvpMode", "InnerSolver", "LinearSolverLike", "OnFailure"]
