@@ -548,6 +548,11 @@ def implicit_apply(
     if batched:
         batch_size(x0)
     arg_leaves, layout = _pack_args(args)
+    if any(t.device.type == "meta" for t in (*x_leaves, *arg_leaves)):
+        # A shape-only run (e.g. a model built on the meta device): no solver can run on
+        # values that do not exist; the solution has the initial point's shapes and dtypes.
+        # No gradient flows (there is nothing to differentiate), and no diagnostics.
+        return tree_unflatten(x_def, [torch.empty_like(t, device="meta") for t in x_leaves])
     call_id = diagnostics.start_call()
     spec = _Spec(
         solve=solve,
