@@ -38,6 +38,7 @@ from ._errors import (
     BilevelValueError,
     ClosedOverTensorWarning,
     NonFiniteError,
+    UnsupportedError,
 )
 from ._result import Status, report, stack_linear_results
 from ._tree import (
@@ -227,6 +228,25 @@ class _ImplicitFunction(torch.autograd.Function):
         nx = spec.x_def.num_leaves
         ctx.spec = spec
         ctx.save_for_backward(*output, *inputs[1 + nx :])
+        ctx.save_for_forward(*output, *inputs[1 + nx :])
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> tuple[Tensor, ...]:
+        """Forward mode: for a tangent ``t`` of the arguments, solve ``A s = −B t`` (DESIGN.md §1)."""
+        spec: _Spec = ctx.spec
+        nx = spec.x_def.num_leaves
+        saved = ctx.saved_tensors
+        x_leaves, arg_leaves = list(saved[:nx]), list(saved[nx:])
+        t_args = list(tangents[1 + nx :])
+        s_leaves, res = implicit_jvp(spec, x_leaves, arg_leaves, t_args)
+        spec.diagnostics.backward = strip_backward(res)
+        spec.diagnostics.backward_call = spec.call_id
+        statuses = res.task_status if res.task_status is not None else (res.status,)
+        if Status.NONFINITE in statuses:
+            raise NonFiniteError(f"{spec.name}: the forward-mode linear solve met a NaN or Inf: {res.summary()}")
+        report(res.success, f"{spec.name}: the forward-mode linear solve did not converge: {res.summary()}",
+               spec.on_failure)
+        return tuple(s_leaves)
 
     @staticmethod
     @once_differentiable  # the backward is first-order: a double backward raises instead of being silently wrong
@@ -349,6 +369,54 @@ def implicit_vjp(
             )
     it = iter(gs)
     return [next(it) if n else None for n in need], res
+
+
+def implicit_jvp(
+    spec: _Spec, x_leaves: list[Tensor], arg_leaves: list[Tensor], t_args: Sequence[Tensor | None]
+) -> tuple[list[Tensor], Any]:
+    """The implicit function theorem's Jacobian-vector product: ``s = −A⁻¹ B t``.
+
+    ``A = ∂F/∂x`` and ``B = ∂F/∂args`` at the solution; ``t``: tangents of the argument
+    leaves (``None``: zero).  Built from ``torch.func.vjp`` only (no ``requires_grad_``,
+    no nested forward mode), so it runs under ``torch.autograd.forward_ad`` and inside
+    ``torch.func.jvp``: ``B t`` and ``A u`` are VJPs of the (linear) VJP maps, the
+    "double-VJP" trick.
+
+    Returns:
+        ``(s_leaves, result)``: the tangent of each solution leaf and the linear solve's
+        :class:`~bilevel.LinearSolveResult`.
+    """
+    if spec.task_optimality is not None:
+        raise UnsupportedError(
+            f"{spec.name}: forward-mode differentiation of batched='loop' is not supported; use batched=True (vmap)"
+        )
+    tangents = [torch.zeros_like(a) if t is None else t for a, t in zip(arg_leaves, t_args)]
+
+    def F_args(*a: Tensor) -> list[Tensor]:
+        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, x_leaves), *_unpack_args(spec.layout, list(a))))[0]
+
+    def F_x(*xl: Tensor) -> list[Tensor]:
+        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, list(xl)), *_unpack_args(spec.layout, arg_leaves)))[0]
+
+    with _suspended_saved_tensor_hooks():
+        F0, vjp_args = torch.func.vjp(F_args, *arg_leaves)[:2]
+        # B t: the VJP map w -> Bᵀw is linear, so its own VJP with cotangent t is B t.
+        vjp_of_vjp = torch.func.vjp(lambda *w: vjp_args(list(w)), *[torch.zeros_like(f) for f in F0])[1]
+        Bt = vjp_of_vjp(tuple(tangents))
+        vjp_x = torch.func.vjp(F_x, *x_leaves)[1]
+        if spec.symmetric:
+
+            def matvec(u: Any) -> Any:
+                return tree_unflatten(spec.x_def, list(vjp_x(tree_flatten(u)[0])))
+        else:
+            vjp_xt = torch.func.vjp(lambda *w: vjp_x(list(w)), *[torch.zeros_like(f) for f in F0])[1]
+
+            def matvec(u: Any) -> Any:
+                return tree_unflatten(spec.x_def, list(vjp_xt(tuple(tree_flatten(u)[0]))))
+
+        rhs = tree_unflatten(spec.x_def, [-b for b in Bt])
+        res = spec.linsolve(matvec, rhs, batched=spec.batched)
+    return tree_flatten(res.x)[0], res
 
 
 _HALF = (torch.float16, torch.bfloat16)
