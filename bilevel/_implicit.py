@@ -339,6 +339,8 @@ def implicit_vjp(
         grads, res = implicit_vjp(dataclasses.replace(spec, backward_dtype=None), [up(t) for t in x_leaves],
                                   [up(t) for t in v_leaves], [up(a.detach()) for a in arg_leaves], need)
         return [None if g is None else g.to(a.dtype) for g, a in zip(grads, arg_leaves)], res
+    if _wrapped(x_leaves, arg_leaves, v_leaves):
+        return _functional_vjp(spec, x_leaves, v_leaves, arg_leaves, need)
     x = tree_unflatten(spec.x_def, x_leaves)
     v = tree_unflatten(spec.x_def, v_leaves)
     args_det = _unpack_args(spec.layout, [a.detach() for a in arg_leaves])
@@ -433,6 +435,43 @@ def implicit_jvp(
         rhs = tree_unflatten(spec.x_def, [-b for b in Bt])
         res = spec.linsolve(matvec, rhs, batched=spec.batched)
     return tree_flatten(res.x)[0], res
+
+
+def _wrapped(*groups: Sequence[Tensor]) -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jacrev, ...) encloses this backward."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(wrapped(t) for g in groups for t in g)
+
+
+def _functional_vjp(
+    spec: _Spec, x_leaves: list[Tensor], v_leaves: list[Tensor], arg_leaves: list[Tensor], need: Sequence[bool]
+) -> tuple[list[Tensor | None], Any]:
+    """:func:`implicit_vjp` with ``torch.func`` primitives only, for a backward that runs inside
+    a ``torch.func`` transform (``torch.func.grad`` of a loss containing a layer), where
+    ``requires_grad_`` and ``torch.autograd.grad`` are not allowed: ``Aᵀu`` is a VJP of F
+    in x, ``−Bᵀu`` one in the arguments."""
+    if spec.task_optimality is not None:
+        raise UnsupportedError(
+            f"{spec.name}: torch.func transforms of batched='loop' are not supported; use batched=True (vmap)"
+        )
+
+    def F_x(*xl: Tensor) -> list[Tensor]:
+        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, list(xl)), *_unpack_args(spec.layout, arg_leaves)))[0]
+
+    def F_args(*a: Tensor) -> list[Tensor]:
+        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, x_leaves), *_unpack_args(spec.layout, list(a))))[0]
+
+    with _suspended_saved_tensor_hooks():
+        vjp_x = torch.func.vjp(F_x, *x_leaves)[1]
+
+        def matvec(u: Any) -> Any:
+            return tree_unflatten(spec.x_def, list(vjp_x(tree_flatten(u)[0])))
+
+        res = spec.linsolve(matvec, tree_unflatten(spec.x_def, v_leaves), batched=spec.batched)
+        u_leaves = tree_flatten(res.x)[0]
+        vjp_args = torch.func.vjp(F_args, *arg_leaves)[1]
+        gs = vjp_args([-u for u in u_leaves])
+    return [g if n else None for g, n in zip(gs, need)], res
 
 
 _HALF = (torch.float16, torch.bfloat16)

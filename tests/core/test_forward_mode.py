@@ -86,3 +86,19 @@ def test_loop_strategy_refuses_forward_mode_clearly() -> None:
     th = torch.randn(4, dtype=DT)
     with pytest.raises(bilevel.UnsupportedError, match="batched='loop'"):
         torch.func.jvp(lambda t: prox(t, XB, YB, batched="loop"), (th,), (torch.ones(4, dtype=DT),))
+
+
+@pytest.mark.parametrize("name", ["proximal-theta", "proximal-theta-lam-data", "proximal-batched", "argmin",
+                                  "fixed-point", "custom-root"])
+def test_func_grad_of_a_loss_containing_a_layer_equals_autograd(name: str) -> None:
+    # The backward runs inside torch.func.grad with torch.func primitives only.
+    f, primals = CASES[name]
+
+    def loss(*ps: torch.Tensor) -> torch.Tensor:
+        return (f(*ps) ** 2).sum()
+
+    grads = torch.func.grad(loss, argnums=tuple(range(len(primals))))(*primals)
+    req = [p.clone().requires_grad_(True) for p in primals]
+    ref = torch.autograd.grad(loss(*req), req)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
