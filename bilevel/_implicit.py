@@ -409,6 +409,7 @@ def implicit_jvp(
             f"{spec.name}: forward-mode differentiation of batched='loop' is not supported; use batched=True (vmap)"
         )
     tangents = [torch.zeros_like(a) if t is None else t for a, t in zip(arg_leaves, t_args)]
+    _refuse_vmapped(spec.name, "forward", tangents)
 
     def F_args(*a: Tensor) -> list[Tensor]:
         return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, x_leaves), *_unpack_args(spec.layout, list(a))))[0]
@@ -437,6 +438,30 @@ def implicit_jvp(
     return tree_flatten(res.x)[0], res
 
 
+def _refuse_vmapped(name: str, mode: str, tensors: Sequence[Tensor]) -> None:
+    """A batch of cotangents/tangents under ``vmap`` (``jacrev``, ``jacfwd``, ``hessian``,
+    ``vmap`` of ``grad``) would drive the Krylov solver's data-dependent stopping tests with
+    batched values: refuse with what to do instead, not torch's internal message."""
+    if any(_is_vmapped(t) for t in tensors):
+        raise UnsupportedError(
+            f"{name}: vmapped {mode}-mode products through an implicit layer (jacrev, jacfwd, hessian, or vmap of "
+            "grad/vjp/jvp) are not supported: the linear solve stops on data-dependent tests. Compute Jacobian rows "
+            "with a Python loop of torch.func.vjp/jvp calls, or vmap the layer call itself (torch.func.vmap(layer))"
+        )
+
+
+def _is_vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is batched by a ``vmap`` at any level of its ``torch.func`` wrappers."""
+    ft = torch._C._functorch
+    for _ in range(64):  # the wrapper depth is the number of nested transforms
+        if ft.is_batchedtensor(t):
+            return True
+        if not ft.is_functorch_wrapped_tensor(t):
+            return False
+        t = ft.get_unwrapped(t)
+    return False
+
+
 def _wrapped(*groups: Sequence[Tensor]) -> bool:
     """Whether a ``torch.func`` transform (grad, vjp, jacrev, ...) encloses this backward."""
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -454,6 +479,7 @@ def _functional_vjp(
         raise UnsupportedError(
             f"{spec.name}: torch.func transforms of batched='loop' are not supported; use batched=True (vmap)"
         )
+    _refuse_vmapped(spec.name, "reverse", v_leaves)
 
     def F_x(*xl: Tensor) -> list[Tensor]:
         return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, list(xl)), *_unpack_args(spec.layout, arg_leaves)))[0]
@@ -632,6 +658,10 @@ def _warn_closed_over(outputs: list[Tensor], targets: list[Tensor], name: str) -
         )
 
 
+# torch.compile: the layer runs eagerly between compiled graphs (its solvers' host-side
+# control flow and torch.func internals are not traceable); disabling it here gives one
+# clean graph break instead of dynamo's warnings about untraceable builtins.
+@torch.compiler.disable
 def implicit_apply(
     solve: Callable[..., Any],
     optimality: Callable[..., Any],
