@@ -22,24 +22,44 @@ InDims = Union[int, None, Sequence[int | None]]
 _STRATEGIES = ("auto", "vmap", "loop")
 
 
-def _strategy(batched: Any, x: Any, name: str) -> str | None:
-    """How a batch of tasks runs: None (not batched), "vmap" or "loop".
+#: ``batched="auto"`` runs a per-task loop on the CPU from this many examples per task.
+LOOP_MIN_EXAMPLES = 64
 
-    ``"auto"`` (= ``True``) is ``vmap``.  Measured on the few-shot application's conv net
-    (``benchmarks/batching.py``, 2-core CPU, meta-batch 8), the per-task loop took 1.9×
-    the time of vmap at 5-way 1-shot (5 examples per task) but 0.74× at 20-way 5-shot
-    (100 per task), with 0.87× the memory in both; two points do not make a rule, so
-    ``"auto"`` keeps the previous behaviour.  ``"loop"`` is the choice for large tasks on
-    a CPU, for solvers without a batched mode (scipy, external programs) and where memory
-    binds.
-    """
+
+def _strategy(batched: Any, x: Any, name: str) -> str | None:
+    """How a batch of tasks runs: None (not batched), "auto", "vmap" or "loop"."""
     if batched is False:
         return None
-    if batched is True or batched == "auto":
-        return "vmap"
+    if batched is True:
+        return "auto"
     if isinstance(batched, str) and batched in _STRATEGIES:
         return batched
     raise BilevelValueError(f"{name}: batched must be False, True or one of {_STRATEGIES}, got {batched!r}")
+
+
+def _resolve_auto(strategy: str | None, args: tuple, dims: Sequence[int | None]) -> str | None:
+    """``"auto"`` (= ``True``): ``"loop"`` on the CPU when a task has ``LOOP_MIN_EXAMPLES`` or
+    more examples (the size of the first task-data argument's dimension after the task
+    one), else ``"vmap"``.
+
+    Measured (``benchmarks/metastep.py``, ``benchmarks/batching.py``; 2-core CPU, one
+    thread, iMAML meta-step of 4-8 tasks, 16 GD + 5 CG steps): with 5 examples per task
+    (5-way 1-shot) vmap is the faster (the loop takes 1.16× its time on the paper's net,
+    1.6× on the application's); with 100 per task (20-way 5-shot) the loop takes 0.71× of
+    vmap's time on the paper's net (1.03× on the application's) and 0.22× / 0.29× of its
+    peak memory.  The threshold between the two measured sizes is a choice, not a
+    measurement.  On a GPU, vmap (batched kernels) is kept: nothing was measured there.
+    """
+    if strategy != "auto":
+        return strategy
+    for a, d in zip(args, dims):
+        if d is None:
+            continue
+        for leaf in tree_flatten(a)[0]:
+            if leaf.dim() > d + 1:
+                big = leaf.shape[d + 1] >= LOOP_MIN_EXAMPLES
+                return "loop" if leaf.device.type == "cpu" and big else "vmap"
+    return "vmap"
 
 
 def _solution_tree(result: Any) -> Any:
@@ -336,7 +356,7 @@ class Argmin(ImplicitLayer):
             n = batch_size(x0)
             if any(d is not None for d in dims) and _task_count(args, dims) != n:
                 raise BilevelValueError(f"x0 has {n} tasks but the task data has {_task_count(args, dims)}")
-        return self._call(self.objective, x0, args, dims, strategy)
+        return self._call(self.objective, x0, args, dims, _resolve_auto(strategy, args, dims))
 
 
 def _lam_tree(lam: Any, theta: Any, name: str) -> Any:
@@ -536,6 +556,7 @@ class Proximal(Argmin):
         if strategy:
             dims = (None, None, *_arg_dims(args, in_dims))
             n = _task_count(args, dims[2:])
+            strategy = _resolve_auto(strategy, args, dims[2:])
             x0 = tree_map(lambda t: t.detach().unsqueeze(0).expand(n, *t.shape).clone(), theta)
         else:
             dims = ()
