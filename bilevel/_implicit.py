@@ -411,11 +411,7 @@ def implicit_jvp(
     tangents = [torch.zeros_like(a) if t is None else t for a, t in zip(arg_leaves, t_args)]
     _refuse_vmapped(spec.name, "forward", tangents)
 
-    def F_args(*a: Tensor) -> list[Tensor]:
-        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, x_leaves), *_unpack_args(spec.layout, list(a))))[0]
-
-    def F_x(*xl: Tensor) -> list[Tensor]:
-        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, list(xl)), *_unpack_args(spec.layout, arg_leaves)))[0]
+    F_x, F_args = _flat_maps(spec, x_leaves, arg_leaves)
 
     with _suspended_saved_tensor_hooks():
         F0, vjp_args = torch.func.vjp(F_args, *arg_leaves)[:2]
@@ -436,6 +432,21 @@ def implicit_jvp(
         rhs = tree_unflatten(spec.x_def, [-b for b in Bt])
         res = spec.linsolve(matvec, rhs, batched=spec.batched)
     return tree_flatten(res.x)[0], res
+
+
+def _flat_maps(
+    spec: _Spec, x_leaves: list[Tensor], arg_leaves: list[Tensor]
+) -> tuple[Callable[..., list[Tensor]], Callable[..., list[Tensor]]]:
+    """The optimality map's leaves as functions of x's leaves (arguments fixed) and of the
+    argument leaves (x fixed): what ``torch.func.vjp`` differentiates in the functional paths."""
+
+    def F_x(*xl: Tensor) -> list[Tensor]:
+        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, list(xl)), *_unpack_args(spec.layout, arg_leaves)))[0]
+
+    def F_args(*a: Tensor) -> list[Tensor]:
+        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, x_leaves), *_unpack_args(spec.layout, list(a))))[0]
+
+    return F_x, F_args
 
 
 def _refuse_vmapped(name: str, mode: str, tensors: Sequence[Tensor]) -> None:
@@ -481,11 +492,7 @@ def _functional_vjp(
         )
     _refuse_vmapped(spec.name, "reverse", v_leaves)
 
-    def F_x(*xl: Tensor) -> list[Tensor]:
-        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, list(xl)), *_unpack_args(spec.layout, arg_leaves)))[0]
-
-    def F_args(*a: Tensor) -> list[Tensor]:
-        return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, x_leaves), *_unpack_args(spec.layout, list(a))))[0]
+    F_x, F_args = _flat_maps(spec, x_leaves, arg_leaves)
 
     with _suspended_saved_tensor_hooks():
         vjp_x = torch.func.vjp(F_x, *x_leaves)[1]
