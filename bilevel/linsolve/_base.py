@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextvars
 import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -24,6 +25,11 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
+
+#: Set while a fixed-budget solve runs under ``torch.func.vmap`` (``jacrev``, ``jacfwd``):
+#: the values are batched, so nothing may be read on the host -- no status codes, no
+#: iteration counts.  The result then reports ``COMPLETED`` after ``steps`` iterations.
+_UNDER_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("bilevel_linsolve_under_vmap", default=False)
 
 MatVec = Callable[[Any], Any]
 """``matvec(v) -> A v`` on tensor trees shaped like the right-hand side."""
@@ -127,6 +133,18 @@ class LinearSolver(abc.ABC):
                 and convergence.  ``matvec`` must be block-diagonal over tasks.
         """
         check_rhs(b, batched)
+        if _vmapped(b):
+            if self.steps is None:
+                raise UnsupportedError(
+                    f"{type(self).__name__}: a solve under torch.func.vmap (jacrev, jacfwd, vmap of grad) needs a fixed "
+                    f"budget, whose loop has no data-dependent stopping test: use {type(self).__name__}(steps=m)"
+                )
+            token = _UNDER_VMAP.set(True)
+            try:
+                res = self._solve(matvec, b, x0, batched, torch.zeros((), dtype=tree_dtype(b)))
+                return dataclasses.replace(res, iterations=self.steps)
+            finally:
+                _UNDER_VMAP.reset(token)
         scale = tree_amax(b, batched)
         bad = ~torch.isfinite(scale)
         # A power of two (the exponent of max |b|): scaling by it is exact, so a solve of a
@@ -165,6 +183,19 @@ def tree_amax(b: Any, batched: bool) -> Tensor:
     return torch.where(nan, torch.full_like(m, float("nan")), m)
 
 
+def _vmapped(b: Any) -> bool:
+    """Whether a leaf of ``b`` is batched by ``torch.func.vmap`` at some level."""
+    ft = torch._C._functorch
+    for t in tree_flatten(b)[0]:
+        for _ in range(64):
+            if ft.is_batchedtensor(t):
+                return True
+            if not ft.is_functorch_wrapped_tensor(t):
+                break
+            t = ft.get_unwrapped(t)
+    return False
+
+
 def nonfinite_tasks(res: LinearSolveResult, bad: Tensor, batched: bool) -> LinearSolveResult:
     """Mark the tasks in ``bad`` (a NaN/Inf right-hand side) ``NONFINITE``."""
     if batched:
@@ -197,6 +228,8 @@ def finish(
     batched: bool,
 ) -> LinearSolveResult:
     """Build a :class:`LinearSolveResult` from per-task codes (one host sync)."""
+    if _UNDER_VMAP.get():  # nothing can be read: a fixed budget's nominal outcome
+        return LinearSolveResult(x=x, status=Status.COMPLETED, iterations=-1, residual_norm=rnorm)
     statuses = status_from_codes(codes)
     if batched:
         return LinearSolveResult(
