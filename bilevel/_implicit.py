@@ -331,6 +331,11 @@ def implicit_vjp(
         ``(grads, result)``: per argument leaf ``−Bᵀu`` (``None`` where not needed) and
         the linear solve's :class:`~bilevel.LinearSolveResult` (whose ``x`` is ``u``).
     """
+    if _autocast_on(x_leaves):
+        # The backward is not autocast, even when backward() is called inside an autocast
+        # region: the adjoint system follows backward_dtype (float32 for half inputs).
+        with torch.autocast(device_type=x_leaves[0].device.type, enabled=False):
+            return implicit_vjp(spec, x_leaves, v_leaves, arg_leaves, need)
     work = _work_dtype(spec.backward_dtype, x_leaves, arg_leaves)
     if work is not None:
         # The whole backward in ``work`` precision (the adjoint system sums many products:
@@ -462,6 +467,15 @@ def _refuse_vmapped(name: str, mode: str, tensors: Sequence[Tensor], linsolve: A
             "grad/vjp/jvp) need a linear solver with a fixed budget (CG/MINRES/Neumann(steps=m)): a tolerance "
             "stops on data-dependent tests. Or compute Jacobian rows with a Python loop of torch.func.vjp/jvp calls"
         )
+
+
+def _autocast_on(leaves: Sequence[Tensor]) -> bool:
+    """Whether autocast is enabled for the device of these tensors."""
+    dev = leaves[0].device.type
+    try:
+        return bool(torch.is_autocast_enabled(dev))
+    except TypeError:  # torch < 2.4: per-device query functions
+        return bool(torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled())
 
 
 def _refuse_second_order(name: str, mode: str) -> None:
