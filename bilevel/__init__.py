@@ -11,6 +11,7 @@ Public API:
 * :mod:`bilevel.linsolve` — CG, MINRES, GMRES, BiCGSTAB, Neumann, Dense;
 * :mod:`bilevel.solvers` — GradientDescent, Adam, LBFGS, NewtonCG, ScipyMinimize, ...;
 * :mod:`bilevel.testing` — hypothesis strategies and :func:`check_implicit_grad`;
+* :mod:`bilevel.distributed` — meta-gradient averaging over a ``torch.distributed`` group;
 * types — :data:`OnFailure`, :data:`HvpMode`, :data:`Batched` (``Literal`` modes) and
   the protocols :class:`InnerSolver` and :class:`LinearSolverLike` that any forward or
   backward solver satisfies (``bilevel/_types.py``);
@@ -25,7 +26,7 @@ Public API:
 
 from __future__ import annotations
 
-from . import linsolve, solvers
+from . import distributed, linsolve, solvers
 from ._diagnostics import Diagnostics
 from ._errors import (
     BilevelError,
@@ -70,6 +71,7 @@ __all__ = [
     "Status",
     "UnsupportedError",
     "custom_root",
+    "distributed",
     "linsolve",
     "solvers",
 ]
