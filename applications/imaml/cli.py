@@ -18,6 +18,7 @@ import torch
 from . import plot
 from .algorithms import ALGORITHMS
 from .config import resolve_config
+from .distributed import setup_from_env, shutdown
 from .evaluate import evaluate_checkpoint
 from .tasks import DATASETS
 from .train import TrainingInterrupted, train
@@ -192,13 +193,21 @@ def main(argv: Optional[Sequence[str]] = None, *, log: Callable[[str], None] = p
                 _download(kw)
             cfg = resolve_config(**kw)
             _set_threads(args.threads, cfg.dataset, cfg.device)
-            log(f"training {cfg.algorithm} on {cfg.dataset} for {cfg.meta_steps} meta-steps "
-                f"(meta-batch {cfg.meta_batch}, device {cfg.device}); outputs in {cfg.out}")
-            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, log=log,
-                            time_limit=args.time_limit)
-            log(f"trained to step {summary['step']}; checkpoint {summary['checkpoint']}, log {summary['log']}")
-            if args.evaluate:
-                evaluate_checkpoint(summary["checkpoint"], progress=not args.no_progress, log=log)
+            ctx = setup_from_env(cfg.device)  # torchrun: join the process group (else one process)
+            try:
+                if not ctx.is_writer:
+                    log = _quiet  # rank 0 speaks for the run
+                procs = f", {ctx.world} processes" if ctx.enabled else ""
+                log(f"training {cfg.algorithm} on {cfg.dataset} for {cfg.meta_steps} meta-steps "
+                    f"(meta-batch {cfg.meta_batch}, device {cfg.device}{procs}); outputs in {cfg.out}")
+                summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                                progress=not args.no_progress and ctx.is_writer, log=log, time_limit=args.time_limit,
+                                dist_ctx=ctx)
+                log(f"trained to step {summary['step']}; checkpoint {summary['checkpoint']}, log {summary['log']}")
+                if args.evaluate and ctx.is_writer:
+                    evaluate_checkpoint(summary["checkpoint"], progress=not args.no_progress, log=log)
+            finally:
+                shutdown(ctx)
             return 0
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -221,6 +230,10 @@ def main(argv: Optional[Sequence[str]] = None, *, log: Callable[[str], None] = p
     except (ValueError, OSError, FloatingPointError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0  # pragma: no cover
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _set_threads(threads: Optional[int], dataset: str, device: str) -> None:

@@ -31,14 +31,17 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed
 from tqdm import tqdm
 
 from bilevel import NonFiniteError
+from bilevel.distributed import all_reduce_mean, average_gradients
 
 from .algorithms import MetaLearner
 from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
 from .config import RunConfig
 from .models import build_model
+from .distributed import DistContext, check_in_sync, shard
 from .rundir import RunLock, discard_old_run, new_run_id, read_run_id, remove_stale_temporaries
 from .tasks import TaskSource, make_task_source
 
@@ -124,8 +127,15 @@ class Trainer:
     """Owns the state of one meta-training run (so that tests can step it)."""
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, dist_ctx: Optional[DistContext] = None) -> None:
         self.cfg = cfg
+        self.dist = dist_ctx or DistContext()
+        if self.dist.enabled and cfg.meta_batch % self.dist.world:
+            raise ValueError(
+                f"--meta-batch {cfg.meta_batch} does not split evenly over {self.dist.world} processes: use a multiple "
+                f"of {self.dist.world} (the meta-batch is global, each process takes an equal share)"
+            )
+        self.writer = self.dist.is_writer
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / CHECKPOINT_NAME
         self.progress = progress
@@ -133,10 +143,11 @@ class Trainer:
         self.device = torch.device(cfg.device)
         self.tb = None
         # One writer per folder (released on exit, however the process ends); then clean up
-        # what an interrupted atomic write left behind.
-        self.lock = RunLock(self.out)
+        # what an interrupted atomic write left behind.  Ranks other than 0 write nothing.
+        self.lock = RunLock(self.out) if self.writer else _NoLock()
         try:
-            remove_stale_temporaries(self.out)
+            if self.writer:
+                remove_stale_temporaries(self.out)
             if self.ckpt_path.exists() and not resume and not overwrite:
                 raise FileExistsError(
                     f"{str(self.ckpt_path)!r} exists: pass --resume to continue that run, --overwrite to start over, "
@@ -144,10 +155,12 @@ class Trainer:
                 )
             if resume and not self.ckpt_path.exists():
                 raise FileNotFoundError(f"--resume: no checkpoint at {str(self.ckpt_path)!r}")
-            if overwrite and not resume:
+            if overwrite and not resume and self.writer:
                 # The checkpoint goes first: a new run that dies before its own first
                 # checkpoint must leave nothing that --resume could continue.
                 discard_old_run(self.out)
+            if self.dist.enabled:
+                torch.distributed.barrier()  # the others wait for rank 0's clean-up
             self._setup(cfg, resume)
         except BaseException:
             self.lock.release()
@@ -181,10 +194,11 @@ class Trainer:
         self.run_id = new_run_id()
         if resume:
             self._load(load_checkpoint(self.ckpt_path, map_location=self.device))
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if self.writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self._prepare_csv(resume)
-        self.tb = _open_tensorboard(self.out / "tensorboard")
+        self.tb = _open_tensorboard(self.out / "tensorboard") if self.writer else None
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -203,7 +217,9 @@ class Trainer:
         }
 
     def save(self) -> None:
-        atomic_torch_save(self.state_dict(), self.ckpt_path)
+        check_in_sync(list(self.theta.values()) + list(self.rho.values()), self.dist, self.step)
+        if self.writer:
+            atomic_torch_save(self.state_dict(), self.ckpt_path)
         self.saved_step: Optional[int] = self.step
 
     def _load(self, ckpt: dict[str, Any]) -> None:
@@ -250,6 +266,9 @@ class Trainer:
 
     def _prepare_csv(self, resume: bool) -> None:
         self.csv_path = self.out / "log.csv"
+        self.val_path = self.out / "val.csv"
+        if not self.writer:
+            return
         self._restart_csv(self.csv_path, CSV_COLUMNS, resume)
         self.val_path = self.out / "val.csv"
         if self.cfg.eval_every > 0:
@@ -259,6 +278,8 @@ class Trainer:
         (self.out / "run_info.json").write_text(json.dumps(meaning, indent=2) + "\n")
 
     def _write_row(self, row: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=CSV_COLUMNS).writerow(row)
         if self.tb is not None:
@@ -273,7 +294,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        batch = self.source.sample(cfg.meta_batch).to(self.device, cfg.torch_dtype)
+        # Every rank draws the same global meta-batch and keeps its share.
+        batch = shard(self.source.sample(cfg.meta_batch), self.dist).to(self.device, cfg.torch_dtype)
         try:
             res = self.learner.meta_gradient(self.theta, self.rho, batch)
         except NonFiniteError as err:
@@ -284,9 +306,15 @@ class Trainer:
             p.grad = res.grads[k].detach()
         for k, p in self.rho.items():
             p.grad = res.rho_grads[k].detach()
+        loss_t, metric_t = res.loss.detach().reshape(()), torch.as_tensor(res.metric).detach().reshape(())
+        if self.dist.enabled:
+            # One bucketed all-reduce: the mean of the ranks' equal-share meta-gradients is
+            # the meta-gradient of the whole meta-batch; the logged loss and metric likewise.
+            average_gradients(list(self.theta.values()) + list(self.rho.values()))
+            loss_t, metric_t = all_reduce_mean((loss_t, metric_t.to(loss_t.dtype)))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        loss, metric = float(res.loss), float(res.metric)
+        loss, metric = float(loss_t), float(metric_t)
         if not math.isfinite(loss):
             raise FloatingPointError(f"meta-loss became {loss} at step {self.step + 1}; lower --outer-lr or --inner-lr")
         dt = time.perf_counter() - t0
@@ -365,12 +393,14 @@ class Trainer:
                                cfg.eval_batch, cfg, progress=False)
         row = {"step": self.step, "elapsed_seconds": f"{self.elapsed:.2f}", "val_metric": f"{st['mean']:.6g}",
                "val_ci95": f"{st['ci95']:.6g}", "val_loss": f"{st['loss']:.6g}", "episodes": cfg.val_episodes}
-        with open(self.val_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=VAL_COLUMNS).writerow(row)
+        if self.writer:  # every rank evaluates the same θ on the same episodes; rank 0 records it
+            with open(self.val_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=VAL_COLUMNS).writerow(row)
         better = self.best_val is None or (st["mean"] > self.best_val if cfg.task == "classification" else st["mean"] < self.best_val)
         if better:
             self.best_val = st["mean"]
-            atomic_torch_save(self.state_dict(), self.out / BEST_NAME)
+            if self.writer:
+                atomic_torch_save(self.state_dict(), self.out / BEST_NAME)
         if self.tb is not None:
             self.tb.add_scalar("val_metric", st["mean"], self.step)
         return row
@@ -423,13 +453,21 @@ class Trainer:
         self.lock.release()
 
 
+class _NoLock:
+    """The run-folder lock of a rank that writes nothing."""
+
+    def release(self) -> None:
+        pass
+
+
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, time_limit: Optional[float] = None) -> dict[str, Any]:
+          log: Callable[[str], None] = print, time_limit: Optional[float] = None,
+          dist_ctx: Optional[DistContext] = None) -> dict[str, Any]:
     """Meta-train ``cfg`` (continuing from ``cfg.out/checkpoint.pt`` with ``resume``).
 
     ``time_limit``: optional wall-clock budget in seconds for this call (see :meth:`Trainer.run`).
     """
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log)
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log, dist_ctx=dist_ctx)
     try:
         return trainer.run(time_limit=time_limit)
     except KeyboardInterrupt:

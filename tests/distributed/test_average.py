@@ -56,3 +56,27 @@ def test_without_a_process_group_it_does_nothing() -> None:
     assert torch.equal(p.grad, torch.ones(3)) and world_size() == 1
     t = {"a": torch.arange(3.0)}
     assert torch.equal(all_reduce_mean(t)["a"], t["a"])
+
+
+def _desync_worker(rank: int, world: int, init: str, out: str) -> None:
+    from applications.imaml.distributed import DistContext, check_in_sync
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ctx = DistContext(rank=rank, world=world)
+        check_in_sync([torch.ones(3)], ctx, 1)  # equal: fine
+        try:
+            check_in_sync([torch.ones(3) * (1 + rank)], ctx, 2)
+            msg = ""
+        except RuntimeError as e:
+            msg = str(e)
+        pathlib.Path(f"{out}/{rank}.txt").write_text(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_out_of_sync_are_detected() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_desync_worker, args=(2, "file://" + os.path.join(d, "rdv"), d), nprocs=2, join=True)
+        msgs = [(pathlib.Path(d) / f"{r}.txt").read_text() for r in range(2)]
+    assert all("out of sync" in m for m in msgs)
