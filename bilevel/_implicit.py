@@ -41,6 +41,7 @@ from ._errors import (
     UnsupportedError,
 )
 from ._result import Status, report, stack_linear_results
+from ._transforms import any_wrapped, is_vmapped
 from ._tree import (
     TreeDef,
     batch_size,
@@ -346,7 +347,7 @@ def implicit_vjp(
         grads, res = implicit_vjp(dataclasses.replace(spec, backward_dtype=None), [up(t) for t in x_leaves],
                                   [up(t) for t in v_leaves], [up(a.detach()) for a in arg_leaves], need)
         return [None if g is None else g.to(a.dtype) for g, a in zip(grads, arg_leaves)], res
-    if _wrapped(x_leaves, arg_leaves, v_leaves):
+    if any_wrapped([*x_leaves, *arg_leaves, *v_leaves]):
         return _functional_vjp(spec, x_leaves, v_leaves, arg_leaves, need)
     x = tree_unflatten(spec.x_def, x_leaves)
     v = tree_unflatten(spec.x_def, v_leaves)
@@ -461,7 +462,7 @@ def _refuse_vmapped(name: str, mode: str, tensors: Sequence[Tensor], linsolve: A
     """A batch of cotangents/tangents under ``vmap`` (``jacrev``, ``jacfwd``, ``hessian``,
     ``vmap`` of ``grad``) would drive the Krylov solver's data-dependent stopping tests with
     batched values: refuse with what to do instead, not torch's internal message."""
-    if getattr(linsolve, "steps", None) is None and any(_is_vmapped(t) for t in tensors):
+    if getattr(linsolve, "steps", None) is None and any(is_vmapped(t) for t in tensors):
         raise UnsupportedError(
             f"{name}: vmapped {mode}-mode products through an implicit layer (jacrev, jacfwd, or vmap of "
             "grad/vjp/jvp) need a linear solver with a fixed budget (CG/MINRES/Neumann(steps=m)): a tolerance "
@@ -497,24 +498,6 @@ def _refuse_second_order(name: str, mode: str) -> None:
             "supported: its derivative is first-order (the implicit function theorem's linear solve). "
             "Differentiate an outer function of the layer's output once, or use finite differences of its gradient"
         )
-
-
-def _is_vmapped(t: Tensor) -> bool:
-    """Whether ``t`` is batched by a ``vmap`` at any level of its ``torch.func`` wrappers."""
-    ft = torch._C._functorch
-    for _ in range(64):  # the wrapper depth is the number of nested transforms
-        if ft.is_batchedtensor(t):
-            return True
-        if not ft.is_functorch_wrapped_tensor(t):
-            return False
-        t = ft.get_unwrapped(t)
-    return False
-
-
-def _wrapped(*groups: Sequence[Tensor]) -> bool:
-    """Whether a ``torch.func`` transform (grad, vjp, jacrev, ...) encloses this backward."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(wrapped(t) for g in groups for t in g)
 
 
 def _functional_vjp(

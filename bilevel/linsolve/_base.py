@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .._errors import BilevelTypeError, BilevelValueError, UnsupportedError
 from .._result import LinearSolveResult, Status, code, overall_status, status_from_codes
+from .._transforms import is_vmapped
 from .._tree import (
     default_tol,
     tree_dtype,
@@ -133,7 +134,7 @@ class LinearSolver(abc.ABC):
                 and convergence.  ``matvec`` must be block-diagonal over tasks.
         """
         check_rhs(b, batched)
-        if _vmapped(b):
+        if any(is_vmapped(t) for t in tree_flatten(b)[0]):
             if self.steps is None:
                 raise UnsupportedError(
                     f"{type(self).__name__}: a solve under torch.func.vmap (jacrev, jacfwd, vmap of grad) needs a fixed "
@@ -181,19 +182,6 @@ def tree_amax(b: Any, batched: bool) -> Tensor:
         nan = torch.stack([torch.isnan(t).any() for t in leaves]).any()
     m = torch.stack([t.to(per[0].dtype) for t in per]).amax(0)
     return torch.where(nan, torch.full_like(m, float("nan")), m)
-
-
-def _vmapped(b: Any) -> bool:
-    """Whether a leaf of ``b`` is batched by ``torch.func.vmap`` at some level."""
-    ft = torch._C._functorch
-    for t in tree_flatten(b)[0]:
-        for _ in range(64):
-            if ft.is_batchedtensor(t):
-                return True
-            if not ft.is_functorch_wrapped_tensor(t):
-                break
-            t = ft.get_unwrapped(t)
-    return False
 
 
 def nonfinite_tasks(res: LinearSolveResult, bad: Tensor, batched: bool) -> LinearSolveResult:

@@ -31,7 +31,18 @@ from .._errors import (
     UnsupportedError,
 )
 from .._result import SolverResult, Status, code, overall_status, status_from_codes
-from .._tree import tree_detach, tree_flatten, tree_norm, tree_unflatten, tree_where
+from .._transforms import any_wrapped, leaves_of
+from .._tree import (
+    tree_axpy,
+    tree_detach,
+    tree_flatten,
+    tree_norm,
+    tree_scale,
+    tree_size,
+    tree_unflatten,
+    tree_vdot,
+    tree_where,
+)
 
 Objective = Callable[..., Tensor]
 
@@ -70,16 +81,8 @@ def _total(objective: Objective, batched: bool) -> Callable[..., tuple[Tensor, T
 
 
 def _inside_transform(x: Any, args: tuple) -> bool:
-    """Whether any tensor is wrapped by an enclosing ``torch.func`` transform (vmap, grad, ...)."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    for a in (x, *args):
-        try:
-            leaves, _ = tree_flatten(a)
-        except (TypeError, ValueError):
-            continue  # a static argument
-        if any(wrapped(t) for t in leaves):
-            return True
-    return False
+    """Whether a ``torch.func`` transform wraps ``x`` or a tensor argument."""
+    return any_wrapped(leaves_of(x, *args))
 
 
 def value_and_grad(
@@ -476,8 +479,6 @@ def negative_curvature(objective: Objective, x: Any, args: tuple, batched: bool,
     up to rounding.  Costs ``steps`` Hessian-vector products; a gradient test cannot tell a
     minimum from a saddle or a maximum (the gradient is zero at all three).
     """
-    from .._tree import tree_axpy, tree_scale, tree_size, tree_vdot
-
     leaves, treedef = tree_flatten(x)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q = tree_unflatten(treedef, [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in leaves])
@@ -516,14 +517,8 @@ def with_minimum_check(res: SolverResult, objective: Objective, args: tuple, bat
     flags = bad.reshape(-1).tolist()
     if not any(flags):
         return res
-    steps = max(1, min(10, _size(res.x, batched)))
+    steps = max(1, min(10, tree_size(res.x, batched)))
     if batched and res.task_status is not None:
         statuses = tuple(Status.NOT_A_MINIMUM if f else st for f, st in zip(flags, res.task_status))
         return dataclasses.replace(res, task_status=statuses, status=overall_status(statuses), n_hvp=res.n_hvp + steps)
     return dataclasses.replace(res, status=Status.NOT_A_MINIMUM, n_hvp=res.n_hvp + steps)
-
-
-def _size(x: Any, batched: bool) -> int:
-    from .._tree import tree_size
-
-    return tree_size(x, batched)
