@@ -146,6 +146,64 @@ class SolverResult:
         return self.status.ok
 
 
+def linear_result(x: Any, rnorm: Tensor, codes: Tensor, iters: Tensor, batched: bool) -> LinearSolveResult:
+    """The :class:`LinearSolveResult` of a solve, from per-task integer status codes and
+    iteration counts (:meth:`bilevel._iterate.Tally.codes`); one host sync."""
+    statuses = status_from_codes(codes)
+    if batched:
+        return LinearSolveResult(
+            x=x,
+            status=overall_status(statuses),
+            iterations=int(iters.max()) if iters.numel() else 0,
+            residual_norm=rnorm,
+            task_status=statuses,
+            task_iterations=iters,
+        )
+    return LinearSolveResult(x=x, status=statuses[0], iterations=int(iters.reshape(-1)[0]), residual_norm=rnorm.reshape(()))
+
+
+def solver_result(
+    x: Any,
+    codes: Tensor,
+    iters: Tensor,
+    grad_norm: Tensor | None,
+    val: Tensor | None,
+    batched: bool,
+    n_fun: int,
+    n_grad: int,
+    n_hvp: int = 0,
+    message: str = "",
+) -> SolverResult:
+    """The :class:`SolverResult` of an inner solve, from per-task integer status codes and
+    iteration counts (:meth:`bilevel._iterate.Tally.codes`); one host sync."""
+    statuses = status_from_codes(codes)
+    if batched:
+        return SolverResult(
+            x=x,
+            status=overall_status(statuses),
+            iterations=int(iters.max()) if iters.numel() else 0,
+            grad_norm=grad_norm,
+            value=val,
+            n_fun=n_fun,
+            n_grad=n_grad,
+            n_hvp=n_hvp,
+            task_status=statuses,
+            task_iterations=iters,
+            message=message,
+        )
+    return SolverResult(
+        x=x,
+        status=statuses[0],
+        iterations=int(iters.reshape(-1)[0]),
+        grad_norm=None if grad_norm is None else grad_norm.reshape(()),
+        value=None if val is None else val.reshape(()),
+        n_fun=n_fun,
+        n_grad=n_grad,
+        n_hvp=n_hvp,
+        message=message,
+    )
+
+
 def _stack(ts: list[Tensor | None]) -> Tensor | None:
     if any(t is None for t in ts):
         return None

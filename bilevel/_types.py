@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol, Union, runtime_checkable
 
-import torch  # noqa: F401  (named in BackwardDtype)
+import torch
 
 #: What a layer does when a forward or backward solve does not converge.
 OnFailure = Literal["warn", "raise", "ignore"]

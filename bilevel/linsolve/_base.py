@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from .._errors import BilevelTypeError, BilevelValueError, UnsupportedError
-from .._result import LinearSolveResult, Status, code, overall_status, status_from_codes
+from .._iterate import Tally, Verifier
+from .._result import LinearSolveResult, Status, linear_result, overall_status
 from .._transforms import is_vmapped
 from .._tree import (
     default_tol,
@@ -26,6 +27,7 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
+from .._validate import check_int, check_real, check_tol
 
 #: Set while a fixed-budget solve runs under ``torch.func.vmap`` (``jacrev``, ``jacfwd``):
 #: the values are batched, so nothing may be read on the host -- no status codes, no
@@ -75,18 +77,16 @@ class LinearSolver(abc.ABC):
     requires_positive_definite: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.rtol is not None and not (isinstance(self.rtol, (int, float)) and 0 < self.rtol < 1):
-            raise BilevelValueError(f"{type(self).__name__}: rtol must be a float in (0, 1), got {self.rtol!r}")
-        if not (isinstance(self.atol, (int, float)) and self.atol >= 0):
-            raise BilevelValueError(f"{type(self).__name__}: atol must be a float >= 0, got {self.atol!r}")
-        if self.maxiter is not None and not (isinstance(self.maxiter, int) and self.maxiter >= 1):
-            raise BilevelValueError(f"{type(self).__name__}: maxiter must be an int >= 1, got {self.maxiter!r}")
+        name = type(self).__name__
+        check_tol(name, self.rtol)
+        check_real(name, "atol", self.atol, 0.0, lo_open=False)
+        if self.maxiter is not None:
+            check_int(name, "maxiter", self.maxiter, 1)
         if self.steps is not None:
-            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-                raise BilevelValueError(f"{type(self).__name__}: steps must be an int >= 1, got {self.steps!r}")
+            check_int(name, "steps", self.steps, 1)
             if self.rtol is not None or self.atol != 0 or self.maxiter is not None:
                 raise BilevelValueError(
-                    f"{type(self).__name__}: steps (a fixed budget) excludes rtol, atol and maxiter (a tolerance); "
+                    f"{name}: steps (a fixed budget) excludes rtol, atol and maxiter (a tolerance); "
                     "give one or the other"
                 )
 
@@ -208,38 +208,11 @@ def check_rhs(b: Any, batched: bool) -> None:
             raise BilevelValueError("batched mode needs a leading task dimension on every leaf")
 
 
-def finish(
-    x: Any,
-    rnorm: Tensor,
-    codes: Tensor,
-    iters: Tensor,
-    batched: bool,
-) -> LinearSolveResult:
-    """Build a :class:`LinearSolveResult` from per-task codes (one host sync)."""
+def finish(x: Any, rnorm: Tensor, tally: Tally, default: Status, batched: bool) -> LinearSolveResult:
+    """Build a :class:`LinearSolveResult` from the driver's tally (one host sync)."""
     if _UNDER_VMAP.get():  # nothing can be read: a fixed budget's nominal outcome
         return LinearSolveResult(x=x, status=Status.COMPLETED, iterations=-1, residual_norm=rnorm)
-    statuses = status_from_codes(codes)
-    if batched:
-        return LinearSolveResult(
-            x=x,
-            status=overall_status(statuses),
-            iterations=int(iters.max()) if iters.numel() else 0,
-            residual_norm=rnorm,
-            task_status=statuses,
-            task_iterations=iters,
-        )
-    return LinearSolveResult(x=x, status=statuses[0], iterations=int(iters.reshape(-1)[0]), residual_norm=rnorm.reshape(()))
-
-
-def codes_from_masks(
-    shape: torch.Size, device: torch.device, default: Status = Status.MAX_ITERATIONS, **masks: Tensor
-) -> Tensor:
-    """Integer status codes: the first mask (in keyword order) that is true wins; else ``default``
-    (``MAX_ITERATIONS``, or ``COMPLETED`` for a fixed budget)."""
-    out = torch.full(shape, code(default), dtype=torch.long, device=device)
-    for name, m in reversed(list(masks.items())):
-        out = torch.where(m, torch.full_like(out, code(Status[name])), out)
-    return out
+    return linear_result(x, rnorm, tally.codes(default), tally.iters, batched)
 
 
 def initial_guess(matvec: MatVec, b: Any, x0: Any) -> tuple[Any, Any]:
@@ -250,76 +223,37 @@ def initial_guess(matvec: MatVec, b: Any, x0: Any) -> tuple[Any, Any]:
     return x, tree_sub(b, matvec(x))
 
 
-def initial_status(rnorm: Tensor, thresh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-task ``(converged, nonfinite, iterations)`` at the starting iterate.
+def start_tally(rnorm: Tensor, thresh: Tensor, statuses: tuple[str, ...]) -> Tally:
+    """The driver's masks at the starting iterate: converged where ``rnorm <= thresh``,
+    ``NONFINITE`` where the residual is not finite.
 
     An infinite ``b`` gives an infinite threshold: finiteness is part of convergence.
     """
-    converged = torch.isfinite(rnorm) & (rnorm <= thresh)
-    nonfinite = ~torch.isfinite(rnorm)
-    iters = torch.zeros(converged.shape, dtype=torch.long, device=converged.device)
-    return converged, nonfinite, iters
+    return Tally(rnorm, statuses, {"SUCCESS": torch.isfinite(rnorm) & (rnorm <= thresh), "NONFINITE": ~torch.isfinite(rnorm)})
 
 
-def verify_claims(
-    matvec: MatVec,
-    b: Any,
-    x: Any,
-    pending: Tensor,
-    thresh: Tensor,
-    converged: Tensor,
-    nonfinite: Tensor,
-    rnorm: Tensor,
-    batched: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Any, Tensor]:
-    """Check the tasks whose residual *estimate* claims convergence on the true residual.
+def residual_verifier(
+    matvec: MatVec, b: Any, thresh: Tensor, batched: bool, restart: Callable[[dict[str, Any], Tensor], dict[str, Any]]
+) -> Verifier[dict[str, Any]]:
+    """The :class:`~bilevel._iterate.Verifier` of the solvers whose convergence test runs on
+    a recurrence (BiCGSTAB, MINRES): one matvec computes the true residual ``b - A x`` of
+    the state's ``x``; its norm becomes the reported ``rnorm`` of the checked tasks, and the
+    residual (``rtrue``, ``rt``) is kept in the state for ``restart``."""
 
-    For the solvers whose convergence test runs on a recurrence (BiCGSTAB, MINRES): one
-    extra matvec computes ``b - A x``; a ``pending`` task converges if its true residual
-    meets ``thresh``, is non-finite if that residual is, and otherwise must restart.
+    def check(st: dict[str, Any], mask: Tensor) -> tuple[dict[str, Any], Tensor, Tensor]:
+        rtrue = tree_sub(b, matvec(st["x"]))
+        rt = tree_norm(rtrue, batched)
+        st = {**st, "rtrue": rtrue, "rt": rt, "rnorm": torch.where(mask, rt, st["rnorm"])}
+        return st, mask & (rt <= thresh), mask & ~torch.isfinite(rt)
 
-    Returns:
-        ``(converged, nonfinite, rnorm, again, r, r_norm)``: the updated masks and reported
-        residual norms, the pending tasks to restart from their current iterate, and the
-        true residual tree with its (per-task) norm.
-    """
-    rtrue = tree_sub(b, matvec(x))
-    rt = tree_norm(rtrue, batched)
-    ok = pending & (rt <= thresh)
-    bad = pending & ~torch.isfinite(rt)
-    again = pending & ~ok & ~bad
-    return converged | ok, nonfinite | bad, torch.where(pending, rt, rnorm), again, rtrue, rt
-
-
-def verify_final(
-    matvec: MatVec,
-    b: Any,
-    x: Any,
-    pending: Tensor,
-    thresh: Tensor,
-    converged: Tensor,
-    rnorm: Tensor,
-    batched: bool,
-) -> tuple[Tensor, Tensor]:
-    """Report the true residual of the returned ``x`` for every task not already verified.
-
-    This also settles a claim (``pending``) made on the last allowed iteration.
-
-    Returns:
-        ``(converged, rnorm)``, updated.
-    """
-    unverified = ~converged
-    if bool(unverified.any()):
-        rt = tree_norm(tree_sub(b, matvec(x)), batched)
-        converged = converged | (pending & (rt <= thresh))
-        rnorm = torch.where(unverified, rt, rnorm)
-    return converged, rnorm
+    return Verifier(check=check, restart=restart)
 
 
 def merge_state(
     mask: Tensor, new: dict[str, Any], old: dict[str, Any], trees: tuple[str, ...], scalars: tuple[str, ...]
 ) -> dict[str, Any]:
     """Per task: ``new`` solver state where ``mask``, else ``old`` (tree and scalar entries)."""
-    out: dict[str, Any] = {k: tree_where(mask, new[k], old[k]) for k in trees}
+    out: dict[str, Any] = dict(old)
+    out.update({k: tree_where(mask, new[k], old[k]) for k in trees})
     out.update({k: torch.where(mask, new[k], old[k]) for k in scalars})
     return out

@@ -12,18 +12,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._iterate import Outcome, iterate
 from .._result import LinearSolveResult
 from .._tree import tree_axpy, tree_norm, tree_vdot, tree_where, tree_zeros_like
 from ._base import (
     LinearSolver,
     MatVec,
-    codes_from_masks,
     finish,
     initial_guess,
-    initial_status,
     merge_state,
-    verify_claims,
-    verify_final,
+    residual_verifier,
+    start_tally,
 )
 
 _TREES = ("r", "r_hat", "p", "v")
@@ -65,37 +64,19 @@ class BiCGSTAB(LinearSolver):
     """
 
     def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
-        tol = self._tol(b)
-        maxiter = self._maxiter(b, batched)
-
-        bnorm = tree_norm(b, batched)
-        thresh = torch.clamp(tol * bnorm, min=atol)
+        thresh = torch.clamp(self._tol(b) * tree_norm(b, batched), min=atol)
         zeros = tree_zeros_like(b)
         x, r0 = initial_guess(matvec, b, x0)
         rnorm = tree_norm(r0, batched)
-        # ``converged`` is only ever set from a *true* residual (initial or verified).
-        converged, nonfinite, iters = initial_status(rnorm, thresh)
-        breakdown = torch.zeros_like(converged)
-        pending = torch.zeros_like(converged)  # the recursive residual says converged; unverified
-        active = ~(converged | nonfinite)
-        st = _start(r0, rnorm, zeros)
+        # SUCCESS is only ever set from a *true* residual (initial or verified).
+        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE", "BREAKDOWN"))
+        state = {"x": x, "rnorm": rnorm, **_start(r0, rnorm, zeros)}
 
-        for _ in range(maxiter):
-            # The one host sync per iteration: the stopping test (and whether to verify).
-            any_active, any_pending = (bool(f) for f in torch.stack((active.any(), pending.any())).tolist())
-            if any_pending:
-                converged, nonfinite, rnorm, again, rtrue, rt = verify_claims(
-                    matvec, b, x, pending, thresh, converged, nonfinite, rnorm, batched
-                )
-                st = merge_state(again, _start(rtrue, rt, zeros), st, _TREES, _SCALARS)
-                active = active | again
-                pending = torch.zeros_like(pending)
-                any_active = bool(active.any())
-            if not any_active:
-                break
+        def restart(st: dict[str, Any], again: Tensor) -> dict[str, Any]:
+            return merge_state(again, _start(st["rtrue"], st["rt"], zeros), st, _TREES, _SCALARS)
 
-            act = active
-            r, r_hat, p, v = st["r"], st["r_hat"], st["p"], st["v"]
+        def step(st: dict[str, Any], act: Tensor) -> tuple[dict[str, Any], Outcome]:
+            x, r, r_hat, p, v = st["x"], st["r"], st["r_hat"], st["p"], st["v"]
             rho, alpha, omega = st["rho"], st["alpha"], st["omega"]
             one = torch.ones_like(rho)
             zero = torch.zeros_like(rho)
@@ -130,7 +111,13 @@ class BiCGSTAB(LinearSolver):
 
             x = tree_where(s1, tree_axpy(omega_new, s_in, tree_axpy(alpha_new, p, x, batched), batched), x)
             r = tree_where(s1, tree_where(s2, tree_axpy(-omega_new, t, s, batched), s), r)
-            st = {
+            rn = tree_norm(r, batched)
+            bad3 = s1 & ~torch.isfinite(rn)
+            moving = s1 & ~bad2 & ~brk2 & ~bad3
+            new = {
+                **st,
+                "x": x,
+                "rnorm": torch.where(s1, rn, st["rnorm"]),
                 "r": r,
                 "r_hat": r_hat,
                 "p": p,
@@ -139,23 +126,18 @@ class BiCGSTAB(LinearSolver):
                 "alpha": torch.where(s1, alpha_new, alpha),
                 "omega": torch.where(s2, omega_new, omega),
             }
-            iters = iters + s1.long()
-            rn = tree_norm(r, batched)
-            rnorm = torch.where(s1, rn, rnorm)
-            bad3 = s1 & ~torch.isfinite(rn)
-            nonfinite = nonfinite | bad1 | bad2 | bad3
-            breakdown = breakdown | brk1 | brk2
-            moving = s1 & ~bad2 & ~brk2 & ~bad3
-            claim = moving & (rn <= thresh)
-            pending = pending | claim
-            active = moving & ~claim
+            out = Outcome(
+                moved=s1, stopped={"NONFINITE": bad1 | bad2 | bad3, "BREAKDOWN": brk1 | brk2}, claimed=moving & (rn <= thresh)
+            )
+            return new, out
 
-        converged, rnorm = verify_final(matvec, b, x, pending, thresh, converged, rnorm, batched)
-
-        codes = codes_from_masks(
-            converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
+        # The recursive residual drifts from the true one: every claim is verified, even
+        # with a fixed budget (the reported residual is always the true one).
+        state = iterate(
+            step, state, tally, maxiter=self._maxiter(b, batched),
+            verifier=residual_verifier(matvec, b, thresh, batched, restart),
         )
-        return finish(x, rnorm, codes, iters, batched)
+        return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)
 
 
 def _start(r0: Any, rnorm: Tensor, zeros: Any) -> dict[str, Any]:

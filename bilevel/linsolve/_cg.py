@@ -10,16 +10,10 @@ import torch
 from torch import Tensor
 
 from .._errors import BilevelTypeError, BilevelValueError, NonFiniteError
+from .._iterate import Outcome, iterate
 from .._result import LinearSolveResult
 from .._tree import tree_axpy, tree_flatten, tree_norm, tree_vdot, tree_where
-from ._base import (
-    LinearSolver,
-    MatVec,
-    codes_from_masks,
-    finish,
-    initial_guess,
-    initial_status,
-)
+from ._base import LinearSolver, MatVec, finish, initial_guess, start_tally
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,57 +50,42 @@ class CG(LinearSolver):
             raise BilevelTypeError("CG: preconditioner must be a callable r -> M^{-1} r")
 
     def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
-        tol = self._tol(b)
-        maxiter = self._maxiter(b, batched)
         precond = self.preconditioner or (lambda r: r)
         if self.preconditioner is not None:
             precond = _checked_preconditioner(self.preconditioner)
-
-        bnorm = tree_norm(b, batched)
-        thresh = torch.clamp(tol * bnorm, min=atol)
+        # init
+        thresh = torch.clamp(self._tol(b) * tree_norm(b, batched), min=atol)
         x, r = initial_guess(matvec, b, x0)
         z = precond(r)
-        p = z
-        rz = tree_vdot(r, z, batched)
         rnorm = tree_norm(r, batched)
-        # isfinite: an infinite right-hand side makes the threshold infinite too (inf <= inf).
-        converged, nonfinite, iters = initial_status(rnorm, thresh)
-        negative = torch.zeros_like(converged)
+        state = {"x": x, "r": r, "p": z, "rz": tree_vdot(r, z, batched), "rnorm": rnorm}
+        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE", "NEGATIVE_CURVATURE"))
 
-        fixed = self.fixed_budget
-        for _ in range(maxiter):
-            active = ~(converged | negative | nonfinite)
-            # The one host sync per iteration, the stopping test -- not with a fixed budget.
-            if not fixed and not bool(active.any()):
-                break
+        def step(st: dict[str, Any], active: Tensor) -> tuple[dict[str, Any], Outcome]:
+            p, rz = st["p"], st["rz"]
             Ap = matvec(p)
             pAp = tree_vdot(p, Ap, batched)
             bad = active & ~torch.isfinite(pAp)
             neg = active & ~bad & (pAp <= 0)
-            nonfinite = nonfinite | bad
-            negative = negative | neg
-            active = active & ~(bad | neg)
-            alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
-            # Only active tasks move: a stopped task keeps its last finite iterate (0 * NaN = NaN).
-            x_new = tree_axpy(alpha, p, x, batched)
-            r_new = tree_axpy(-alpha, Ap, r, batched)
-            x = tree_where(active, x_new, x)
-            r = tree_where(active, r_new, r)
-            iters = iters + active.long()
-            rnorm = torch.where(active, tree_norm(r, batched), rnorm)
-            nonfinite = nonfinite | (active & ~torch.isfinite(rnorm))
-            converged = converged | (active & (rnorm <= thresh))
+            move = active & ~(bad | neg)
+            alpha = torch.where(move, rz / torch.where(move, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
+            # Only moving tasks move: a stopped task keeps its last finite iterate (0 * NaN = NaN).
+            x = tree_where(move, tree_axpy(alpha, p, st["x"], batched), st["x"])
+            r = tree_where(move, tree_axpy(-alpha, Ap, st["r"], batched), st["r"])
+            rnorm = torch.where(move, tree_norm(r, batched), st["rnorm"])
             z = precond(r)
             rz_new = tree_vdot(r, z, batched)
-            safe_rz = torch.where(rz == 0, torch.ones_like(rz), rz)
-            beta = torch.where(active, rz_new / safe_rz, torch.zeros_like(rz))
-            p = tree_axpy(beta, p, z, batched)
-            rz = torch.where(active, rz_new, rz)
+            beta = torch.where(move, rz_new / torch.where(rz == 0, torch.ones_like(rz), rz), torch.zeros_like(rz))
+            new = {"x": x, "r": r, "p": tree_axpy(beta, p, z, batched), "rz": torch.where(move, rz_new, rz), "rnorm": rnorm}
+            stopped = {
+                "NONFINITE": bad | (move & ~torch.isfinite(rnorm)),
+                "NEGATIVE_CURVATURE": neg,
+                "SUCCESS": move & (rnorm <= thresh),
+            }
+            return new, Outcome(moved=move, stopped=stopped)
 
-        codes = codes_from_masks(
-            converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite, NEGATIVE_CURVATURE=negative
-        )
-        return finish(x, rnorm, codes, iters, batched)
+        state = iterate(step, state, tally, maxiter=self._maxiter(b, batched), fixed=self.fixed_budget)
+        return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)
 
 
 def _checked_preconditioner(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:

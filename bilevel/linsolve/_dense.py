@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._result import LinearSolveResult
+from .._iterate import Tally
+from .._result import LinearSolveResult, Status
 from .._tree import batch_size, tree_dtype, tree_ravel, tree_unravel
-from ._base import LinearSolver, MatVec, codes_from_masks, finish
+from ._base import LinearSolver, MatVec, finish
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +65,11 @@ class Dense(LinearSolver):
         def tree_of(flat: torch.Tensor) -> Any:
             return tree_unravel(b, flat if batched else flat[0], batched)
 
-        iters = torch.zeros(nb, dtype=torch.long, device=bf.device)
         bnorm = torch.linalg.vector_norm(bf, dim=1)
         zero_b = bnorm == 0
         if bool(zero_b.all()):  # A x = 0 is solved by x = 0 whatever A is: no matvec needed
-            codes = codes_from_masks(zero_b.shape, bf.device, SUCCESS=zero_b)
-            return finish(tree_of(torch.zeros_like(bf)), bnorm, codes, iters, batched)
+            tally = Tally(bnorm, ("SUCCESS",), {"SUCCESS": zero_b})
+            return finish(tree_of(torch.zeros_like(bf)), bnorm, tally, Status.MAX_ITERATIONS, batched)
 
         # Column i of every task's matrix is A e_i (the matvec is block-diagonal over tasks).
         cols = []
@@ -95,5 +95,6 @@ class Dense(LinearSolver):
         breakdown = ~zero_b & singular
         x = torch.where(zero_b[:, None], torch.zeros_like(bf), torch.where(success[:, None], xs, fallback))
         rnorm = torch.linalg.vector_norm(bf - (A @ x.unsqueeze(-1)).squeeze(-1), dim=1)
-        codes = codes_from_masks(success.shape, bf.device, SUCCESS=success, NONFINITE=nonfinite, BREAKDOWN=breakdown)
-        return finish(tree_of(x), rnorm, codes, iters, batched)
+        # Not iterative: the driver's tally only carries the direct solve's per-task outcome.
+        tally = Tally(bnorm, ("SUCCESS", "NONFINITE", "BREAKDOWN"), {"SUCCESS": success, "NONFINITE": nonfinite, "BREAKDOWN": breakdown})
+        return finish(tree_of(x), rnorm, tally, Status.MAX_ITERATIONS, batched)

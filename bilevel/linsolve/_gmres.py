@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import BilevelValueError
+from .._iterate import Outcome, iterate
 from .._result import LinearSolveResult
 from .._tree import (
     tree_axpy,
@@ -26,14 +26,8 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
-from ._base import (
-    LinearSolver,
-    MatVec,
-    codes_from_masks,
-    finish,
-    initial_guess,
-    initial_status,
-)
+from .._validate import check_int
+from ._base import LinearSolver, MatVec, finish, initial_guess, start_tally
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +67,7 @@ class GMRES(LinearSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.restart, bool) or not isinstance(self.restart, int) or self.restart < 1:
-            raise BilevelValueError(f"GMRES: restart must be an int >= 1, got {self.restart!r}")
+        check_int("GMRES", "restart", self.restart, 1)
 
     def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
         tol = self._tol(b)
@@ -95,19 +88,17 @@ class GMRES(LinearSolver):
         def coef(t: Tensor) -> Tensor:
             return t if batched else t.reshape(())
 
-        bnorm = norm(b)
-        thresh = torch.clamp(tol * bnorm, min=atol)
+        thresh = torch.clamp(tol * norm(b), min=atol)
         zeros = tree_zeros_like(b)
         x, r = initial_guess(matvec, b, x0)
         rnorm = norm(r)
-        converged, nonfinite, iters = initial_status(rnorm, thresh)
-        breakdown = torch.zeros_like(converged)
-        total = 0  # Arnoldi steps taken by the batch as a whole (bounded by maxiter)
+        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE", "BREAKDOWN"))
+        # ``total``: Arnoldi steps taken by the batch as a whole (bounded by maxiter).
+        state: dict[str, Any] = {"x": x, "r": r, "rnorm": rnorm, "total": 0}
 
-        while total < maxiter:
-            active = ~(converged | nonfinite | breakdown)
-            if not bool(active.any()):  # host sync: the stopping test of the outer loop
-                break
+        def cycle(st: dict[str, Any], active: Tensor) -> tuple[dict[str, Any], Outcome]:
+            """One restart cycle: up to ``restart`` Arnoldi steps, then the least-squares update."""
+            x, r, rnorm, total = st["x"], st["r"], st["rnorm"], st["total"]
             m = min(self.restart, n, maxiter - total)
             one = torch.ones_like(rnorm)
             zero = torch.zeros_like(rnorm)
@@ -118,7 +109,9 @@ class GMRES(LinearSolver):
             cols: list[list[Tensor]] = []  # rotated Hessenberg columns (upper triangular R)
             cs: list[Tensor] = []
             sn: list[Tensor] = []
-            ncol = torch.zeros_like(iters)  # columns of R each task actually built
+            ncol = torch.zeros_like(tally.iters)  # columns of R each task actually built
+            nonfinite = torch.zeros_like(active)
+            breakdown = torch.zeros_like(active)
             live = active
 
             for j in range(m):
@@ -156,7 +149,6 @@ class GMRES(LinearSolver):
                 g.append(torch.where(step, -s * gj, zero))
 
                 ncol = ncol + step.long()
-                iters = iters + step.long()
                 total += 1
                 nonfinite = nonfinite | bad
                 breakdown = breakdown | brk
@@ -182,11 +174,14 @@ class GMRES(LinearSolver):
             # The true residual decides convergence and restarts the next cycle.
             r = tree_sub(b, matvec(x))
             rtrue = norm(r)
-            rnorm = torch.where(active, rtrue, rnorm)
-            nonfinite = nonfinite | (active & ~torch.isfinite(rtrue))
-            converged = converged | (active & (rtrue <= thresh))
+            stopped = {
+                "NONFINITE": nonfinite | (active & ~torch.isfinite(rtrue)),
+                "BREAKDOWN": breakdown,
+                "SUCCESS": active & (rtrue <= thresh),
+            }
+            new = {"x": x, "r": r, "rnorm": torch.where(active, rtrue, rnorm), "total": total}
+            return new, Outcome(moved=ncol, stopped=stopped, exhausted=total >= maxiter)
 
-        codes = codes_from_masks(
-            converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
-        )
-        return finish(x, rnorm, codes, iters, batched)
+        # A budget of Arnoldi steps, counted by the cycles themselves (``exhausted``).
+        state = iterate(cycle, state, tally, maxiter=None)
+        return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._iterate import Outcome, iterate
 from .._result import LinearSolveResult
 from .._tree import (
     tree_axpy,
@@ -25,13 +26,11 @@ from .._tree import (
 from ._base import (
     LinearSolver,
     MatVec,
-    codes_from_masks,
     finish,
     initial_guess,
-    initial_status,
     merge_state,
-    verify_claims,
-    verify_final,
+    residual_verifier,
+    start_tally,
 )
 
 # Names of the tree-valued and scalar-valued parts of the MINRES state (see ``_start``).
@@ -77,40 +76,20 @@ class MINRES(LinearSolver):
     requires_symmetric: ClassVar[bool] = True
 
     def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
-        tol = self._tol(b)
-        maxiter = self._maxiter(b, batched)
-
-        bnorm = tree_norm(b, batched)
-        thresh = torch.clamp(tol * bnorm, min=atol)
+        thresh = torch.clamp(self._tol(b) * tree_norm(b, batched), min=atol)
         zeros = tree_zeros_like(b)
         x, r0 = initial_guess(matvec, b, x0)
         rnorm = tree_norm(r0, batched)
-        # ``converged`` is only ever set from a *true* residual (initial or verified).
-        converged, nonfinite, iters = initial_status(rnorm, thresh)
-        breakdown = torch.zeros_like(converged)
-        pending = torch.zeros_like(converged)  # the estimate says converged; not yet verified
-        active = ~(converged | nonfinite)
-        st = _start(r0, rnorm, zeros)
+        # SUCCESS is only ever set from a *true* residual (initial or verified): a step's
+        # estimate only makes a claim, which the driver verifies.
+        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE", "BREAKDOWN"))
+        state = {"x": x, "rnorm": rnorm, **_start(r0, rnorm, zeros)}
 
-        fixed = self.fixed_budget
-        for _ in range(maxiter):
-            # The one host sync per iteration: the stopping test (and whether to verify).
-            # A fixed budget has neither: it runs on, stopped tasks masked on the device.
-            if not fixed:
-                any_active, any_pending = (bool(f) for f in torch.stack((active.any(), pending.any())).tolist())
-                if any_pending:
-                    converged, nonfinite, rnorm, again, rtrue, rt = verify_claims(
-                        matvec, b, x, pending, thresh, converged, nonfinite, rnorm, batched
-                    )
-                    # Restart the tasks whose estimate was too optimistic from where they are.
-                    st = merge_state(again, _start(rtrue, rt, zeros), st, _TREES, _SCALARS)
-                    active = active | again
-                    pending = torch.zeros_like(pending)
-                    any_active = bool(active.any())
-                if not any_active:
-                    break
+        def restart(st: dict[str, Any], again: Tensor) -> dict[str, Any]:
+            # Restart the tasks whose estimate was too optimistic from where they are.
+            return merge_state(again, _start(st["rtrue"], st["rt"], zeros), st, _TREES, _SCALARS)
 
-            act = active
+        def step(st: dict[str, Any], act: Tensor) -> tuple[dict[str, Any], Outcome]:
             beta, oldb = st["beta"], st["oldb"]
             one = torch.ones_like(beta)
             # Active tasks have beta > 0 (beta == 0 forces phibar == 0, i.e. a claim);
@@ -139,21 +118,26 @@ class MINRES(LinearSolver):
 
             bad = act & ~(torch.isfinite(alfa) & torch.isfinite(beta_new) & torch.isfinite(gamma))
             brk = act & ~bad & (gamma == 0)
-            step = act & ~bad & ~brk
-            safe_gamma = torch.where(step, gamma, one)
+            move = act & ~bad & ~brk
+            safe_gamma = torch.where(move, gamma, one)
             cs_new = gbar / safe_gamma
             sn_new = beta_new / safe_gamma
             phi = cs_new * phibar
             phibar_new = sn_new * phibar
-            denom = torch.where(step, 1 / safe_gamma, torch.zeros_like(gamma))
+            denom = torch.where(move, 1 / safe_gamma, torch.zeros_like(gamma))
             # w_k = (v_k - eps_k w_{k-2} - delta_k w_{k-1}) / gamma_k
             w_new = tree_scale(denom, v, batched)
             w_new = tree_axpy(-denom * delta, st["w"], w_new, batched)
             w_new = tree_axpy(-denom * oldeps, st["w2"], w_new, batched)
-            x = tree_where(step, tree_axpy(phi, w_new, x, batched), x)
 
-            keep = lambda new, old: torch.where(step, new, old)
-            st = {
+            def keep(new: Tensor, old: Tensor) -> Tensor:
+                return torch.where(move, new, old)
+
+            est = phibar_new.abs()
+            new = {
+                **st,
+                "x": tree_where(move, tree_axpy(phi, w_new, st["x"], batched), st["x"]),
+                "rnorm": keep(est, st["rnorm"]),
                 "r1": r1,
                 "r2": r2,
                 "y": y,
@@ -167,26 +151,15 @@ class MINRES(LinearSolver):
                 "cs": keep(cs_new, cs),
                 "sn": keep(sn_new, sn),
             }
-            iters = iters + step.long()
-            nonfinite = nonfinite | bad
-            breakdown = breakdown | brk
-            est = phibar_new.abs()
-            rnorm = torch.where(step, est, rnorm)
-            claim = step & (est <= thresh)
-            pending = pending | claim
-            active = step & ~claim
+            return new, Outcome(moved=move, stopped={"NONFINITE": bad, "BREAKDOWN": brk}, claimed=move & (est <= thresh))
 
-        if fixed:
-            # A zero residual estimate with a fixed budget: the Krylov space is exhausted,
-            # x solves the system in exact arithmetic (not re-verified: no extra matvec).
-            converged = converged | pending
-        else:
-            converged, rnorm = verify_final(matvec, b, x, pending, thresh, converged, rnorm, batched)
-
-        codes = codes_from_masks(
-            converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite, BREAKDOWN=breakdown
+        # With a fixed budget a claim (a zero residual estimate: the Krylov space is
+        # exhausted, x solves the system in exact arithmetic) is accepted unverified.
+        state = iterate(
+            step, state, tally, maxiter=self._maxiter(b, batched), fixed=self.fixed_budget,
+            verifier=residual_verifier(matvec, b, thresh, batched, restart),
         )
-        return finish(x, rnorm, codes, iters, batched)
+        return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)
 
 
 def _start(r0: Any, rnorm: Tensor, zeros: Any) -> dict[str, Any]:

@@ -9,23 +9,16 @@ Duvenaud, "Optimizing millions of hyperparameters by implicit differentiation", 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._errors import BilevelValueError
+from .._iterate import Outcome, iterate
 from .._result import LinearSolveResult
 from .._tree import tree_axpy, tree_norm, tree_where
-from ._base import (
-    LinearSolver,
-    MatVec,
-    codes_from_masks,
-    finish,
-    initial_guess,
-    initial_status,
-)
+from .._validate import check_real
+from ._base import LinearSolver, MatVec, finish, initial_guess, start_tally
 
 DEFAULT_NEUMANN_TERMS = 50
 """Default ``maxiter`` (number of series terms) of :class:`Neumann`."""
@@ -71,9 +64,7 @@ class Neumann(LinearSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-            raise BilevelValueError(f"Neumann: alpha must be a finite number > 0, got {a!r}")
+        check_real("Neumann", "alpha", self.alpha, 0.0)
 
     def _maxiter(self, b: Any, batched: bool) -> int:
         if self.steps is not None:
@@ -81,38 +72,25 @@ class Neumann(LinearSolver):
         return self.maxiter if self.maxiter is not None else DEFAULT_NEUMANN_TERMS
 
     def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
-        tol = self._tol(b)
-        maxiter = self._maxiter(b, batched)
         alpha = float(self.alpha)
-
-        bnorm = tree_norm(b, batched)
-        thresh = torch.clamp(tol * bnorm, min=atol)
+        thresh = torch.clamp(self._tol(b) * tree_norm(b, batched), min=atol)
         x, r = initial_guess(matvec, b, x0)
         rnorm = tree_norm(r, batched)
-        converged, nonfinite, iters = initial_status(rnorm, thresh)
+        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE"))
 
-        fixed = self.fixed_budget
-        for _ in range(maxiter):
-            active = ~(converged | nonfinite)
-            # The one host sync per iteration, the stopping test -- not with a fixed budget.
-            if not fixed and not bool(active.any()):
-                break
+        def step(st: dict[str, Any], active: Tensor) -> tuple[dict[str, Any], Outcome]:
+            x, r = st["x"], st["r"]
             # Stopped tasks get a zero step: their x and residual stay put.
-            a = torch.where(active, torch.full_like(rnorm, alpha), torch.zeros_like(rnorm))
+            a = torch.where(active, torch.full_like(st["rnorm"], alpha), torch.zeros_like(st["rnorm"]))
             Ar = matvec(r)
             x_new = tree_axpy(a, r, x, batched)  # add the current term alpha * M^k r0
             r_new = tree_axpy(-a, Ar, r, batched)  # next term M^{k+1} r0 = the new residual
             rn = tree_norm(r_new, batched)
             bad = active & ~torch.isfinite(rn)
-            step = active & ~bad
+            move = active & ~bad
             # A task whose next term overflowed keeps its last finite iterate and residual.
-            x = tree_where(step, x_new, x)
-            r = tree_where(step, r_new, r)
-            iters = iters + step.long()
-            rnorm = torch.where(step, rn, rnorm)
-            nonfinite = nonfinite | bad
-            converged = converged | (step & (rn <= thresh))
+            new = {"x": tree_where(move, x_new, x), "r": tree_where(move, r_new, r), "rnorm": torch.where(move, rn, st["rnorm"])}
+            return new, Outcome(moved=move, stopped={"NONFINITE": bad, "SUCCESS": move & (rn <= thresh)})
 
-        codes = codes_from_masks(converged.shape, converged.device, self._exhausted, SUCCESS=converged, NONFINITE=nonfinite)
-        return finish(x, rnorm, codes, iters, batched)
-
+        state = iterate(step, {"x": x, "r": r, "rnorm": rnorm}, tally, maxiter=self._maxiter(b, batched), fixed=self.fixed_budget)
+        return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._errors import BilevelValueError
+from .._iterate import Outcome, iterate
 from .._result import SolverResult
 from .._tree import (
     tree_detach,
@@ -18,16 +19,8 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
-from ._base import (
-    GradientTracker,
-    LeanLoop,
-    Objective,
-    Solver,
-    check_int,
-    check_real,
-    check_tol,
-    with_minimum_check,
-)
+from .._validate import check_bool, check_int, check_real, check_tol
+from ._base import GradientTracker, LeanLoop, Objective, Solver, with_minimum_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +74,8 @@ class Adam(Solver):
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
         check_real(name, "eps", self.eps, 0.0)
         check_tol(name, self.rtol)
-        if not isinstance(self.monitor, bool):
-            raise BilevelValueError(f"{name}: monitor must be a bool, got {self.monitor!r}")
-        if not isinstance(self.check_minimum, bool):
-            raise BilevelValueError(f"{name}: check_minimum must be a bool, got {self.check_minimum!r}")
+        check_bool(name, "monitor", self.monitor)
+        check_bool(name, "check_minimum", self.check_minimum)
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)
@@ -98,31 +89,30 @@ class Adam(Solver):
         x = tree_detach(x0)
         if self.rtol is None and not self.monitor:
             return self._lean(objective, x, args, batched, name)
-        st = GradientTracker.start(objective, x, args, self.rtol, name, batched)
-        m = tree_zeros_like(st.g)
-        v = tree_zeros_like(st.g)
+        tracker, tally = GradientTracker.start(objective, x, args, self.rtol, name, batched)
 
-        for k in range(1, self.steps + 1):
-            if st.all_converged():  # with a tolerance: one host sync per step (the test); none without
-                break
-            active = st.active
-            g, gnorm = st.g, st.gnorm
-            t = (st.iters + 1).to(gnorm.dtype)  # per-task step counter (frozen once converged)
+        def step(state: tuple[Any, Any, Any], active: torch.Tensor) -> tuple[tuple[Any, Any, Any], Outcome]:
+            x, m, v = state
+            g, gnorm = tracker.g, tracker.gnorm
+            t = (tally.iters + 1).to(gnorm.dtype)  # per-task step counter (frozen once converged)
             m = tree_where(active, tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, m, g), m)
             v = tree_where(active, tree_map(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, v, g), v)
             c1 = 1 - b1**t
             c2 = 1 - b2**t
-            step = torch.where(active, torch.full_like(gnorm, self.lr), torch.zeros_like(gnorm))
+            lr = torch.where(active, torch.full_like(gnorm, self.lr), torch.zeros_like(gnorm))
 
             def update(xi: torch.Tensor, mi: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
                 shape = (-1,) + (1,) * (xi.dim() - 1) if batched else ()
-                s, a, b = step.reshape(shape), c1.reshape(shape), c2.reshape(shape)
+                s, a, b = lr.reshape(shape), c1.reshape(shape), c2.reshape(shape)
                 return xi - s * (mi / a) / ((vi / b).sqrt() + self.eps)
 
             x = tree_map(update, x, m, v)
-            st.advance(objective, x, args, active, k, name, batched)
+            return (x, m, v), tracker.advance(objective, x, args, active, batched)
 
-        return st.result(x, batched, name)
+        # With a tolerance: one host sync per step (the test); none without.
+        zeros = tree_zeros_like(tracker.g)
+        x, _, _ = iterate(step, (x, zeros, zeros), tally, maxiter=self.steps, fixed=self.rtol is None)
+        return tracker.result(x, tally, batched, name)
 
     def _lean(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
         """``steps`` fused Adam updates of all leaves; nothing else (see :class:`GradientDescent`)."""
@@ -131,10 +121,13 @@ class Adam(Solver):
         loop = LeanLoop(x, args)
         m: list[torch.Tensor] = []
         v: list[torch.Tensor] = []
-        for k in range(self.steps):
+
+        def step(state: tuple[list[torch.Tensor], int], _: None) -> tuple[tuple[list[torch.Tensor], int], None]:
+            xl, k = state
             g = loop.value_and_grad(objective, xd, xl, args, batched)
             if not m:
-                m, v = [torch.zeros_like(t) for t in g], [torch.zeros_like(t) for t in g]
+                m.extend(torch.zeros_like(t) for t in g)
+                v.extend(torch.zeros_like(t) for t in g)
             torch._foreach_mul_(m, b1)
             torch._foreach_add_(m, g, alpha=1 - b1)
             torch._foreach_mul_(v, b2)
@@ -144,8 +137,9 @@ class Adam(Solver):
             denom = torch._foreach_sqrt(v)
             torch._foreach_div_(denom, c2**0.5)
             torch._foreach_add_(denom, self.eps)
-            xl = list(torch._foreach_addcdiv(xl, m, denom, value=-self.lr / c1))  # out of place: x0 is never written
-        out = tree_unflatten(xd, xl)
+            return (list(torch._foreach_addcdiv(xl, m, denom, value=-self.lr / c1)), t), None  # out of place: x0 is never written
+
+        out = tree_unflatten(xd, iterate(step, (xl, 0), None, maxiter=self.steps, fixed=True)[0])
         if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
             return dataclasses.replace(self, monitor=True)._run(objective, x, *args, batched=batched)
         return loop.result(out, self.steps, batched)

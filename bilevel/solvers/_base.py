@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -30,7 +29,8 @@ from .._errors import (
     NotDifferentiableError,
     UnsupportedError,
 )
-from .._result import SolverResult, Status, code, overall_status, status_from_codes
+from .._iterate import Outcome, Tally
+from .._result import SolverResult, Status, code, overall_status, solver_result
 from .._transforms import any_wrapped, leaves_of
 from .._tree import (
     tree_axpy,
@@ -170,34 +170,8 @@ def check_finite_value(v: Tensor, iteration: int, solver: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Validation and result helpers shared by the solvers of this package.
+# Tolerances and finiteness checks shared by the solvers of this package.
 # ----------------------------------------------------------------------------------------
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_real(
-    owner: str, name: str, v: Any, lo: float, hi: float = math.inf, lo_open: bool = True, hi_open: bool = True
-) -> None:
-    """Raise ValueError unless ``v`` is a finite real number in the given interval."""
-    ok = _is_real(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise BilevelValueError(f"{owner}: {name} must be a real number in {lb}{lo}, {hi}{rb}, got {v!r}")
-
-
-def check_int(owner: str, name: str, v: Any, lo: int) -> None:
-    """Raise ValueError unless ``v`` is an int ``>= lo``."""
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
-        raise BilevelValueError(f"{owner}: {name} must be an int >= {lo}, got {v!r}")
-
-
-def check_tol(owner: str, tol: Any) -> None:
-    if tol is not None:
-        check_real(owner, "rtol", tol, 0.0, 1.0)
-
-
 def gradient_tol(dtype: torch.dtype) -> float:
     """Default tolerance on the gradient norm of the minimisers: ``eps**0.5`` of ``dtype``.
 
@@ -216,55 +190,6 @@ def gradient_tol(dtype: torch.dtype) -> float:
     """
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
     return float(eps**0.5)
-
-
-def finish_result(
-    x: Any,
-    codes: Tensor,
-    iters: Tensor,
-    grad_norm: Tensor | None,
-    val: Tensor | None,
-    batched: bool,
-    n_fun: int,
-    n_grad: int,
-    n_hvp: int = 0,
-    message: str = "",
-) -> SolverResult:
-    """Build a :class:`SolverResult` from per-task integer status codes (one host sync)."""
-    statuses = status_from_codes(codes)
-    if batched:
-        return SolverResult(
-            x=x,
-            status=overall_status(statuses),
-            iterations=int(iters.max()) if iters.numel() else 0,
-            grad_norm=grad_norm,
-            value=val,
-            n_fun=n_fun,
-            n_grad=n_grad,
-            n_hvp=n_hvp,
-            task_status=statuses,
-            task_iterations=iters,
-            message=message,
-        )
-    return SolverResult(
-        x=x,
-        status=statuses[0],
-        iterations=int(iters.reshape(-1)[0]),
-        grad_norm=None if grad_norm is None else grad_norm.reshape(()),
-        value=None if val is None else val.reshape(()),
-        n_fun=n_fun,
-        n_grad=n_grad,
-        n_hvp=n_hvp,
-        message=message,
-    )
-
-
-def status_codes(shape: torch.Size, device: torch.device, default: Status, **masks: Tensor) -> Tensor:
-    """Per-task integer codes: the first true mask (keyword order) wins, else ``default``."""
-    out = torch.full(shape, code(default), dtype=torch.long, device=device)
-    for name, m in reversed(list(masks.items())):
-        out = torch.where(m, torch.full_like(out, code(Status[name])), out)
-    return out
 
 
 def check_finite_grad(gnorm: Tensor, iteration: int, solver: str) -> None:
@@ -292,25 +217,25 @@ def checked_grad_norm(f: Tensor, g: Any, iteration: int, solver: str, batched: b
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class GradientTracker:
-    """Per-task value, gradient and convergence state of a fixed-step first-order solver.
+    """Per-task value, gradient and health statistics of a monitored first-order solver.
 
-    With a tolerance a task converges once ``||g|| <= rtol * max(1, ||g0||)`` and stops
-    moving (the solver passes ``active`` masks); without one every task runs all steps.
-    The objective and gradient are evaluated once at ``x0`` and once after each step.
+    It is the state that the steps of gradient descent and Adam share under the driver
+    (:func:`bilevel._iterate.iterate`), which owns the stop masks and iteration counts in
+    its :class:`~bilevel._iterate.Tally`.  With a tolerance a task converges once
+    ``||g|| <= rtol * max(1, ||g0||)`` and stops moving; without one every task runs all
+    steps (the driver then makes no host sync).  The objective and gradient are evaluated
+    once at ``x0`` and once after each step.
 
     Non-finite values after a step are recorded on the device (the first iteration per
-    task) rather than tested on the host: a step then costs no host sync when no tolerance
-    is set (iMAML's fixed-step inner loop on a GPU).  The failing task stops moving, and
-    :meth:`result` raises :class:`NonFiniteError` naming the first such iteration and the
-    tasks.  The starting point is checked at once.
+    task) rather than tested on the host, and the failing task stops (``NONFINITE`` in the
+    tally); :meth:`result` raises :class:`NonFiniteError` naming the first such iteration
+    and the tasks.  The starting point is checked at once.
 
     Attributes:
         f: objective value(s) at the current iterate.
         g: gradient tree at the current iterate.
         gnorm: gradient norm(s).
         thresh: convergence threshold(s) on ``gnorm`` (0 without a tolerance).
-        converged: bool mask of the converged tasks.
-        iters: per-task step counts.
         use_tol: whether a tolerance is in force.
         first_bad: per task, the first iteration with a non-finite value or gradient (-1: none).
         bad_value: per task, whether that was the objective value (else the gradient).
@@ -319,14 +244,13 @@ class GradientTracker:
         descent: per task, whether the objective never rose between two steps (beyond a
             relative 1e-6, rounding).
         n_eval: objective (= gradient) evaluations so far.
+        k: steps taken so far (the iteration number of the next evaluation, minus one).
     """
 
     f: Tensor
     g: Any
     gnorm: Tensor
     thresh: Tensor
-    converged: Tensor
-    iters: Tensor
     use_tol: bool
     first_bad: Tensor
     bad_value: Tensor
@@ -334,64 +258,54 @@ class GradientTracker:
     monotone: Tensor
     descent: Tensor
     n_eval: int = 1
+    k: int = 0
 
     @classmethod
     def start(
         cls, objective: Objective, x: Any, args: tuple, rtol: float | None, solver: str, batched: bool
-    ) -> GradientTracker:
-        """Evaluate at the starting point ``x`` (iteration 0)."""
+    ) -> tuple[GradientTracker, Tally]:
+        """Evaluate at the starting point ``x`` (iteration 0); the tracker and the driver's tally."""
         f, g = value_and_grad(objective, x, args, batched)
         gnorm = checked_grad_norm(f, g, 0, solver, batched)
         use_tol = rtol is not None
         thresh = (rtol if rtol is not None else 0.0) * torch.clamp(gnorm, min=1.0)
-        converged = (gnorm <= thresh) if use_tol else torch.zeros_like(gnorm, dtype=torch.bool)
-        iters = torch.zeros(gnorm.shape, dtype=torch.long, device=gnorm.device)
-        return cls(
+        tally = Tally(gnorm, ("SUCCESS", "NONFINITE"), {"SUCCESS": gnorm <= thresh} if use_tol else None)
+        tracker = cls(
             f=f,
             g=g,
             gnorm=gnorm,
             thresh=thresh,
-            converged=converged,
-            iters=iters,
             use_tol=use_tol,
-            first_bad=torch.full_like(iters, -1),
-            bad_value=torch.zeros_like(converged),
+            first_bad=torch.full(gnorm.shape, -1, dtype=torch.long, device=gnorm.device),
+            bad_value=torch.zeros(gnorm.shape, dtype=torch.bool, device=gnorm.device),
             gnorm0=gnorm,
-            monotone=torch.ones_like(converged),
-            descent=torch.ones_like(converged),
+            monotone=torch.ones(gnorm.shape, dtype=torch.bool, device=gnorm.device),
+            descent=torch.ones(gnorm.shape, dtype=torch.bool, device=gnorm.device),
         )
+        return tracker, tally
 
-    @property
-    def active(self) -> Tensor:
-        """Tasks still moving: neither converged nor failed on a non-finite value."""
-        return ~(self.converged | (self.first_bad >= 0))
-
-    def all_converged(self) -> bool:
-        """Whether a tolerance is in force and no task is left to move (one host sync)."""
-        return self.use_tol and not bool(self.active.any())
-
-    def advance(
-        self, objective: Objective, x: Any, args: tuple, active: Tensor, iteration: int, solver: str, batched: bool
-    ) -> None:
+    def advance(self, objective: Objective, x: Any, args: tuple, active: Tensor, batched: bool) -> Outcome:
         """Record a step of the ``active`` tasks to ``x``: evaluate there and update the tasks that moved."""
+        self.k += 1
         f_new, g_new = value_and_grad(objective, x, args, batched)
         self.n_eval += 1
         gn_new = tree_norm(g_new, batched)
         value_bad = ~torch.isfinite(f_new)
         bad = active & (value_bad | ~torch.isfinite(gn_new))
         newly = bad & (self.first_bad < 0)
-        self.first_bad = torch.where(newly, torch.full_like(self.first_bad, iteration), self.first_bad)
+        self.first_bad = torch.where(newly, torch.full_like(self.first_bad, self.k), self.first_bad)
         self.bad_value = torch.where(newly, value_bad, self.bad_value)
         moved = active & ~bad
         # On the device, no sync: the health statistic of a fixed-step loop.
         self.monotone = self.monotone & ~(moved & (gn_new > self.gnorm))
         self.descent = self.descent & ~(moved & (f_new > self.f + 1e-6 * self.f.abs()))
-        self.iters = self.iters + moved.long()
         self.f = torch.where(moved, f_new, self.f)
         self.g = tree_where(moved, g_new, self.g)
         self.gnorm = torch.where(moved, gn_new, self.gnorm)
+        stopped = {"NONFINITE": bad}
         if self.use_tol:
-            self.converged = self.converged | (moved & (self.gnorm <= self.thresh))
+            stopped["SUCCESS"] = moved & (self.gnorm <= self.thresh)
+        return Outcome(moved=moved, stopped=stopped)
 
     def raise_if_nonfinite(self, solver: str) -> None:
         """Raise :class:`NonFiniteError` for the first non-finite iteration (one host sync)."""
@@ -403,7 +317,7 @@ class GradientTracker:
         where = f" for task(s) {(failed & (self.first_bad == first)).nonzero().reshape(-1).tolist()}" if failed.dim() == 1 else ""
         raise NonFiniteError(f"{solver}: the {what} became non-finite at iteration {first}{where}")
 
-    def result(self, x: Any, batched: bool, solver: str = "solver") -> SolverResult:
+    def result(self, x: Any, tally: Tally, batched: bool, solver: str = "solver") -> SolverResult:
         """``SUCCESS`` for converged tasks, else ``MAX_ITERATIONS`` (``COMPLETED`` without a tolerance).
 
         Raises:
@@ -411,8 +325,7 @@ class GradientTracker:
         """
         self.raise_if_nonfinite(solver)
         default = Status.MAX_ITERATIONS if self.use_tol else Status.COMPLETED
-        codes = status_codes(self.gnorm.shape, self.gnorm.device, default, SUCCESS=self.converged)
-        res = finish_result(x, codes, self.iters, self.gnorm, self.f, batched, n_fun=self.n_eval, n_grad=self.n_eval)
+        res = solver_result(x, tally.codes(default), tally.iters, self.gnorm, self.f, batched, n_fun=self.n_eval, n_grad=self.n_eval)
         return dataclasses.replace(res, grad_norm_initial=self.gnorm0, grad_norm_monotone=self.monotone,
                                    value_monotone=self.descent)
 
@@ -463,7 +376,7 @@ class LeanLoop:
         n = leaves[0].shape[0] if batched else 1
         iters = torch.full((n,), steps, dtype=torch.long, device=leaves[0].device)
         codes = torch.full((n,), code(Status.COMPLETED), dtype=torch.long, device=leaves[0].device)
-        return finish_result(x, codes, iters, None, None, batched, n_fun=self.n_eval, n_grad=self.n_eval)
+        return solver_result(x, codes, iters, None, None, batched, n_fun=self.n_eval, n_grad=self.n_eval)
 
 
 # ----------------------------------------------------------------------------------------

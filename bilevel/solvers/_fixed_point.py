@@ -7,9 +7,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from .._errors import BilevelValueError
-from .._result import SolverResult, Status
+from .._iterate import Outcome, Tally, iterate
+from .._result import SolverResult, Status, solver_result
 from .._tree import (
     default_tol,
     tree_detach,
@@ -20,7 +22,8 @@ from .._tree import (
     tree_sub,
     tree_where,
 )
-from ._base import Solver, check_int, check_real, check_tol, finish_result, status_codes
+from .._validate import check_int, check_real, check_tol
+from ._base import Solver
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,33 +86,28 @@ class FixedPointIteration(Solver):
 
         x = tree_detach(x0)
         fx = apply(x)
-        n_fun = 1
-        res = tree_norm(tree_sub(fx, x), batched)
-        xnorm = tree_norm(x, batched)
-        nonfinite = ~torch.isfinite(res)
-        converged = ~nonfinite & (res <= tol * torch.clamp(xnorm, min=1.0))
-        iters = torch.zeros(res.shape, dtype=torch.long, device=res.device)
+        counts = {"fun": 1}
 
-        for _ in range(self.maxiter):
-            active = ~(converged | nonfinite)
-            if not bool(active.any()):  # one host sync per iteration (the test)
-                break
-            if t == 1.0:
-                x_new = fx
-            else:
-                x_new = tree_map(lambda xi, yi: xi + t * (yi - xi), x, fx)
+        def converged(res: Tensor, x: Any) -> Tensor:
+            return res <= tol * torch.clamp(tree_norm(x, batched), min=1.0)
+
+        res = tree_norm(tree_sub(fx, x), batched)
+        bad0 = ~torch.isfinite(res)
+        tally = Tally(res, ("SUCCESS", "NONFINITE"), {"SUCCESS": ~bad0 & converged(res, x), "NONFINITE": bad0})
+
+        def step(st: tuple[Any, Any, Tensor], active: Tensor) -> tuple[tuple[Any, Any, Tensor], Outcome]:
+            x, fx, res = st
+            x_new = fx if t == 1.0 else tree_map(lambda xi, yi: xi + t * (yi - xi), x, fx)
             fx_new = apply(x_new)
-            n_fun += 1
+            counts["fun"] += 1
             res_new = tree_norm(tree_sub(fx_new, x_new), batched)
             bad = active & ~torch.isfinite(res_new)
-            nonfinite = nonfinite | bad
             moved = active & ~bad  # a task whose new point is not finite keeps its last one
             x = tree_where(moved, x_new, x)
             fx = tree_where(moved, fx_new, fx)
             res = torch.where(moved, res_new, res)
-            iters = iters + moved.long()
-            xnorm = tree_norm(x, batched)
-            converged = converged | (moved & (res <= tol * torch.clamp(xnorm, min=1.0)))
+            return (x, fx, res), Outcome(moved=moved, stopped={"NONFINITE": bad, "SUCCESS": moved & converged(res, x)})
 
-        codes = status_codes(res.shape, res.device, Status.MAX_ITERATIONS, SUCCESS=converged, NONFINITE=nonfinite)
-        return finish_result(x, codes, iters, res, None, batched, n_fun=n_fun, n_grad=0)
+        # One host sync per iteration (the stopping test).
+        x, _, res = iterate(step, (x, fx, res), tally, maxiter=self.maxiter)
+        return solver_result(x, tally.codes(Status.MAX_ITERATIONS), tally.iters, res, None, batched, n_fun=counts["fun"], n_grad=0)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._errors import BilevelValueError
+from .._iterate import Outcome, iterate
 from .._result import SolverResult
 from .._tree import (
     tree_axpy,
@@ -18,16 +19,8 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
-from ._base import (
-    GradientTracker,
-    LeanLoop,
-    Objective,
-    Solver,
-    check_int,
-    check_real,
-    check_tol,
-    with_minimum_check,
-)
+from .._validate import check_bool, check_int, check_real, check_tol
+from ._base import GradientTracker, LeanLoop, Objective, Solver, with_minimum_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +78,12 @@ class GradientDescent(Solver):
         check_real(name, "lr", self.lr, 0.0)
         check_int(name, "steps", self.steps, 0)
         check_real(name, "momentum", self.momentum, 0.0, 1.0, lo_open=False)
-        if not isinstance(self.nesterov, bool):
-            raise BilevelValueError(f"{name}: nesterov must be a bool, got {self.nesterov!r}")
+        check_bool(name, "nesterov", self.nesterov)
         if self.nesterov and self.momentum == 0:
             raise BilevelValueError(f"{name}: nesterov=True needs momentum > 0")
         check_tol(name, self.rtol)
-        if not isinstance(self.monitor, bool):
-            raise BilevelValueError(f"{name}: monitor must be a bool, got {self.monitor!r}")
-        if not isinstance(self.check_minimum, bool):
-            raise BilevelValueError(f"{name}: check_minimum must be a bool, got {self.check_minimum!r}")
+        check_bool(name, "monitor", self.monitor)
+        check_bool(name, "check_minimum", self.check_minimum)
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)
@@ -106,26 +96,26 @@ class GradientDescent(Solver):
         x = tree_detach(x0)
         if self.rtol is None and not self.monitor:
             return self._lean(objective, x, args, batched, name)
-        st = GradientTracker.start(objective, x, args, self.rtol, name, batched)
-        vel = tree_zeros_like(st.g) if self.momentum > 0 else None
+        tracker, tally = GradientTracker.start(objective, x, args, self.rtol, name, batched)
+        mu, nesterov = self.momentum, self.nesterov
 
-        for k in range(1, self.steps + 1):
-            if st.all_converged():  # with a tolerance: one host sync per step (the test); none without
-                break
-            active = st.active
-            g = st.g
+        def step(state: tuple[Any, Any], active: torch.Tensor) -> tuple[tuple[Any, Any], Outcome]:
+            x, vel = state
+            g = tracker.g
             if vel is not None:
-                new_vel = tree_axpy(self.momentum, vel, g)
-                vel = tree_where(active, new_vel, vel)
-                upd = tree_axpy(self.momentum, vel, g) if self.nesterov else vel
+                vel = tree_where(active, tree_axpy(mu, vel, g), vel)
+                upd = tree_axpy(mu, vel, g) if nesterov else vel
             else:
                 upd = g
             # Converged tasks take a zero step: they stay exactly where they converged.
-            lr = torch.where(active, torch.full_like(st.gnorm, self.lr), torch.zeros_like(st.gnorm))
+            lr = torch.where(active, torch.full_like(tracker.gnorm, self.lr), torch.zeros_like(tracker.gnorm))
             x = tree_axpy(-lr, upd, x, batched)
-            st.advance(objective, x, args, active, k, name, batched)
+            return (x, vel), tracker.advance(objective, x, args, active, batched)
 
-        return st.result(x, batched, name)
+        # With a tolerance: one host sync per step (the test); none without.
+        x, _ = iterate(step, (x, tree_zeros_like(tracker.g) if mu > 0 else None), tally,
+                       maxiter=self.steps, fixed=self.rtol is None)
+        return tracker.result(x, tally, batched, name)
 
     def _lean(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
         """``steps`` fused updates of all leaves; nothing else (see the class docstring)."""
@@ -133,7 +123,9 @@ class GradientDescent(Solver):
         loop = LeanLoop(x, args)
         vel: list[torch.Tensor] | None = None
         mu, lr = self.momentum, self.lr
-        for _ in range(self.steps):
+
+        def step(xl: list[torch.Tensor], _: None) -> tuple[list[torch.Tensor], None]:
+            nonlocal vel
             g = loop.value_and_grad(objective, xd, xl, args, batched)
             if mu > 0:
                 if vel is None:
@@ -144,8 +136,9 @@ class GradientDescent(Solver):
                 upd = torch._foreach_add(g, vel, alpha=mu) if self.nesterov else vel
             else:
                 upd = g
-            xl = list(torch._foreach_add(xl, upd, alpha=-lr))  # out of place: x0 is never written
-        out = tree_unflatten(xd, xl)
+            return list(torch._foreach_add(xl, upd, alpha=-lr)), None  # out of place: x0 is never written
+
+        out = tree_unflatten(xd, iterate(step, xl, None, maxiter=self.steps, fixed=True))
         if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
             return dataclasses.replace(self, monitor=True)._run(objective, x, *args, batched=batched)
         return loop.result(out, self.steps, batched)

@@ -7,9 +7,11 @@ import dataclasses
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from .._errors import BilevelValueError
-from .._result import SolverResult, Status
+from .._iterate import Outcome, Tally, iterate
+from .._result import SolverResult, Status, solver_result
 from .._tree import (
     tree_axpy,
     tree_detach,
@@ -19,17 +21,8 @@ from .._tree import (
     tree_sub,
     tree_vdot,
 )
-from ._base import (
-    Objective,
-    Solver,
-    check_int,
-    check_tol,
-    checked_grad_norm,
-    finish_result,
-    gradient_tol,
-    status_codes,
-    value_and_grad,
-)
+from .._validate import check_int, check_tol
+from ._base import Objective, Solver, checked_grad_norm, gradient_tol, value_and_grad
 from ._linesearch import StrongWolfe
 
 
@@ -80,50 +73,51 @@ class LBFGS(Solver):
         tol = self.rtol if self.rtol is not None else gradient_tol(tree_dtype(x0))
         x = tree_detach(x0)
         f, g = value_and_grad(objective, x, args)
-        n_fun = n_grad = 1
         gnorm = checked_grad_norm(f, g, 0, name)
-        thresh = tol * max(1.0, float(gnorm))
+        thresh = tol * torch.clamp(gnorm, min=1.0)
         pairs: collections.deque = collections.deque(maxlen=self.history)  # (s, y, 1 / s^T y)
         eps = torch.finfo(gnorm.dtype).eps
 
-        status = Status.MAX_ITERATIONS
-        k = 0
-        while True:
-            if float(gnorm) <= thresh:
-                status = Status.SUCCESS
-                break
-            if k >= self.maxiter:
-                break
-            d = self._direction(g, pairs)
-            if not float(tree_vdot(g, d)) < 0:
-                # Roundoff can spoil H's definiteness; restart from steepest descent.
-                pairs.clear()
-                d = tree_scale(-1.0, g)
-            # N&W: the first step of a method without curvature information is scaled so
-            # that it has length <= 1; afterwards H0 carries the scale and a = 1 is tried.
-            a0 = 1.0 if pairs else min(1.0, 1.0 / float(gnorm))
-            ls = self.line_search(objective, x, d, args, f0=f, g0=g, initial_step=a0)
-            n_fun += ls.n_fun
-            n_grad += ls.n_grad
-            if not bool(ls.success):
-                if pairs:
-                    # As L-BFGS-B does: stale or noise-dominated curvature pairs can give a
-                    # poor direction; forget them and retry once from steepest descent.
+        tally = Tally(gnorm, ("SUCCESS", "LINESEARCH_FAILED"), {"SUCCESS": gnorm <= thresh})
+        counts = {"fun": 1, "grad": 1}
+        no = torch.zeros((), dtype=torch.bool, device=gnorm.device)
+
+        def step(st: tuple[Any, Tensor, Any, Tensor], active: Tensor) -> tuple[tuple[Any, Tensor, Any, Tensor], Outcome]:
+            x, f, g, gnorm = st
+            # At most two tries: the quasi-Newton direction, then (if its line search fails
+            # with curvature pairs in memory) steepest descent with the memory cleared.
+            while True:
+                d = self._direction(g, pairs)
+                if not float(tree_vdot(g, d)) < 0:
+                    # Roundoff can spoil H's definiteness; restart from steepest descent.
                     pairs.clear()
-                    continue
-                status = Status.LINESEARCH_FAILED
-                break
-            k += 1
+                    d = tree_scale(-1.0, g)
+                # N&W: the first step of a method without curvature information is scaled so
+                # that it has length <= 1; afterwards H0 carries the scale and a = 1 is tried.
+                a0 = 1.0 if pairs else min(1.0, 1.0 / float(gnorm))
+                ls = self.line_search(objective, x, d, args, f0=f, g0=g, initial_step=a0)
+                counts["fun"] += ls.n_fun
+                counts["grad"] += ls.n_grad
+                if bool(ls.success):
+                    break
+                if not pairs:
+                    return st, Outcome(moved=no, stopped={"LINESEARCH_FAILED": ~no})
+                # As L-BFGS-B does: stale or noise-dominated curvature pairs can give a
+                # poor direction; forget them and retry once from steepest descent.
+                pairs.clear()
             s = tree_sub(ls.x, x)
             y = tree_sub(ls.grad, g)
             sy = float(tree_vdot(s, y))
             if sy > eps * float(tree_norm(s)) * float(tree_norm(y)):
                 pairs.append((s, y, 1.0 / sy))
-            x, f, g = ls.x, ls.value, ls.grad
-            gnorm = checked_grad_norm(f, g, k, name)
+            gnorm = checked_grad_norm(ls.value, ls.grad, int(tally.iters) + 1, name)
+            return (ls.x, ls.value, ls.grad, gnorm), Outcome(moved=~no, stopped={"SUCCESS": gnorm <= thresh})
 
-        codes = status_codes(gnorm.shape, gnorm.device, status)
-        return finish_result(x, codes, torch.tensor(k), gnorm, f, False, n_fun=n_fun, n_grad=n_grad)
+        # Unbatched, with host-side control flow anyway (the line search): one sync per step.
+        x, f, g, gnorm = iterate(step, (x, f, g, gnorm), tally, maxiter=self.maxiter)
+        return solver_result(
+            x, tally.codes(Status.MAX_ITERATIONS), tally.iters, gnorm, f, False, n_fun=counts["fun"], n_grad=counts["grad"]
+        )
 
     @staticmethod
     def _direction(g: Any, pairs: collections.deque) -> Any:

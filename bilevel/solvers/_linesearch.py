@@ -36,7 +36,8 @@ from torch import Tensor
 
 from .._errors import BilevelValueError, UnsupportedError
 from .._tree import tree_axpy, tree_vdot
-from ._base import Objective, check_int, check_real, value, value_and_grad
+from .._validate import check_int, check_real
+from ._base import Objective, value, value_and_grad
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from .._errors import BilevelValueError, NonFiniteError
-from .._result import SolverResult, Status
+from .._iterate import Outcome, Tally, iterate
+from .._result import SolverResult, Status, solver_result
 from .._tree import (
     tree_axpy,
     tree_detach,
@@ -21,20 +22,16 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
+from .._validate import check_int, check_real, check_tol
 from ._base import (
     Objective,
     Solver,
     check_finite_grad,
     check_finite_value,
-    check_int,
-    check_real,
-    check_tol,
     checked_grad_norm,
-    finish_result,
     gradient_tol,
     hvp,
     negative_curvature,
-    status_codes,
     value_and_grad,
 )
 from ._linesearch import BacktrackingArmijo
@@ -110,25 +107,21 @@ class NewtonCG(Solver):
         cg_maxiter = self.cg_maxiter if self.cg_maxiter is not None else 20 * tree_size(x0, batched)
         x = tree_detach(x0)
         f, g = value_and_grad(objective, x, args, batched)
-        counts = {"fun": 1, "grad": 1, "hvp": 0}
+        counts = {"fun": 1, "grad": 1, "hvp": 0, "iter": 0}
         gnorm = checked_grad_norm(f, g, 0, name, batched)
         thresh = tol * torch.clamp(gnorm, min=1.0)
-        converged = gnorm <= thresh
-        failed = torch.zeros_like(converged)
-        iters = torch.zeros(gnorm.shape, dtype=torch.long, device=gnorm.device)
+        tally = Tally(gnorm, ("NOT_A_MINIMUM", "SUCCESS", "LINESEARCH_FAILED"), {"SUCCESS": gnorm <= thresh})
 
-        for k in range(1, self.maxiter + 1):
-            active = ~(converged | failed)
-            if not bool(active.any()):  # one host sync per Newton iteration (the test)
-                break
+        def step(st: tuple[Any, Tensor, Any, Tensor], active: Tensor) -> tuple[tuple[Any, Tensor, Any, Tensor], Outcome]:
+            x, f, g, gnorm = st
+            k = int(counts["iter"]) + 1
+            counts["iter"] = k
             p = self._direction(objective, x, g, gnorm, active, args, batched, cg_maxiter, counts, k, name)
             ls = self.line_search(objective, x, p, args, f0=f, g0=g, batched=batched, active=active)
             counts["fun"] += ls.n_fun
             ls_failed = active & ~ls.success
-            failed = failed | ls_failed
             moved = active & ~ls_failed
             x = tree_where(moved, ls.x, x)
-            iters = iters + moved.long()
             f_new, g_new = value_and_grad(objective, x, args, batched)
             counts["fun"] += 1
             counts["grad"] += 1
@@ -137,19 +130,20 @@ class NewtonCG(Solver):
             g = tree_where(moved, g_new, g)
             gnorm = torch.where(moved, tree_norm(g_new, batched), gnorm)
             check_finite_grad(gnorm, k, name)
-            converged = converged | (moved & (gnorm <= thresh))
+            out = Outcome(moved=moved, stopped={"LINESEARCH_FAILED": ls_failed, "SUCCESS": moved & (gnorm <= thresh)})
+            return (x, f, g, gnorm), out
+
+        # One host sync per Newton iteration (the stopping test).
+        x, f, g, gnorm = iterate(step, (x, f, g, gnorm), tally, maxiter=self.maxiter)
 
         # A zero gradient is a minimum, a saddle or a maximum: never claim a minimum where
         # the Hessian has negative curvature (e.g. started exactly at a maximum, where
         # Newton-CG takes no step at all).
-        saddle = converged & negative_curvature(objective, x, args, batched)
+        tally.mark("NOT_A_MINIMUM", tally.stops["SUCCESS"] & negative_curvature(objective, x, args, batched))
         counts["hvp"] += max(1, min(10, tree_size(x, batched)))
-        codes = status_codes(
-            gnorm.shape, gnorm.device, Status.MAX_ITERATIONS, NOT_A_MINIMUM=saddle, SUCCESS=converged,
-            LINESEARCH_FAILED=failed,
-        )
-        return finish_result(
-            x, codes, iters, gnorm, f, batched, n_fun=counts["fun"], n_grad=counts["grad"], n_hvp=counts["hvp"]
+        return solver_result(
+            x, tally.codes(Status.MAX_ITERATIONS), tally.iters, gnorm, f, batched,
+            n_fun=counts["fun"], n_grad=counts["grad"], n_hvp=counts["hvp"],
         )
 
     def _direction(
