@@ -89,6 +89,39 @@ def _suspended_saved_tensor_hooks() -> Iterator[None]:
 ClosedVJP = Callable[[list[Tensor], list[Tensor], Sequence[Tensor], Sequence[bool]], list[Tensor | None] | None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One call of a layer as the core sees it: a black-box ``solve`` and the ``optimality``
+    map whose root it finds, with what the backward needs to know about them.
+
+    Every layer is a thin builder of one of these per call (the layer's ``_apply`` hands it
+    to :func:`implicit_apply`); nothing else about a layer reaches the
+    autograd Function.
+
+    Attributes:
+        solve: ``solve(x0, *args)``: the solution tree, or a result with ``.x``.
+        optimality: ``F(x, *args)``, a tree shaped like ``x``, zero at the solution.
+        x0: the initial point.
+        args: the arguments (tensor trees get gradients).
+        symmetric: whether ``dF/dx`` is symmetric (enables CG/MINRES).
+        batched: every leaf of ``x0`` has a leading task dimension.
+        task_optimality: the per-task-loop strategy: ``F`` of ONE task, with ``task_dims``
+            the task dimension of each argument (``None``: shared).
+        task_dims: see ``task_optimality``.
+        closed_vjp: a closed form of the argument VJP (e.g. :class:`Proximal`'s ``Λu``).
+    """
+
+    solve: Callable[..., Any]
+    optimality: Callable[..., Any]
+    x0: Any
+    args: tuple
+    symmetric: bool
+    batched: bool = False
+    task_optimality: Callable[..., Any] | None = None
+    task_dims: tuple[int | None, ...] | None = None
+    closed_vjp: ClosedVJP | None = None
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # identity semantics: it is a per-call token
 class _Spec:
     """Per-call configuration handed to the autograd Function (never stored on a layer)."""
@@ -267,8 +300,22 @@ class _ImplicitFunction(torch.autograd.Function):
         return tuple(s_leaves)
 
     @staticmethod
-    @once_differentiable  # the backward is first-order: a double backward raises instead of being silently wrong
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # The backward is first-order: a double backward must raise instead of being
+        # silently wrong.  With autograd's create_graph=True the gradients get a node that
+        # raises an error naming the layer if anything differentiates them; inside a
+        # torch.func transform (which also runs backward with grad mode on) torch's own
+        # once_differentiable does it, and _refuse_second_order names the layer first.
+        saved = ctx.saved_tensors
+        if torch.is_grad_enabled() and not any_wrapped([*saved, *(g for g in grads if g is not None)]):
+            with torch.no_grad():
+                out = _ImplicitFunction._backward(ctx, *grads)
+            anchors = [t for t in saved if t.requires_grad]
+            return _first_order_only(ctx.spec.name, out, anchors)
+        return _once_differentiable_backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         spec: _Spec = ctx.spec
         nx = spec.x_def.num_leaves
         saved = ctx.saved_tensors
@@ -305,6 +352,48 @@ class _ImplicitFunction(torch.autograd.Function):
                 spec.on_failure,
             )
         return none_prefix + tuple(out)
+
+
+_once_differentiable_backward = once_differentiable(_ImplicitFunction._backward)
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """Identity on a layer's gradients whose own backward raises an error naming the layer.
+
+    Its extra inputs (``anchors``: the layer's arguments that require grad) make the
+    outputs part of a ``create_graph=True`` graph, so that differentiating them reaches
+    this node -- rather than torch's "element 0 of tensors does not require grad", which
+    names nothing.
+    """
+
+    @staticmethod
+    def forward(name: str, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.name = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[None, ...]:  # type: ignore[override]
+        raise UnsupportedError(
+            f"{ctx.name}: a second derivative through an implicit layer (autograd with create_graph=True, then "
+            "differentiating the gradient) is not supported: its backward is once_differentiable, the implicit "
+            "function theorem's linear solve. Differentiate the layer's output once (create_graph is not needed "
+            "for a meta-gradient), or use finite differences of its gradient"
+        )
+
+
+def _first_order_only(name: str, out: tuple[Tensor | None, ...], anchors: list[Tensor]) -> tuple[Tensor | None, ...]:
+    """``out`` (a backward's gradients) routed through :class:`_SecondDerivativeRefused`."""
+    idx = [i for i, g in enumerate(out) if g is not None]
+    if not idx or not anchors:
+        return out
+    wrapped = _SecondDerivativeRefused.apply(name, len(idx), *[out[i] for i in idx], *anchors)
+    res = list(out)
+    for i, w in zip(idx, wrapped):
+        res[i] = w
+    return tuple(res)
 
 
 def implicit_vjp(
@@ -687,37 +776,44 @@ def _warn_closed_over(outputs: list[Tensor], targets: list[Tensor], name: str) -
         )
 
 
-# torch.compile: the layer runs eagerly between compiled graphs (its solvers' host-side
-# control flow and torch.func internals are not traceable); disabling it here gives one
-# clean graph break instead of dynamo's warnings about untraceable builtins.
-@torch.compiler.disable
+#: What ``torch.compile(..., fullgraph=True)`` says when it meets a layer (torch >= 2.8
+#: shows a ``torch.compiler.disable`` reason; older versions their generic message).
+EAGER_REASON = (
+    "a bilevel implicit layer runs eagerly between compiled graphs: its black-box inner solver and the "
+    "backward's linear solve have host-side control flow and torch.func internals that dynamo does not trace. "
+    "Compile with fullgraph=False (one graph break at the layer; the code before and after it is compiled), "
+    "or compile the functions the layer calls (the inner loss, a model) instead of the whole step"
+)
+
+
+def _eager_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable`` with :data:`EAGER_REASON` (one clean graph break instead of
+    dynamo's warnings about untraceable builtins inside the solvers)."""
+    try:
+        return torch.compiler.disable(fn, reason=EAGER_REASON)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:  # torch < 2.8: no reason argument
+        return torch.compiler.disable(fn)
+
+
+@_eager_only
 def implicit_apply(
-    solve: Callable[..., Any],
-    optimality: Callable[..., Any],
-    x0: Any,
-    args: tuple,
+    problem: Problem,
     *,
-    symmetric: bool,
     linsolve: Any,
-    batched: bool,
     diagnostics: Diagnostics,
     on_failure: OnFailure,
     name: str,
     hvp: HvpMode = "reverse",
-    task_optimality: Callable[..., Any] | None = None,
-    task_dims: tuple[int | None, ...] | None = None,
-    closed_vjp: ClosedVJP | None = None,
     backward_dtype: Any = "auto",
 ) -> Any:
-    """Run ``solve`` and return its solution, differentiable w.r.t. the tensor trees in ``args``.
+    """Run ``problem.solve`` and return its solution, differentiable w.r.t. the tensor trees
+    in ``problem.args``.
 
-    With ``task_optimality`` and ``task_dims`` (batched only), the backward loops over the
+    The configuration was validated once, by the layer that built ``problem``.  With
+    ``task_optimality`` and ``task_dims`` (batched only), the backward loops over the
     tasks: one unbatched linear solve and VJP per task (the ``batched="loop"`` strategy).
     """
-    if on_failure not in _ON_FAILURE:
-        raise BilevelValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
-    if hvp not in _HVP_MODES:
-        raise BilevelValueError(f"hvp must be one of {_HVP_MODES}, got {hvp!r}")
+    x0, args, batched = problem.x0, problem.args, problem.batched
     try:
         x_leaves, x_def = tree_flatten(x0)
     except TypeError as e:
@@ -737,21 +833,21 @@ def implicit_apply(
         return tree_unflatten(x_def, [torch.empty_like(t, device="meta") for t in x_leaves])
     call_id = diagnostics.start_call()
     spec = _Spec(
-        solve=solve,
-        optimality=optimality,
+        solve=problem.solve,
+        optimality=problem.optimality,
         x_def=x_def,
         x_meta=[(t.shape, t.dtype) for t in x_leaves],
         layout=layout,
         linsolve=linsolve,
-        symmetric=symmetric,
+        symmetric=problem.symmetric,
         batched=batched,
         diagnostics=diagnostics,
         on_failure=on_failure,
         hvp=hvp,
         name=name,
-        task_optimality=task_optimality if batched else None,
-        task_dims=task_dims if batched else None,
-        closed_vjp=closed_vjp,
+        task_optimality=problem.task_optimality if batched else None,
+        task_dims=problem.task_dims if batched else None,
+        closed_vjp=problem.closed_vjp,
         call_id=call_id,
         backward_dtype=backward_dtype,
     )

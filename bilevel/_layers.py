@@ -13,7 +13,14 @@ from torch import Tensor
 
 from ._diagnostics import Diagnostics
 from ._errors import BilevelTypeError, BilevelValueError
-from ._implicit import _HVP_MODES, _ON_FAILURE, ClosedVJP, implicit_apply, task_slice
+from ._implicit import (
+    _HVP_MODES,
+    _ON_FAILURE,
+    ClosedVJP,
+    Problem,
+    implicit_apply,
+    task_slice,
+)
 from ._result import SolverResult, stack_solver_results
 from ._tree import batch_size, is_tree, tree_flatten, tree_map
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
@@ -64,12 +71,6 @@ def _resolve_auto(strategy: str | None, args: tuple, dims: Sequence[int | None])
 
 def _solution_tree(result: Any) -> Any:
     return result.x if hasattr(result, "x") and not isinstance(result, Tensor) else result
-
-
-def _check_on_failure(on_failure: str) -> OnFailure:
-    if on_failure not in _ON_FAILURE:
-        raise BilevelValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
-    return on_failure  # type: ignore[return-value]  # checked against the Literal above
 
 
 def _arg_dims(args: tuple, in_dims: InDims) -> tuple[int | None, ...]:
@@ -126,7 +127,60 @@ def _sum_grad(objective: Callable[..., Tensor]) -> Callable[..., Any]:
     return F
 
 
-class ImplicitLayer(abc.ABC):
+class _Layer:
+    """What every layer shares: the backward's configuration, diagnostics, and :meth:`_apply`.
+
+    Configuration is validated here, once, at construction.
+    """
+
+    symmetric: ClassVar[bool] = False
+
+    def __init__(
+        self, linsolve: Any = None, *, on_failure: OnFailure = "warn", hvp: HvpMode = "reverse",
+        backward_dtype: BackwardDtype = "auto", symmetric: bool | None = None,
+    ) -> None:
+        from . import linsolve as _ls
+
+        sym = self.symmetric if symmetric is None else symmetric
+        if linsolve is None:
+            linsolve = _ls.CG() if sym else _ls.GMRES()
+        if not isinstance(linsolve, _ls.LinearSolver) and not callable(linsolve):
+            raise BilevelTypeError(f"linsolve must be a bilevel.linsolve solver, got {type(linsolve).__name__}")
+        if getattr(linsolve, "requires_symmetric", False) and not sym:
+            raise BilevelValueError(
+                f"{type(linsolve).__name__} needs a symmetric operator but {type(self).__name__}'s Jacobian is not "
+                "symmetric; use GMRES, BiCGSTAB, Neumann or Dense"
+            )
+        self.linsolve = linsolve
+        if on_failure not in _ON_FAILURE:
+            raise BilevelValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+        self.on_failure: OnFailure = on_failure
+        if hvp not in _HVP_MODES:
+            raise BilevelValueError(f"hvp must be one of {_HVP_MODES}, got {hvp!r}")
+        self.hvp: HvpMode = hvp
+        if not (backward_dtype in ("auto", None) or (isinstance(backward_dtype, torch.dtype) and backward_dtype.is_floating_point)):
+            raise BilevelValueError(f"backward_dtype must be 'auto', None or a floating torch.dtype, got {backward_dtype!r}")
+        self.backward_dtype = backward_dtype
+        self.diagnostics = Diagnostics()
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _apply(self, problem: Problem) -> Any:
+        """Solve ``problem`` and return x*, differentiable w.r.t. the tensor trees in its args."""
+        return implicit_apply(
+            problem,
+            linsolve=self.linsolve,
+            diagnostics=self.diagnostics,
+            on_failure=self.on_failure,
+            hvp=self.hvp,
+            backward_dtype=self.backward_dtype,
+            name=self._name,
+        )
+
+
+class ImplicitLayer(_Layer, abc.ABC):
     """Abstract base: a black-box ``solve`` made differentiable through ``optimality``.
 
     Subclass and implement:
@@ -141,6 +195,10 @@ class ImplicitLayer(abc.ABC):
     no gradient (x* does not depend on it).  If the outer parameters enter only through
     ``x0`` and not through ``optimality``, their implicit gradient is zero: that is why
     :class:`Proximal` puts θ into the optimality condition through its proximal term.
+
+    The built-in layers (:class:`Argmin`, :class:`Proximal`, :class:`FixedPoint`,
+    :func:`custom_root`) are registered as implicit layers too (``isinstance`` holds);
+    they build their ``(solve, optimality)`` pair per call instead of defining methods.
 
     Args:
         linsolve: linear solver for the backward system (default: ``CG`` when the
@@ -166,32 +224,11 @@ class ImplicitLayer(abc.ABC):
         diagnostics: :class:`~bilevel.Diagnostics` of the last forward and backward.
     """
 
-    symmetric: ClassVar[bool] = False
-
     def __init__(
         self, linsolve: Any = None, *, on_failure: OnFailure = "warn", hvp: HvpMode = "reverse",
         backward_dtype: BackwardDtype = "auto",
     ) -> None:
-        from . import linsolve as _ls
-
-        if linsolve is None:
-            linsolve = _ls.CG() if self.symmetric else _ls.GMRES()
-        if not isinstance(linsolve, _ls.LinearSolver) and not callable(linsolve):
-            raise BilevelTypeError(f"linsolve must be a bilevel.linsolve solver, got {type(linsolve).__name__}")
-        if getattr(linsolve, "requires_symmetric", False) and not self.symmetric:
-            raise BilevelValueError(
-                f"{type(linsolve).__name__} needs a symmetric operator but {type(self).__name__}'s Jacobian is not "
-                "symmetric; use GMRES, BiCGSTAB, Neumann or Dense"
-            )
-        self.linsolve = linsolve
-        self.on_failure = _check_on_failure(on_failure)
-        if hvp not in _HVP_MODES:
-            raise BilevelValueError(f"hvp must be one of {_HVP_MODES}, got {hvp!r}")
-        self.hvp = hvp
-        if not (backward_dtype in ("auto", None) or (isinstance(backward_dtype, torch.dtype) and backward_dtype.is_floating_point)):
-            raise BilevelValueError(f"backward_dtype must be 'auto', None or a floating torch.dtype, got {backward_dtype!r}")
-        self.backward_dtype = backward_dtype
-        self.diagnostics = Diagnostics()
+        super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
 
     @abc.abstractmethod
     def solve(self, x0: Any, *args: Any) -> Any:
@@ -208,43 +245,7 @@ class ImplicitLayer(abc.ABC):
         ``optimality`` must be block-diagonal over tasks (task ``b`` depends only on slice
         ``b`` of ``x``); the linear solver then runs batched with per-task convergence.
         """
-        return self._implicit_apply(self.solve, self.optimality, x0, args, batched)
-
-    def _implicit_apply(
-        self,
-        solve: Callable[..., Any],
-        optimality: Callable[..., Any],
-        x0: Any,
-        args: tuple,
-        batched: bool,
-        *,
-        symmetric: bool | None = None,
-        name: str | None = None,
-        task_optimality: Callable[..., Any] | None = None,
-        task_dims: tuple[int | None, ...] | None = None,
-        closed_vjp: ClosedVJP | None = None,
-    ) -> Any:
-        """:func:`~bilevel._implicit.implicit_apply` with this layer's configuration.
-
-        ``symmetric`` defaults to ``self.symmetric`` and ``name`` to the class name.
-        """
-        return implicit_apply(
-            solve,
-            optimality,
-            x0,
-            args,
-            symmetric=self.symmetric if symmetric is None else symmetric,
-            linsolve=self.linsolve,
-            batched=batched,
-            diagnostics=self.diagnostics,
-            on_failure=self.on_failure,
-            hvp=self.hvp,
-            backward_dtype=self.backward_dtype,
-            name=type(self).__name__ if name is None else name,
-            task_optimality=task_optimality,
-            task_dims=task_dims,
-            closed_vjp=closed_vjp,
-        )
+        return self._apply(Problem(self.solve, self.optimality, x0, args, self.symmetric, batched))
 
 
 def _damped(optimality: Callable[..., Any], damping: float) -> Callable[..., Any]:
@@ -259,7 +260,7 @@ def _damped(optimality: Callable[..., Any], damping: float) -> Callable[..., Any
     return F
 
 
-class Argmin(ImplicitLayer):
+class Argmin(_Layer):
     """x*(args) = argmin_x objective(x, *args), differentiable w.r.t. ``args``.
 
     The optimality condition is ``grad_x objective = 0``; its Jacobian is the Hessian,
@@ -303,22 +304,13 @@ class Argmin(ImplicitLayer):
         self.objective = objective
         self.solver = solver
 
-    def _full_objective(self) -> Callable[..., Tensor]:
-        return self.objective
-
-    def solve(self, x0: Any, *args: Any) -> Any:
-        return self.solver(_scalar_objective(self._full_objective(), type(self).__name__), x0, *args)
-
-    def optimality(self, x: Any, *args: Any) -> Any:
-        return torch.func.grad(_scalar_objective(self._full_objective(), type(self).__name__))(x, *args)
-
-    def _call(
+    def _problem(
         self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, strategy: str | None,
         damping: float = 0.0, closed_vjp: ClosedVJP | None = None,
-    ) -> Any:
-        """``strategy``: None (one task), ``"vmap"`` or ``"loop"`` (a batch of tasks)."""
-        name = type(self).__name__
-        one = _scalar_objective(objective, name)
+    ) -> Problem:
+        """The ``(solve, optimality)`` pair of one call.  ``strategy``: None (one task),
+        ``"vmap"`` or ``"loop"`` (a batch of tasks)."""
+        one = _scalar_objective(objective, self._name)
         if strategy == "loop":
             optimality_one = _sum_grad(one)
             if damping:
@@ -327,7 +319,7 @@ class Argmin(ImplicitLayer):
             def solve_loop(x0_: Any, *a: Any) -> Any:
                 results = []
                 for b in range(batch_size(x0_)):
-                    x0_b = tree_map(lambda t: t[b], x0_)
+                    x0_b = tree_map(lambda t, b=b: t[b], x0_)
                     results.append(self.solver(one, x0_b, *task_slice(a, dims, b)))
                 xs = [_solution_tree(r) for r in results]
                 x = tree_map(lambda *ls: torch.stack(ls), *xs)
@@ -335,9 +327,9 @@ class Argmin(ImplicitLayer):
                     return stack_solver_results(results, x)
                 return x
 
-            # The backward uses task_optimality task by task (spec.optimality is unused then).
-            return self._implicit_apply(solve_loop, optimality_one, x0, args, True, symmetric=True, name=name,
-                                        task_optimality=optimality_one, task_dims=dims, closed_vjp=closed_vjp)
+            # The backward uses task_optimality task by task (the batched optimality is unused then).
+            return Problem(solve_loop, optimality_one, x0, args, True, True, task_optimality=optimality_one,
+                           task_dims=dims, closed_vjp=closed_vjp)
         obj = torch.func.vmap(one, in_dims=(0, *dims)) if strategy == "vmap" else one
 
         def solve(x0_: Any, *a: Any) -> Any:
@@ -346,17 +338,16 @@ class Argmin(ImplicitLayer):
         optimality = _sum_grad(obj)
         if damping:
             optimality = _damped(optimality, damping)
-        return self._implicit_apply(solve, optimality, x0, args, strategy is not None, symmetric=True, name=name,
-                                    closed_vjp=closed_vjp)
+        return Problem(solve, optimality, x0, args, True, strategy is not None, closed_vjp=closed_vjp)
 
-    def __call__(self, x0: Any, *args: Any, batched: Batched = False, in_dims: InDims = 0) -> Any:  # type: ignore[override]
-        strategy = _strategy(batched, x0, type(self).__name__)
+    def __call__(self, x0: Any, *args: Any, batched: Batched = False, in_dims: InDims = 0) -> Any:
+        strategy = _strategy(batched, x0, self._name)
         dims = _arg_dims(args, in_dims) if strategy else ()
         if strategy:
             n = batch_size(x0)
             if any(d is not None for d in dims) and _task_count(args, dims) != n:
                 raise BilevelValueError(f"x0 has {n} tasks but the task data has {_task_count(args, dims)}")
-        return self._call(self.objective, x0, args, dims, _resolve_auto(strategy, args, dims))
+        return self._apply(self._problem(self.objective, x0, args, dims, _resolve_auto(strategy, args, dims)))
 
 
 def _lam_tree(lam: Any, theta: Any, name: str) -> Any:
@@ -522,18 +513,6 @@ class Proximal(Argmin):
         self.lam = lam
         self.damping = float(damping)
 
-    def _full_objective(self) -> Callable[..., Tensor]:
-        """``(phi, theta, lam, *args) -> inner_loss(phi, *args) + proximal term``.
-
-        ``solve``/``optimality`` (inherited) take ``(x, theta, lam, *args)``.
-        """
-        inner = self.objective
-
-        def objective(phi: Any, theta: Any, lam: Any, *a: Any) -> Tensor:
-            return inner(phi, *a) + proximal_term(phi, theta, lam)
-
-        return objective
-
     def __call__(  # type: ignore[override]
         self,
         theta: Any,
@@ -551,7 +530,10 @@ class Proximal(Argmin):
         if not theta_leaves:
             raise BilevelValueError(f"{name}: theta is an empty tree ({theta!r}): there are no meta-parameters to solve for")
         lam_t = _lam_tree(self.lam if lam is None else lam, theta, name)
-        objective = self._full_objective()
+        inner = self.objective
+
+        def objective(phi: Any, theta: Any, lam: Any, *a: Any) -> Tensor:
+            return inner(phi, *a) + proximal_term(phi, theta, lam)
 
         if strategy:
             dims = (None, None, *_arg_dims(args, in_dims))
@@ -564,10 +546,10 @@ class Proximal(Argmin):
             x0 = tree_map(lambda t: t.detach().clone(), theta)
         scalar_lam = isinstance(lam_t, Tensor) and lam_t.dim() == 0
         vjp = _proximal_vjp(len(tree_flatten(theta)[0]), scalar_lam, strategy is not None)
-        return self._call(objective, x0, (theta, lam_t, *args), dims, strategy, self.damping, vjp)
+        return self._apply(self._problem(objective, x0, (theta, lam_t, *args), dims, strategy, self.damping, vjp))
 
 
-class FixedPoint(ImplicitLayer):
+class FixedPoint(_Layer):
     """x* = fn(x*, *args), differentiable w.r.t. ``args``.
 
     The optimality condition is ``F(x) = x − fn(x)``; its Jacobian ``I − J`` is not
@@ -599,13 +581,7 @@ class FixedPoint(ImplicitLayer):
         self.fn = fn
         self.solver = solver
 
-    def solve(self, x0: Any, *args: Any) -> Any:
-        return self.solver(self.fn, x0, *args)
-
-    def optimality(self, x: Any, *args: Any) -> Any:
-        return tree_map(torch.sub, x, self.fn(x, *args))
-
-    def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:  # type: ignore[override]
+    def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:
         fn = self.fn
         if batched:
             dims = _arg_dims(args, in_dims)
@@ -619,10 +595,12 @@ class FixedPoint(ImplicitLayer):
             # near +1 for a contraction, which Neumann and positive-definite-leaning solvers need.
             return tree_map(torch.sub, x, fn(x, *a))
 
-        return self._implicit_apply(solve, optimality, x0, args, batched, symmetric=False)
+        return self._apply(Problem(solve, optimality, x0, args, False, batched))
 
 
-class _CustomRoot(ImplicitLayer):
+class _CustomRoot(_Layer):
+    """The layer :func:`custom_root` returns: ``solve_fn`` made differentiable through ``optimality_fn``."""
+
     def __init__(
         self,
         solve_fn: Callable[..., Any],
@@ -633,31 +611,17 @@ class _CustomRoot(ImplicitLayer):
         hvp: HvpMode,
         backward_dtype: BackwardDtype = "auto",
     ) -> None:
-        self._symmetric = symmetric
+        super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype, symmetric=symmetric)
+        self.symmetric = symmetric  # type: ignore[misc]  # per instance: declared by the decorator's caller
         self._solve_fn = solve_fn
         self._optimality_fn = optimality_fn
-        super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
 
     @property
-    def symmetric(self) -> bool:  # type: ignore[override]
-        return self._symmetric
-
-    def solve(self, x0: Any, *args: Any) -> Any:
-        return self._solve_fn(x0, *args)
-
-    def optimality(self, x: Any, *args: Any) -> Any:
-        return self._optimality_fn(x, *args)
+    def _name(self) -> str:
+        return getattr(self._solve_fn, "__name__", "custom_root")
 
     def __call__(self, x0: Any, *args: Any, batched: bool = False) -> Any:
-        return self._implicit_apply(
-            self.solve,
-            self.optimality,
-            x0,
-            args,
-            batched,
-            symmetric=self._symmetric,
-            name=getattr(self._solve_fn, "__name__", "custom_root"),
-        )
+        return self._apply(Problem(self._solve_fn, self._optimality_fn, x0, args, self.symmetric, batched))
 
 
 def custom_root(
@@ -695,3 +659,9 @@ def custom_root(
         return layer
 
     return deco
+
+
+# The built-in layers are builders, not subclasses that implement solve/optimality; they
+# are implicit layers all the same (isinstance(layer, ImplicitLayer) holds).
+for _cls in (Argmin, FixedPoint, _CustomRoot):
+    ImplicitLayer.register(_cls)

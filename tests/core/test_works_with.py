@@ -4,10 +4,13 @@ test_forward_mode.py, test_vmap_rule.py, test_backward_dtype.py and test_meta_de
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 import bilevel
+from bilevel import UnsupportedError
 from bilevel.linsolve import CG, MINRES
 from bilevel.solvers import GradientDescent, NewtonCG
 
@@ -69,13 +72,34 @@ def test_jacobian_rows_by_a_loop_of_vjps_as_the_error_suggests() -> None:
 
 
 def test_second_order_autograd_raises_instead_of_being_silently_wrong() -> None:
-    # The backward is first-order (once_differentiable): a second derivative raises
-    # (torch's own message, not one naming the layer -- see the README).
+    # The backward is first-order (once_differentiable): a second derivative raises.
     layer = _layer()
     th = torch.randn(4, dtype=DT, requires_grad=True)
     (g,) = torch.autograd.grad((layer(th, X, Y) ** 2).sum(), th, create_graph=True)
     with pytest.raises(RuntimeError, match="not have been used in the graph|once_differentiable"):
         torch.autograd.grad(g.sum(), th)
+
+
+def _cube_root(x0: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return a.sign() * a.abs() ** (1 / 3)
+
+
+@pytest.mark.parametrize("kind", ["Proximal", "Argmin", "FixedPoint", "custom_root"])
+def test_second_order_autograd_error_names_the_layer(kind: str) -> None:
+    a = torch.tensor([0.4, -0.3, 0.2, 0.5], dtype=DT, requires_grad=True)
+    x0 = torch.zeros(4, dtype=DT)
+    calls = {
+        "Proximal": lambda: _layer()(a, X, Y),
+        "Argmin": lambda: bilevel.Argmin(lambda x, a: 0.5 * (x**2).sum() - (a * x).sum() + (x**4).sum())(x0, a),
+        "FixedPoint": lambda: bilevel.FixedPoint(lambda x, a: 0.5 * torch.tanh(x) + a)(x0, a),
+        "custom_root": lambda: bilevel.custom_root(lambda x, a: x**3 - a)(_cube_root)(x0 + 0.5, a),
+    }
+    (g,) = torch.autograd.grad((calls[kind]() ** 2).sum(), a, create_graph=True)
+    (g_plain,) = torch.autograd.grad((calls[kind]() ** 2).sum(), a)
+    torch.testing.assert_close(g.detach(), g_plain)  # first-order use of create_graph=True is unchanged
+    name = "_cube_root" if kind == "custom_root" else kind
+    with pytest.raises(UnsupportedError, match=rf"^{name}: a second derivative .* once_differentiable"):
+        torch.autograd.grad(g.sum(), a)
 
 
 # Two warnings of torch 2.13's own compile stack (a deprecated torch.jit API; dynamo's
@@ -94,3 +118,19 @@ def test_torch_compile_of_an_outer_step_equals_eager() -> None:
     (eager,) = torch.autograd.grad(step(th), th)
     (compiled,) = torch.autograd.grad(torch.compile(step, fullgraph=False)(th), th)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_fullgraph_names_the_layer_and_the_alternative() -> None:
+    x, y = X.float(), Y.float()
+    layer = bilevel.Proximal(lambda p, a, b: ((a @ p - b) ** 2).mean(), 0.7,
+                             solver=GradientDescent(lr=0.1, steps=20), linsolve=CG(steps=5))
+    th = torch.zeros(4, requires_grad=True)
+    torch._dynamo.reset()
+    step = torch.compile(lambda t: (layer(t, x, y) ** 2).sum(), fullgraph=True, backend="eager")
+    # torch >= 2.8 shows our reason; older versions only their own "disable" message.
+    reason = "bilevel implicit layer runs eagerly" if "reason" in str(inspect.signature(torch.compiler.disable)) else "disable"
+    with pytest.raises(Exception, match=reason) as info:
+        step(th)
+    if reason != "disable":
+        assert "fullgraph=False" in str(info.value)
