@@ -551,11 +551,14 @@ def _refuse_vmapped(name: str, mode: str, tensors: Sequence[Tensor], linsolve: A
     """A batch of cotangents/tangents under ``vmap`` (``jacrev``, ``jacfwd``, ``hessian``,
     ``vmap`` of ``grad``) would drive the Krylov solver's data-dependent stopping tests with
     batched values: refuse with what to do instead, not torch's internal message."""
-    if getattr(linsolve, "steps", None) is None and any(is_vmapped(t) for t in tensors):
+    syncless = getattr(linsolve, "steps", None) is not None or getattr(linsolve, "vmap_tolerance", False)
+    if not syncless and any(is_vmapped(t) for t in tensors):
         raise UnsupportedError(
             f"{name}: vmapped {mode}-mode products through an implicit layer (jacrev, jacfwd, or vmap of "
-            "grad/vjp/jvp) need a linear solver with a fixed budget (CG/MINRES/Neumann(steps=m)): a tolerance "
-            "stops on data-dependent tests. Or compute Jacobian rows with a Python loop of torch.func.vjp/jvp calls"
+            f"grad/vjp/jvp) need a linear solver without data-dependent host control: {type(linsolve).__name__} "
+            "to a tolerance stops on such tests. Use CG, MINRES or Neumann (to a tolerance: they then run all "
+            "their maxiter iterations), any solver with a fixed budget (steps=m), or compute Jacobian rows with "
+            "a Python loop of torch.func.vjp/jvp calls"
         )
 
 

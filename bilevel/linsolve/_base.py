@@ -29,10 +29,12 @@ from .._tree import (
 )
 from .._validate import check_int, check_real, check_tol
 
-#: Set while a fixed-budget solve runs under ``torch.func.vmap`` (``jacrev``, ``jacfwd``):
-#: the values are batched, so nothing may be read on the host -- no status codes, no
-#: iteration counts.  The result then reports ``COMPLETED`` after ``steps`` iterations.
-_UNDER_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("bilevel_linsolve_under_vmap", default=False)
+#: Set while a solve runs under ``torch.func.vmap`` (``jacrev``, ``jacfwd``): the values
+#: are batched, so nothing may be read on the host -- no stopping test, no status codes,
+#: no iteration counts.  ``"fixed"``: a fixed budget (``steps``), reported ``COMPLETED``.
+#: ``"tolerance"``: a tolerance run without a stopping test -- all ``maxiter`` iterations,
+#: converged slices masked on the device; a slice that did not converge becomes NaN.
+_UNDER_VMAP: contextvars.ContextVar[str | None] = contextvars.ContextVar("bilevel_linsolve_under_vmap", default=None)
 
 MatVec = Callable[[Any], Any]
 """``matvec(v) -> A v`` on tensor trees shaped like the right-hand side."""
@@ -75,6 +77,9 @@ class LinearSolver(abc.ABC):
 
     requires_symmetric: ClassVar[bool] = False
     requires_positive_definite: ClassVar[bool] = False
+    #: Whether a tolerance solve can run under ``torch.func.vmap`` (``jacrev``/``jacfwd``):
+    #: its loop has no host-side control flow besides the driver's stopping test.
+    vmap_tolerance: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -94,6 +99,11 @@ class LinearSolver(abc.ABC):
     def fixed_budget(self) -> bool:
         """Whether the solver runs a fixed number of iterations (``steps``) without a stopping test."""
         return self.steps is not None
+
+    @property
+    def _syncless(self) -> bool:
+        """Run the driver without its stopping test: a fixed budget, or any solve under vmap."""
+        return self.steps is not None or _UNDER_VMAP.get() is not None
 
     @property
     def _exhausted(self) -> Status:
@@ -135,15 +145,17 @@ class LinearSolver(abc.ABC):
         """
         check_rhs(b, batched)
         if any(is_vmapped(t) for t in tree_flatten(b)[0]):
-            if self.steps is None:
+            if self.steps is None and not self.vmap_tolerance:
                 raise UnsupportedError(
-                    f"{type(self).__name__}: a solve under torch.func.vmap (jacrev, jacfwd, vmap of grad) needs a fixed "
-                    f"budget, whose loop has no data-dependent stopping test: use {type(self).__name__}(steps=m)"
+                    f"{type(self).__name__}: a solve to a tolerance under torch.func.vmap (jacrev, jacfwd, vmap of grad) "
+                    f"needs a loop without data-dependent host control: use {type(self).__name__}(steps=m), or CG, "
+                    "MINRES or Neumann, which run all their maxiter iterations there"
                 )
-            token = _UNDER_VMAP.set(True)
+            token = _UNDER_VMAP.set("fixed" if self.steps is not None else "tolerance")
             try:
-                res = self._solve(matvec, b, x0, batched, torch.zeros((), dtype=tree_dtype(b)))
-                return dataclasses.replace(res, iterations=self.steps)
+                atol = torch.as_tensor(self.atol, dtype=tree_dtype(b))
+                res = self._solve(matvec, b, x0, batched, atol)
+                return dataclasses.replace(res, iterations=self._maxiter(b, batched))
             finally:
                 _UNDER_VMAP.reset(token)
         scale = tree_amax(b, batched)
@@ -210,7 +222,12 @@ def check_rhs(b: Any, batched: bool) -> None:
 
 def finish(x: Any, rnorm: Tensor, tally: Tally, default: Status, batched: bool) -> LinearSolveResult:
     """Build a :class:`LinearSolveResult` from the driver's tally (one host sync)."""
-    if _UNDER_VMAP.get():  # nothing can be read: a fixed budget's nominal outcome
+    mode = _UNDER_VMAP.get()
+    if mode is not None:  # nothing can be read on the host
+        if mode == "tolerance":
+            # No status can be reported from inside vmap: a slice that did not reach the
+            # tolerance in maxiter iterations is made NaN (loud) rather than returned inexact.
+            x = tree_where(tally.stops["SUCCESS"], x, tree_map(lambda t: torch.full_like(t, float("nan")), x))
         return LinearSolveResult(x=x, status=Status.COMPLETED, iterations=-1, residual_norm=rnorm)
     return linear_result(x, rnorm, tally.codes(default), tally.iters, batched)
 

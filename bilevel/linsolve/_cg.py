@@ -43,6 +43,7 @@ class CG(LinearSolver):
 
     requires_symmetric: ClassVar[bool] = True
     requires_positive_definite: ClassVar[bool] = True
+    vmap_tolerance: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,7 +85,7 @@ class CG(LinearSolver):
             }
             return new, Outcome(moved=move, stopped=stopped)
 
-        state = iterate(step, state, tally, maxiter=self._maxiter(b, batched), fixed=self.fixed_budget)
+        state = iterate(step, state, tally, maxiter=self._maxiter(b, batched), fixed=self._syncless)
         return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)
 
 

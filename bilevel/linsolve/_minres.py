@@ -74,6 +74,7 @@ class MINRES(LinearSolver):
     """
 
     requires_symmetric: ClassVar[bool] = True
+    vmap_tolerance: ClassVar[bool] = True
 
     def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
         thresh = torch.clamp(self._tol(b) * tree_norm(b, batched), min=atol)
@@ -156,7 +157,7 @@ class MINRES(LinearSolver):
         # With a fixed budget a claim (a zero residual estimate: the Krylov space is
         # exhausted, x solves the system in exact arithmetic) is accepted unverified.
         state = iterate(
-            step, state, tally, maxiter=self._maxiter(b, batched), fixed=self.fixed_budget,
+            step, state, tally, maxiter=self._maxiter(b, batched), fixed=self._syncless,
             verifier=residual_verifier(matvec, b, thresh, batched, restart),
         )
         return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)

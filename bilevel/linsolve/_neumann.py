@@ -9,7 +9,7 @@ Duvenaud, "Optimizing millions of hyperparameters by implicit differentiation", 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -62,6 +62,8 @@ class Neumann(LinearSolver):
 
     alpha: float = 1.0
 
+    vmap_tolerance: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_real("Neumann", "alpha", self.alpha, 0.0)
@@ -92,5 +94,5 @@ class Neumann(LinearSolver):
             new = {"x": tree_where(move, x_new, x), "r": tree_where(move, r_new, r), "rnorm": torch.where(move, rn, st["rnorm"])}
             return new, Outcome(moved=move, stopped={"NONFINITE": bad, "SUCCESS": move & (rn <= thresh)})
 
-        state = iterate(step, {"x": x, "r": r, "rnorm": rnorm}, tally, maxiter=self._maxiter(b, batched), fixed=self.fixed_budget)
+        state = iterate(step, {"x": x, "r": r, "rnorm": rnorm}, tally, maxiter=self._maxiter(b, batched), fixed=self._syncless)
         return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)

@@ -11,7 +11,7 @@ import torch
 
 import bilevel
 from bilevel import UnsupportedError
-from bilevel.linsolve import CG, MINRES
+from bilevel.linsolve import CG, GMRES, MINRES, Neumann
 from bilevel.solvers import GradientDescent, NewtonCG
 
 DT = torch.float64
@@ -25,10 +25,40 @@ def _layer() -> bilevel.Proximal:
 
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
 def test_vmapped_products_with_a_tolerance_raise_a_clear_error_naming_the_layer(transform: str) -> None:
-    layer = _layer()  # CG to a tolerance: data-dependent stopping tests cannot run under vmap
+    # GMRES to a tolerance: its data-dependent stopping tests cannot run under vmap
+    # (CG, MINRES and Neumann can: see the next test).
+    layer = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
+                             solver=NewtonCG(rtol=1e-12), linsolve=GMRES(rtol=1e-12))
     fn = getattr(torch.func, transform)
     with pytest.raises(bilevel.UnsupportedError, match=r"Proximal: vmapped .*fixed budget.*Python loop of torch\.func"):
         fn(lambda t: layer(t, X, Y))(torch.randn(4, dtype=DT))
+
+
+@pytest.mark.parametrize(
+    "linsolve", [CG(rtol=1e-12), CG(), MINRES(rtol=1e-12), Neumann(alpha=0.5, rtol=1e-12, maxiter=400)],
+    ids=["cg", "cg-default", "minres", "neumann"],
+)
+@pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
+def test_jacrev_and_jacfwd_work_with_a_tolerance_on_syncless_solvers(transform: str, linsolve) -> None:
+    # Under vmap no stopping test can run: the solver runs all maxiter iterations with
+    # converged slices masked on the device.
+    layer = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
+                             solver=NewtonCG(rtol=1e-12), linsolve=linsolve)
+    th = torch.randn(4, dtype=DT, generator=torch.Generator().manual_seed(3))
+    jac = getattr(torch.func, transform)(lambda t: layer(t, X, Y))(th)
+    dense = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
+                             solver=NewtonCG(rtol=1e-12), linsolve=bilevel.linsolve.Dense())
+    ref = torch.autograd.functional.jacobian(lambda t: dense(t, X, Y), th)
+    torch.testing.assert_close(jac, ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
+def test_a_vmapped_solve_that_misses_its_tolerance_gives_nan_not_a_silent_error(transform: str) -> None:
+    layer = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
+                             solver=NewtonCG(rtol=1e-12), linsolve=CG(rtol=1e-12, maxiter=1))
+    th = torch.randn(4, dtype=DT, generator=torch.Generator().manual_seed(3))
+    jac = getattr(torch.func, transform)(lambda t: layer(t, X, Y))(th)
+    assert torch.isnan(jac).all()
 
 
 @pytest.mark.parametrize("linsolve", [CG(steps=10), MINRES(steps=10)], ids=["cg", "minres"])
