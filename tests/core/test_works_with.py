@@ -18,17 +18,20 @@ DT = torch.float64
 X, Y = torch.randn(30, 4, dtype=DT), torch.randn(30, dtype=DT)
 
 
-def _layer() -> bilevel.Proximal:
+def _tanh_layer(linsolve) -> bilevel.Proximal:
     return bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
-                            solver=NewtonCG(rtol=1e-12), linsolve=CG(rtol=1e-12))
+                            solver=NewtonCG(rtol=1e-12), linsolve=linsolve)
+
+
+def _layer() -> bilevel.Proximal:
+    return _tanh_layer(CG(rtol=1e-12))
 
 
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
 def test_vmapped_products_with_a_tolerance_raise_a_clear_error_naming_the_layer(transform: str) -> None:
     # GMRES to a tolerance: its data-dependent stopping tests cannot run under vmap
     # (CG, MINRES and Neumann can: see the next test).
-    layer = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
-                             solver=NewtonCG(rtol=1e-12), linsolve=GMRES(rtol=1e-12))
+    layer = _tanh_layer(GMRES(rtol=1e-12))
     fn = getattr(torch.func, transform)
     with pytest.raises(bilevel.UnsupportedError, match=r"Proximal: vmapped .*fixed budget.*Python loop of torch\.func"):
         fn(lambda t: layer(t, X, Y))(torch.randn(4, dtype=DT))
@@ -42,20 +45,17 @@ def test_vmapped_products_with_a_tolerance_raise_a_clear_error_naming_the_layer(
 def test_jacrev_and_jacfwd_work_with_a_tolerance_on_syncless_solvers(transform: str, linsolve) -> None:
     # Under vmap no stopping test can run: the solver runs all maxiter iterations with
     # converged slices masked on the device.
-    layer = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
-                             solver=NewtonCG(rtol=1e-12), linsolve=linsolve)
+    layer = _tanh_layer(linsolve)
     th = torch.randn(4, dtype=DT, generator=torch.Generator().manual_seed(3))
     jac = getattr(torch.func, transform)(lambda t: layer(t, X, Y))(th)
-    dense = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
-                             solver=NewtonCG(rtol=1e-12), linsolve=bilevel.linsolve.Dense())
+    dense = _tanh_layer(bilevel.linsolve.Dense())
     ref = torch.autograd.functional.jacobian(lambda t: dense(t, X, Y), th)
     torch.testing.assert_close(jac, ref, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
 def test_a_vmapped_solve_that_misses_its_tolerance_gives_nan_not_a_silent_error(transform: str) -> None:
-    layer = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
-                             solver=NewtonCG(rtol=1e-12), linsolve=CG(rtol=1e-12, maxiter=1))
+    layer = _tanh_layer(CG(rtol=1e-12, maxiter=1))
     th = torch.randn(4, dtype=DT, generator=torch.Generator().manual_seed(3))
     jac = getattr(torch.func, transform)(lambda t: layer(t, X, Y))(th)
     assert torch.isnan(jac).all()
@@ -64,8 +64,7 @@ def test_a_vmapped_solve_that_misses_its_tolerance_gives_nan_not_a_silent_error(
 @pytest.mark.parametrize("linsolve", [CG(steps=10), MINRES(steps=10)], ids=["cg", "minres"])
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
 def test_jacrev_and_jacfwd_work_with_a_fixed_krylov_budget(transform: str, linsolve) -> None:
-    layer = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
-                             solver=NewtonCG(rtol=1e-12), linsolve=linsolve)
+    layer = _tanh_layer(linsolve)
     th = torch.randn(4, dtype=DT, generator=torch.Generator().manual_seed(3))
     jac = getattr(torch.func, transform)(lambda t: layer(t, X, Y))(th)
     ref = torch.autograd.functional.jacobian(lambda t: layer(t, X, Y), th)
@@ -76,8 +75,7 @@ def test_jacrev_and_jacfwd_work_with_a_fixed_krylov_budget(transform: str, linso
 def test_second_derivatives_raise_instead_of_being_silently_wrong(kind: str) -> None:
     # Differentiating the implicit derivative again would differentiate CG's iterations:
     # measured 52 % off a finite-difference Hessian before this was refused.
-    layer = bilevel.Proximal(lambda p, x, y: ((torch.tanh(x @ p) - y) ** 2).mean(), 0.7,
-                             solver=NewtonCG(rtol=1e-12), linsolve=CG(steps=10))
+    layer = _tanh_layer(CG(steps=10))
     th = torch.randn(4, dtype=DT)
 
     def f(t):
