@@ -38,7 +38,7 @@ def test_vmapped_products_with_a_tolerance_raise_a_clear_error_naming_the_layer(
 
 
 @pytest.mark.parametrize(
-    "linsolve", [CG(rtol=1e-12), CG(), MINRES(rtol=1e-12), Neumann(alpha=0.5, rtol=1e-12, maxiter=400)],
+    "linsolve", [CG(rtol=1e-12), CG(), MINRES(rtol=1e-12), Neumann(alpha=0.2, rtol=1e-12, maxiter=2000)],
     ids=["cg", "cg-default", "minres", "neumann"],
 )
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
