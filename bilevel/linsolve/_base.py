@@ -58,6 +58,12 @@ class LinearSolver(abc.ABC):
       recomputed one; this is iMAML's "a few CG steps" (Rajeswaran et al. 2019, Sec. 4)
       without the cost of a stopping test it does not use.
 
+    Under ``torch.func.vmap`` (``jacrev``, ``jacfwd``) no value can be read on the host:
+    a fixed budget runs as above, and CG, MINRES and Neumann (``vmap_tolerance``) also run
+    to a tolerance there -- all ``maxiter`` iterations, converged slices masked on the
+    device, and a slice that missed the tolerance returned as NaN (no status can say so).
+    The other solvers need ``steps`` there.
+
     Args:
         rtol: relative tolerance in (0, 1); ``None`` picks a default from the dtype of ``b``
             (:func:`bilevel._tree.default_tol`).
