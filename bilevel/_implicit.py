@@ -124,7 +124,12 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True, eq=False)  # identity semantics: it is a per-call token
 class _Spec:
-    """Per-call configuration handed to the autograd Function (never stored on a layer)."""
+    """Per-call configuration handed to the autograd Function (never stored on a layer).
+
+    It repeats some fields of the :class:`Problem` it is built from rather than holding
+    it: the Problem carries the initial point and the arguments, which the autograd
+    context must not keep alive beyond what it saves (a batched ``x0`` is B copies of θ).
+    """
 
     solve: Callable[..., Any]
     optimality: Callable[..., Any]
