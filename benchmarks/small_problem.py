@@ -60,7 +60,8 @@ from torch import Tensor
 
 import bilevel
 
-METHODS = ("bilevel", "plain-autograd", "hand-written", "bilevel-forward")  # the last: the inner solve alone
+#: "bilevel-forward": the inner solve alone; "bilevel-compiled": GradientDescent(compile=True).
+METHODS = ("bilevel", "bilevel-compiled", "plain-autograd", "hand-written", "bilevel-forward")
 NOISY = 1.5
 QUICK = {"rounds": 20, "warmup": 3}
 
@@ -68,9 +69,11 @@ QUICK = {"rounds": 20, "warmup": 3}
 # --------------------------------------------------------------------------------------
 # the one place where the learner is built
 # --------------------------------------------------------------------------------------
-def make_layer(inner_loss: Callable[..., Tensor], lam: float, steps: int, lr: float, cg_steps: int) -> bilevel.Proximal:
-    return bilevel.Proximal(inner_loss, lam, solver=bilevel.solvers.GradientDescent(lr=lr, steps=steps),
-                            linsolve=_fixed_cg(cg_steps))
+def make_layer(
+    inner_loss: Callable[..., Tensor], lam: float, steps: int, lr: float, cg_steps: int, compile: bool = False
+) -> bilevel.Proximal:
+    solver = bilevel.solvers.GradientDescent(lr=lr, steps=steps, **({"compile": True} if compile else {}))
+    return bilevel.Proximal(inner_loss, lam, solver=solver, linsolve=_fixed_cg(cg_steps))
 
 
 def _fixed_cg(n: int) -> Any:
@@ -101,8 +104,8 @@ def inner_loss(phi: Tensor, A: Tensor, b: Tensor) -> Tensor:
 
 
 def build(p: Problem, method: str, steps: int, lr: float, cg_steps: int) -> tuple[Callable[[], Tensor], Callable[[], str]]:
-    if method == "bilevel":
-        layer = make_layer(inner_loss, p.lam, steps, lr, cg_steps)
+    if method in ("bilevel", "bilevel-compiled"):
+        layer = make_layer(inner_loss, p.lam, steps, lr, cg_steps, compile=method == "bilevel-compiled")
         theta = p.theta0.clone().requires_grad_(True)
 
         def via_bilevel() -> Tensor:
@@ -262,10 +265,12 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
     ref = grads["hand-written"].double()
     err = float((grads["bilevel"].double() - ref).norm() / ref.norm())
     err_plain = float((grads["plain-autograd"].double() - ref).norm() / ref.norm())
+    err_compiled = float((grads["bilevel-compiled"].double() - ref).norm() / ref.norm())
     info = built["bilevel"][1]()
     if info:
         print(info)
-    print(f"meta-gradient bilevel vs hand-written: relative difference {err:.2e}; plain-autograd: {err_plain:.2e}")
+    print(f"meta-gradient bilevel vs hand-written: relative difference {err:.2e}; compiled: {err_compiled:.2e}; "
+          f"plain-autograd: {err_plain:.2e}")
     med = {m: statistics.median(times[m]) for m in METHODS}
     rows = []
     for m in METHODS:
@@ -273,7 +278,8 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
         rows.append({"method": m, "median_ms": 1e3 * med[m], "max_over_min": max(t) / min(t), "noisy": max(t) / min(t) > NOISY,
                      "min_ms": 1e3 * min(t), "samples": len(t), "x_hand_written": med[m] / med["hand-written"],
                      "x_plain_autograd": med[m] / med["plain-autograd"],
-                     "grad_rel_err": {"bilevel": err, "plain-autograd": err_plain, "hand-written": 0.0}.get(m), "d": a.d, "n": a.n, "steps": a.steps, "cg_steps": a.cg_steps, "dtype": a.dtype,
+                     "grad_rel_err": {"bilevel": err, "bilevel-compiled": err_compiled, "plain-autograd": err_plain,
+                                      "hand-written": 0.0}.get(m), "d": a.d, "n": a.n, "steps": a.steps, "cg_steps": a.cg_steps, "dtype": a.dtype,
                      "threads": torch.get_num_threads(), "torch": torch.__version__})
     print("| method | ms / meta-gradient (median) | min ms | max/min | × hand-written | × plain-autograd |")
     print("|---|---|---|---|---|---|")

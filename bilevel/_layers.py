@@ -304,13 +304,28 @@ class Argmin(_Layer):
         self.objective = objective
         self.solver = solver
 
+    def _objectives(self, objective: Callable[..., Tensor], strategy: str | None, dims: tuple) -> tuple[Any, Any]:
+        """``(one, obj)``: the checked objective of one task and the one the solver gets
+        (vmapped over tasks for ``strategy="vmap"``).
+
+        Built once per objective, strategy and task dims, and reused by later calls: a
+        solver that caches work per objective function (``GradientDescent(compile=True)``'s
+        compiled step) must see the same function object on every call.
+        """
+        cache: dict[tuple, tuple[Any, Any]] = self.__dict__.setdefault("_objective_cache", {})
+        key = (objective, strategy, dims)
+        if key not in cache:
+            one = _scalar_objective(objective, self._name)
+            cache[key] = (one, torch.func.vmap(one, in_dims=(0, *dims)) if strategy == "vmap" else one)
+        return cache[key]
+
     def _problem(
         self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, strategy: str | None,
         damping: float = 0.0, closed_vjp: ClosedVJP | None = None,
     ) -> Problem:
         """The ``(solve, optimality)`` pair of one call.  ``strategy``: None (one task),
         ``"vmap"`` or ``"loop"`` (a batch of tasks)."""
-        one = _scalar_objective(objective, self._name)
+        one, obj = self._objectives(objective, strategy, dims)
         if strategy == "loop":
             optimality_one = _sum_grad(one)
             if damping:
@@ -330,7 +345,6 @@ class Argmin(_Layer):
             # The backward uses task_optimality task by task (the batched optimality is unused then).
             return Problem(solve_loop, optimality_one, x0, args, True, True, task_optimality=optimality_one,
                            task_dims=dims, closed_vjp=closed_vjp)
-        obj = torch.func.vmap(one, in_dims=(0, *dims)) if strategy == "vmap" else one
 
         def solve(x0_: Any, *a: Any) -> Any:
             return self.solver(obj, x0_, *a, batched=True) if strategy else self.solver(obj, x0_, *a)
@@ -513,6 +527,21 @@ class Proximal(Argmin):
         self.lam = lam
         self.damping = float(damping)
 
+    def _proximal_objective(self) -> Callable[..., Tensor]:
+        """``(phi, theta, lam, *args) -> inner_loss(phi, *args) + proximal term``, the same
+        function object on every call while ``self.objective`` is unchanged (see
+        :meth:`Argmin._objectives`)."""
+        inner = self.objective
+        cached = self.__dict__.get("_proximal_cache")
+        if cached is None or cached[0] is not inner:
+
+            def objective(phi: Any, theta: Any, lam: Any, *a: Any) -> Tensor:
+                return inner(phi, *a) + proximal_term(phi, theta, lam)
+
+            cached = (inner, objective)
+            self.__dict__["_proximal_cache"] = cached
+        return cached[1]
+
     def __call__(  # type: ignore[override]
         self,
         theta: Any,
@@ -530,10 +559,7 @@ class Proximal(Argmin):
         if not theta_leaves:
             raise BilevelValueError(f"{name}: theta is an empty tree ({theta!r}): there are no meta-parameters to solve for")
         lam_t = _lam_tree(self.lam if lam is None else lam, theta, name)
-        inner = self.objective
-
-        def objective(phi: Any, theta: Any, lam: Any, *a: Any) -> Tensor:
-            return inner(phi, *a) + proximal_term(phi, theta, lam)
+        objective = self._proximal_objective()
 
         if strategy:
             dims = (None, None, *_arg_dims(args, in_dims))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +22,7 @@ from .._tree import (
 )
 from .._validate import check_bool, check_int, check_real, check_tol
 from ._base import GradientTracker, LeanLoop, Objective, Solver, with_minimum_check
+from ._compiled import check_compile, compiled_step, value_sum_start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Adam(Solver):
         monitor: record per-step statistics without a tolerance (see :class:`GradientDescent`).
         check_minimum: report ``NOT_A_MINIMUM`` where the returned point has negative
             curvature (see :class:`GradientDescent`).
+        compile: compile each step of the lean loop (see :class:`GradientDescent`).
     """
 
     lr: float = 1e-3
@@ -60,6 +63,7 @@ class Adam(Solver):
     rtol: float | None = None
     monitor: bool = False
     check_minimum: bool = False
+    compile: bool | str = False
 
     supports_batched: ClassVar[bool] = True
 
@@ -76,6 +80,7 @@ class Adam(Solver):
         check_tol(name, self.rtol)
         check_bool(name, "monitor", self.monitor)
         check_bool(name, "check_minimum", self.check_minimum)
+        check_compile(name, self.compile, self.rtol, self.monitor)
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)
@@ -139,7 +144,43 @@ class Adam(Solver):
             torch._foreach_add_(denom, self.eps)
             return (list(torch._foreach_addcdiv(xl, m, denom, value=-self.lr / c1)), t), None  # out of place: x0 is never written
 
-        out = tree_unflatten(xd, iterate(step, (xl, 0), None, maxiter=self.steps, fixed=True)[0])
+        if self.compile and not loop.transform:
+            out = self._compiled(objective, x, args, batched, loop)
+        else:
+            out = tree_unflatten(xd, iterate(step, (xl, 0), None, maxiter=self.steps, fixed=True)[0])
         if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
-            return dataclasses.replace(self, monitor=True)._run(objective, x, *args, batched=batched)
+            return dataclasses.replace(self, monitor=True, compile=False)._run(objective, x, *args, batched=batched)
         return loop.result(out, self.steps, batched)
+
+    def _compiled(self, objective: Objective, x: Any, args: tuple, batched: bool, loop: LeanLoop) -> Any:
+        """The lean loop with each step one ``torch.compile``d function (``compile=``)."""
+        (b1, b2), lr, eps = self.betas, self.lr, self.eps
+
+        def make(value_and_grad: Callable[..., Any]) -> Callable[..., Any]:
+            # The bias corrections arrive as 0-d tensors: as Python numbers they would be
+            # specialised into the graph, one recompilation per step.
+            def step(x: Any, m: Any, v: Any, fsum: torch.Tensor, c1: torch.Tensor, sqrt_c2: torch.Tensor,
+                     *args: Any) -> tuple[Any, Any, Any, torch.Tensor]:
+                f, g = value_and_grad(x, *args)
+                m = tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, m, g)
+                v = tree_map(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, v, g)
+                x = tree_map(lambda xi, mi, vi: xi - (lr / c1) * mi / (vi.sqrt() / sqrt_c2 + eps), x, m, v)
+                return x, m, v, fsum + f
+
+            return step
+
+        fn = compiled_step(objective, self, batched, self.compile, make)
+        leaf = tree_flatten(x)[0][0]
+
+        def body(st: tuple[Any, Any, Any, torch.Tensor, int], _: None) -> tuple[tuple[Any, Any, Any, torch.Tensor, int], None]:
+            x, m, v, fsum, k = st
+            t = k + 1
+            c1 = torch.tensor(1 - b1**t, dtype=leaf.dtype, device=leaf.device)
+            sqrt_c2 = torch.tensor((1 - b2**t) ** 0.5, dtype=leaf.dtype, device=leaf.device)
+            return (*fn(x, m, v, fsum, c1, sqrt_c2, *args), t), None
+
+        zeros = tree_zeros_like(x)
+        x, _, _, fsum, _ = iterate(body, (x, zeros, zeros, value_sum_start(x, batched), 0), None,
+                                   maxiter=self.steps, fixed=True)
+        loop.fsum, loop.n_eval = fsum, self.steps
+        return tree_map(torch.clone, x)  # a copy: see GradientDescent._compiled
