@@ -38,6 +38,8 @@ Methods (``--methods``, all by default):
 * ``fomaml``        — first-order MAML: 16 steps on the support loss, meta-gradient = the
   query gradient at the adapted parameters (per task).
 * ``maml``          — MAML: the 16 steps unrolled with ``create_graph=True`` (per task).
+* ``bilevel-compiled`` — ``bilevel`` with ``GradientDescent(compile=True)`` (only when
+  named in ``--methods``: it first compiles for 10-60 s, in the warm-up rounds).
 
 Nets (``--nets``):
 
@@ -121,7 +123,10 @@ CG_STEPS = 5
 SETTINGS = {"5w1s": (5, 1, 15), "20w5s": (20, 5, 5)}  # ways, shots, query images per class
 NETS = ("paper", "app")
 METHODS = ("bilevel", "bilevel-loop", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc", "fomaml", "maml")
-IMPLICIT = ("bilevel", "bilevel-loop", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc")  # same meta-gradient (doc: ≈)
+#: Run only when named in --methods: the compiled inner loop compiles for 10-60 s first.
+EXTRA_METHODS = ("bilevel-compiled",)
+IMPLICIT = ("bilevel", "bilevel-loop", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc",
+            "bilevel-compiled")  # same meta-gradient (doc: ≈)
 TORCHOPT = ("torchopt-cg", "torchopt-doc")
 TOL = 1e-3  # bilevel vs hand-written, float32
 NOISY = 1.5  # max/min above this is flagged
@@ -135,9 +140,12 @@ Params = dict[str, Tensor]
 # --------------------------------------------------------------------------------------
 # the one place where the learner is built
 # --------------------------------------------------------------------------------------
-def make_layer(inner_loss: Callable[..., Tensor], lam: float, steps: int, lr: float, cg_steps: int) -> bilevel.Proximal:
+def make_layer(
+    inner_loss: Callable[..., Tensor], lam: float, steps: int, lr: float, cg_steps: int, compile: bool = False
+) -> bilevel.Proximal:
     # The paper's protocol: K GD steps and a fixed budget of CG steps (COMPLETED, no warning).
-    return bilevel.Proximal(inner_loss, lam, solver=bilevel.solvers.GradientDescent(lr=lr, steps=steps),
+    solver = bilevel.solvers.GradientDescent(lr=lr, steps=steps, **({"compile": True} if compile else {}))
+    return bilevel.Proximal(inner_loss, lam, solver=solver,
                             linsolve=bilevel.linsolve.CG(steps=cg_steps),
                             # The hand-written CG also stops on non-positive curvature (the tiny
                             # --quick nets have Hessian eigenvalues below -λ): no warning for it.
@@ -219,8 +227,8 @@ def _no_info() -> str:
     return ""
 
 
-def _bilevel(p: Problem, batched: Any) -> tuple[Step, Callable[[], str]]:
-    layer = make_layer(p.loss, p.lam, p.steps, p.lr, p.cg_steps)
+def _bilevel(p: Problem, batched: Any, compile: bool = False) -> tuple[Step, Callable[[], str]]:
+    layer = make_layer(p.loss, p.lam, p.steps, p.lr, p.cg_steps, compile=compile)
     th = [p.theta[k] for k in p.names]
 
     def step() -> list[Tensor]:
@@ -478,6 +486,7 @@ BUILDERS: dict[str, Callable[[Problem], tuple[Step, Callable[[], str]]]] = {
     "torchopt-doc": _torchopt_doc,
     "fomaml": _fomaml,
     "maml": _maml,
+    "bilevel-compiled": lambda p: _bilevel(p, True, compile=True),
 }
 
 
@@ -619,8 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nets", type=_csv_list(NETS), default=list(NETS))
     p.add_argument("--settings", type=_csv_list(tuple(SETTINGS)), default=list(SETTINGS))
-    p.add_argument("--methods", type=_csv_list(METHODS), default=list(METHODS))
-    p.add_argument("--mem-methods", type=_csv_list(METHODS), default=None,
+    p.add_argument("--methods", type=_csv_list(METHODS + EXTRA_METHODS), default=list(METHODS),
+                   help=f"default: all but {', '.join(EXTRA_METHODS)} (GradientDescent(compile=True), named explicitly)")
+    p.add_argument("--mem-methods", type=_csv_list(METHODS + EXTRA_METHODS), default=None,
                    help="methods whose memory is measured (fresh process each; default: all run methods)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--meta-batch", type=int, default=4)
@@ -788,16 +798,21 @@ def _plot(rows: list[dict], path: Path, a: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys((r["net"], r["setting"]) for r in rows))
-    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 2.2 + 1.9 * len(groups)), squeeze=False)
+    memory = any(r["mem_steady_mib"] is not None for r in rows)  # no empty panels after --no-memory
+    fig, axes = plt.subplots(len(groups), 2 if memory else 1, figsize=(10 if memory else 5.5, 2.2 + 1.9 * len(groups)),
+                             squeeze=False)
     try:
-        for (net, setting), (ax1, ax2) in zip(groups, axes):
+        for (net, setting), (ax1, *rest) in zip(groups, axes):
             rs = [r for r in rows if r["net"] == net and r["setting"] == setting]
             names = [r["method"] for r in rs]
-            colors = [f"C{METHODS.index(n)}" for n in names]
+            colors = [f"C{(METHODS + EXTRA_METHODS).index(n)}" for n in names]
             ax1.barh(names, [r["median_s"] for r in rs], color=colors)
             ax1.invert_yaxis()
             ax1.set_xlabel("s / meta-step (median)")
             ax1.set_title(f"{net}, {setting}: time", fontsize=9)
+            if not rest:
+                continue
+            ax2 = rest[0]
             ax2.barh(names, [r["mem_steady_mib"] if r["mem_steady_mib"] is not None else 0.0 for r in rs], color=colors)
             ax2.invert_yaxis()
             ax2.set_xlabel("peak RSS growth, steady (MiB)")
