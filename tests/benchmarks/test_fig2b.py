@@ -85,5 +85,9 @@ def test_maml_and_fomaml_at_one_step(bench: ModuleType) -> None:
     fo_ref = torch.func.grad(p.loss)({k: v.detach() for k, v in adapted(theta).items()}, xq, yq)
     for method, ref in (("maml", maml_ref), ("fomaml", fo_ref)):
         got = bench.build(p, method, 1)()
+        # The conv biases feed batch norm, so their exact gradient is 0 and what both sides
+        # hold is float32 rounding of the whole gradient's scale (measured up to 1e-6 on an
+        # AMD EPYC, depending on the thread count): atol follows that scale.
+        atol = 1e-5 * max(float(r.abs().max()) for r in ref.values())
         for k, g in zip(p.names, got):
-            torch.testing.assert_close(g, ref[k], rtol=1e-4, atol=1e-6, msg=f"{method}: {k}")
+            torch.testing.assert_close(g, ref[k], rtol=1e-4, atol=atol, msg=f"{method}: {k}")
