@@ -31,6 +31,12 @@ class Diagnostics:
         forward_call: the call ``forward`` belongs to (``None``: none yet, or the current
             call has not finished its forward).
         backward_call: the call ``backward`` belongs to.
+        strategy: how the last batched call of :class:`~bilevel.Argmin` /
+            :class:`~bilevel.Proximal` ran its tasks, ``"vmap"`` or ``"loop"`` (``None``:
+            not batched); with ``batched=True`` / ``"auto"`` the faster one, measured.
+        strategy_seconds: the measurement behind an ``"auto"`` choice: seconds of one
+            gradient and one Hessian-vector product for all tasks, per strategy (``None``
+            when the strategy was given or not measured).
     """
 
     forward: SolverResult | None = None
@@ -38,6 +44,8 @@ class Diagnostics:
     calls: int = 0
     forward_call: int | None = None
     backward_call: int | None = None
+    strategy: str | None = None
+    strategy_seconds: dict[str, float] | None = None
 
     def start_call(self) -> int:
         """Number a new call and clear the forward statistics (returns the call's number)."""
@@ -54,6 +62,12 @@ class Diagnostics:
             lines.append(f"forward : {f.status} after {f.iterations} iterations{gn}")
         if self.backward is not None:
             lines.append(f"backward: {self.backward.summary()}")
+        if self.strategy is not None:
+            how = ""
+            if self.strategy_seconds:
+                how = " (measured, s per gradient + Hessian product of all tasks: " + ", ".join(
+                    f"{k} {v:.3g}" for k, v in self.strategy_seconds.items()) + ")"
+            lines.append(f"batching: {self.strategy}{how}")
         if self.forward_call is not None and self.backward_call is not None and self.forward_call != self.backward_call:
             lines.append(f"(forward of call {self.forward_call}, backward of call {self.backward_call})")
         return "\n".join(lines) or "no solve yet"

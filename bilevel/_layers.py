@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import functools
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Union
 
@@ -22,15 +23,12 @@ from ._implicit import (
     task_slice,
 )
 from ._result import SolverResult, stack_solver_results
+from ._transforms import any_wrapped
 from ._tree import batch_size, is_tree, tree_flatten, tree_map
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
 
 InDims = Union[int, None, Sequence[int | None]]
 _STRATEGIES = ("auto", "vmap", "loop")
-
-
-#: ``batched="auto"`` runs a per-task loop on the CPU from this many examples per task.
-LOOP_MIN_EXAMPLES = 64
 
 
 def _strategy(batched: Any, x: Any, name: str) -> str | None:
@@ -44,29 +42,69 @@ def _strategy(batched: Any, x: Any, name: str) -> str | None:
     raise BilevelValueError(f"{name}: batched must be False, True or one of {_STRATEGIES}, got {batched!r}")
 
 
-def _resolve_auto(strategy: str | None, args: tuple, dims: Sequence[int | None]) -> str | None:
-    """``"auto"`` (= ``True``): ``"loop"`` on the CPU when a task has ``LOOP_MIN_EXAMPLES`` or
-    more examples (the size of the first task-data argument's dimension after the task
-    one), else ``"vmap"``.
+#: Rounds of the ``batched="auto"`` measurement (after one untimed warm-up of each strategy).
+PROBE_ROUNDS = 2
 
-    Measured (``benchmarks/metastep.py``, ``benchmarks/batching.py``; 2-core CPU, one
-    thread, iMAML meta-step of 4-8 tasks, 16 GD + 5 CG steps): with 5 examples per task
-    (5-way 1-shot) vmap is the faster (the loop takes 1.16× its time on the paper's net,
-    1.6× on the application's); with 100 per task (20-way 5-shot) the loop takes 0.71× of
-    vmap's time on the paper's net (1.03× on the application's) and 0.22× / 0.29× of its
-    peak memory.  The threshold between the two measured sizes is a choice, not a
-    measurement.  On a GPU, vmap (batched kernels) is kept: nothing was measured there.
-    """
-    if strategy != "auto":
-        return strategy
+
+def _probe_clock(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the device synchronised at both ends (the one
+    place the ``"auto"`` measurement reads a clock; tests replace it)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def _shape_key(x0: Any, args: tuple, dims: Sequence[int | None]) -> tuple:
+    """What the ``"auto"`` choice depends on: the device, dtypes and shapes of the unknowns
+    and of the arguments (and which of them carry the task dimension)."""
+    leaves = tree_flatten(x0)[0]
+    key: list[Any] = [str(leaves[0].device)] + [(tuple(t.shape), t.dtype) for t in leaves]
     for a, d in zip(args, dims):
-        if d is None:
-            continue
-        for leaf in tree_flatten(a)[0]:
-            if leaf.dim() > d + 1:
-                big = leaf.shape[d + 1] >= LOOP_MIN_EXAMPLES
-                return "loop" if leaf.device.type == "cpu" and big else "vmap"
-    return "vmap"
+        if is_tree(a):
+            key.append((d, tuple((tuple(t.shape), t.dtype) for t in tree_flatten(a)[0])))
+    return tuple(key)
+
+
+def _measure_strategies(one: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple) -> dict[str, float]:
+    """Seconds per strategy of what a batched solve is made of: one gradient and one
+    Hessian-vector product of the objective for every task -- vmapped over the tasks, or one
+    task at a time.  The inner solver's steps and the Krylov iterations of the backward are
+    repetitions of exactly these, so their ratio is the solve's.  One untimed warm-up of each
+    (the first ``torch.func`` transform of a process imports modules), then
+    :data:`PROBE_ROUNDS` interleaved rounds; the fastest round of each counts."""
+    from ._implicit import _suspended_saved_tensor_hooks
+    from .solvers._base import hvp, value_and_grad
+
+    x = tree_map(lambda t: t.detach(), x0)
+    a = tuple(tree_map(lambda t: t.detach(), v) if is_tree(v) else v for v in args)
+    v = tree_map(torch.ones_like, x)
+    batched_obj = torch.func.vmap(one, in_dims=(0, *dims))
+    n = batch_size(x)
+
+    def vmapped() -> None:
+        value_and_grad(batched_obj, x, a, batched=True)
+        hvp(batched_obj, x, v, a, batched=True)
+
+    def looped() -> None:
+        for b in range(n):
+            xb, vb = tree_map(lambda t, b=b: t[b], x), tree_map(lambda t, b=b: t[b], v)
+            ab = task_slice(a, dims, b)
+            value_and_grad(one, xb, ab)
+            hvp(one, xb, vb, ab)
+
+    device = tree_flatten(x)[0][0].device
+    runs = {"vmap": vmapped, "loop": looped}
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    with _suspended_saved_tensor_hooks():
+        for r in range(1 + PROBE_ROUNDS):
+            for k, fn in runs.items():
+                t = _probe_clock(fn, device)
+                if r > 0:
+                    seconds[k].append(t)
+    return {k: min(ts) for k, ts in seconds.items()}
 
 
 def _solution_tree(result: Any) -> Any:
@@ -319,6 +357,36 @@ class Argmin(_Layer):
             cache[key] = (one, torch.func.vmap(one, in_dims=(0, *dims)) if strategy == "vmap" else one)
         return cache[key]
 
+    def _resolve(self, strategy: str | None, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple) -> str | None:
+        """The strategy of this call: ``"auto"`` becomes ``"vmap"`` or ``"loop"``, measured on
+        the first call of each shape (:func:`_measure_strategies`) and remembered; the
+        diagnostics say which ran and, when measured, the times behind the choice.
+
+        Why measured: which is faster depends on the net, the task size and the device
+        (``benchmarks/metastep.py``; README "Performance"): a fixed rule on the examples per
+        task, measured on one conv net, picked the slower strategy on another.
+        Not measured (``"vmap"``): inside a ``torch.func`` transform, on meta tensors, or for
+        a single task; a solver declaring ``supports_batched = False`` gets ``"loop"``.
+        """
+        diag = self.diagnostics
+        if strategy != "auto":
+            diag.strategy, diag.strategy_seconds = strategy, None
+            return strategy
+        if getattr(self.solver, "supports_batched", True) is False:
+            diag.strategy, diag.strategy_seconds = "loop", None
+            return "loop"
+        leaves = [*tree_flatten(x0)[0], *(t for a in args if is_tree(a) for t in tree_flatten(a)[0])]
+        if batch_size(x0) < 2 or any_wrapped(leaves) or any(t.device.type == "meta" for t in leaves):
+            diag.strategy, diag.strategy_seconds = "vmap", None
+            return "vmap"
+        cache: dict[tuple, dict[str, float]] = self.__dict__.setdefault("_strategy_cache", {})
+        key = _shape_key(x0, args, dims)
+        if key not in cache:
+            cache[key] = _measure_strategies(_scalar_objective(objective, self._name), x0, args, dims)
+        seconds = cache[key]
+        diag.strategy, diag.strategy_seconds = min(seconds, key=seconds.__getitem__), dict(seconds)
+        return diag.strategy
+
     def _problem(
         self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, strategy: str | None,
         damping: float = 0.0, closed_vjp: ClosedVJP | None = None,
@@ -361,7 +429,8 @@ class Argmin(_Layer):
             n = batch_size(x0)
             if any(d is not None for d in dims) and _task_count(args, dims) != n:
                 raise BilevelValueError(f"x0 has {n} tasks but the task data has {_task_count(args, dims)}")
-        return self._apply(self._problem(self.objective, x0, args, dims, _resolve_auto(strategy, args, dims)))
+        strategy = self._resolve(strategy, self.objective, x0, args, dims)
+        return self._apply(self._problem(self.objective, x0, args, dims, strategy))
 
 
 def _lam_tree(lam: Any, theta: Any, name: str) -> Any:
@@ -564,12 +633,13 @@ class Proximal(Argmin):
         if strategy:
             dims = (None, None, *_arg_dims(args, in_dims))
             n = _task_count(args, dims[2:])
-            strategy = _resolve_auto(strategy, args, dims[2:])
             x0 = tree_map(lambda t: t.detach().unsqueeze(0).expand(n, *t.shape).clone(), theta)
+            strategy = self._resolve(strategy, objective, x0, (theta, lam_t, *args), dims)
         else:
             dims = ()
             # A copy: a solver that updates its initial point in place must not touch θ.
             x0 = tree_map(lambda t: t.detach().clone(), theta)
+            self.diagnostics.strategy, self.diagnostics.strategy_seconds = None, None
         scalar_lam = isinstance(lam_t, Tensor) and lam_t.dim() == 0
         vjp = _proximal_vjp(len(tree_flatten(theta)[0]), scalar_lam, strategy is not None)
         return self._apply(self._problem(objective, x0, (theta, lam_t, *args), dims, strategy, self.damping, vjp))

@@ -21,7 +21,7 @@ from .._tree import (
     tree_zeros_like,
 )
 from .._validate import check_bool, check_int, check_real, check_tol
-from ._base import GradientTracker, LeanLoop, Objective, Solver, with_minimum_check
+from ._base import GradientTracker, LeanLoop, Objective, Solver, health_copy, health_start, health_update, with_minimum_check
 from ._compiled import check_compile, compiled_step, value_sum_start
 
 
@@ -80,7 +80,7 @@ class Adam(Solver):
         check_tol(name, self.rtol)
         check_bool(name, "monitor", self.monitor)
         check_bool(name, "check_minimum", self.check_minimum)
-        check_compile(name, self.compile, self.rtol, self.monitor)
+        check_compile(name, self.compile, self.rtol)
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)
@@ -90,10 +90,14 @@ class Adam(Solver):
         self._check_batched(batched)
         name = type(self).__name__
         tree_dtype(x0)  # validates the tree
-        b1, b2 = self.betas
         x = tree_detach(x0)
-        if self.rtol is None and not self.monitor:
+        if self.rtol is None:
             return self._lean(objective, x, args, batched, name)
+        return self._tracked(objective, x, args, batched, name)
+
+    def _tracked(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
+        """The monitored path (see :meth:`GradientDescent._tracked`)."""
+        b1, b2 = self.betas
         tracker, tally = GradientTracker.start(objective, x, args, self.rtol, name, batched)
 
         def step(state: tuple[Any, Any, Any], active: torch.Tensor) -> tuple[tuple[Any, Any, Any], Outcome]:
@@ -123,7 +127,7 @@ class Adam(Solver):
         """``steps`` fused Adam updates of all leaves; nothing else (see :class:`GradientDescent`)."""
         b1, b2 = self.betas
         xl, xd = tree_flatten(x)
-        loop = LeanLoop(x, args)
+        loop = LeanLoop(x, args, health=self.monitor, batched=batched)
         m: list[torch.Tensor] = []
         v: list[torch.Tensor] = []
 
@@ -148,39 +152,52 @@ class Adam(Solver):
             out = self._compiled(objective, x, args, batched, loop)
         else:
             out = tree_unflatten(xd, iterate(step, (xl, 0), None, maxiter=self.steps, fixed=True)[0])
+            if self.monitor:  # the gradient at the returned point, for its norm and value
+                loop.value_and_grad(objective, xd, tree_flatten(out)[0], args, batched)
         if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
-            return dataclasses.replace(self, monitor=True, compile=False)._run(objective, x, *args, batched=batched)
+            return self._tracked(objective, x, args, batched, name)
         return loop.result(out, self.steps, batched)
 
     def _compiled(self, objective: Objective, x: Any, args: tuple, batched: bool, loop: LeanLoop) -> Any:
-        """The lean loop with each step one ``torch.compile``d function (``compile=``)."""
-        (b1, b2), lr, eps = self.betas, self.lr, self.eps
+        """The lean loop with each step one ``torch.compile``d function (``compile=``); with
+        ``monitor=True`` see :meth:`GradientDescent._compiled`."""
+        (b1, b2), lr, eps, monitor = self.betas, self.lr, self.eps, self.monitor
 
         def make(value_and_grad: Callable[..., Any]) -> Callable[..., Any]:
             # The bias corrections arrive as 0-d tensors: as Python numbers they would be
             # specialised into the graph, one recompilation per step.
-            def step(x: Any, m: Any, v: Any, fsum: torch.Tensor, c1: torch.Tensor, sqrt_c2: torch.Tensor,
-                     *args: Any) -> tuple[Any, Any, Any, torch.Tensor]:
+            def step(x: Any, m: Any, v: Any, fsum: torch.Tensor, health: Any, c1: torch.Tensor, sqrt_c2: torch.Tensor,
+                     *args: Any) -> tuple[Any, Any, Any, torch.Tensor, Any]:
                 f, g = value_and_grad(x, *args)
+                if monitor:
+                    health = health_update(health, f, tree_flatten(g)[0], batched)
                 m = tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, m, g)
                 v = tree_map(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, v, g)
                 x = tree_map(lambda xi, mi, vi: xi - (lr / c1) * mi / (vi.sqrt() / sqrt_c2 + eps), x, m, v)
-                return x, m, v, fsum + f
+                return x, m, v, fsum + f, health
 
             return step
 
         fn = compiled_step(objective, self, batched, self.compile, make)
         leaf = tree_flatten(x)[0][0]
 
-        def body(st: tuple[Any, Any, Any, torch.Tensor, int], _: None) -> tuple[tuple[Any, Any, Any, torch.Tensor, int], None]:
-            x, m, v, fsum, k = st
-            t = k + 1
-            c1 = torch.tensor(1 - b1**t, dtype=leaf.dtype, device=leaf.device)
-            sqrt_c2 = torch.tensor((1 - b2**t) ** 0.5, dtype=leaf.dtype, device=leaf.device)
-            return (*fn(x, m, v, fsum, c1, sqrt_c2, *args), t), None
+        def corrections(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.tensor(1 - b1**t, dtype=leaf.dtype, device=leaf.device),
+                    torch.tensor((1 - b2**t) ** 0.5, dtype=leaf.dtype, device=leaf.device))
+
+        def body(st: tuple[Any, Any, Any, torch.Tensor, Any, int], _: None) -> tuple[tuple[Any, Any, Any, torch.Tensor, Any, int], None]:
+            x, m, v, fsum, health, k = st
+            return (*fn(x, m, v, fsum, health, *corrections(k + 1), *args), k + 1), None
 
         zeros = tree_zeros_like(x)
-        x, _, _, fsum, _ = iterate(body, (x, zeros, zeros, value_sum_start(x, batched), 0), None,
-                                   maxiter=self.steps, fixed=True)
-        loop.fsum, loop.n_eval = fsum, self.steps
-        return tree_map(torch.clone, x)  # a copy: see GradientDescent._compiled
+        health = health_start(x, batched) if monitor else None
+        x, m, v, fsum, health, _ = iterate(body, (x, zeros, zeros, value_sum_start(x, batched), health, 0), None,
+                                           maxiter=self.steps, fixed=True)
+        x = tree_map(torch.clone, x)  # a copy: see GradientDescent._compiled
+        n_eval = self.steps
+        if monitor:  # one more evaluation, at the returned point x (the step it would take is dropped)
+            _, _, _, fsum, health = fn(x, m, v, fsum, health, *corrections(self.steps + 1), *args)
+            health = health_copy(health)
+            n_eval += 1
+        loop.fsum, loop.n_eval, loop.health = fsum, n_eval, health
+        return x

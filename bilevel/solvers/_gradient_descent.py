@@ -22,7 +22,7 @@ from .._tree import (
     tree_zeros_like,
 )
 from .._validate import check_bool, check_int, check_real, check_tol
-from ._base import GradientTracker, LeanLoop, Objective, Solver, with_minimum_check
+from ._base import GradientTracker, LeanLoop, Objective, Solver, health_copy, health_start, health_update, with_minimum_check
 from ._compiled import check_compile, compiled_step, value_sum_start
 
 
@@ -44,10 +44,13 @@ class GradientDescent(Solver):
     iMAML's inner problem needs: ``steps`` gradients, fused ``torch._foreach_*`` updates of
     all leaves, no norm, no copy and no host sync per step, and no gradient at the returned
     point (``n_fun = n_grad = steps``; ``grad_norm``, ``value`` and the health flags are
-    ``None``).  With a tolerance or ``monitor=True`` the gradient is also evaluated at the
-    returned point and each step records the gradient norm and objective, so that
-    ``grad_norm``, ``value``, ``grad_norm_initial``, ``grad_norm_monotone`` and
-    ``value_monotone`` describe the solve (``n_fun = n_grad = steps + 1`` for a full run).
+    ``None``).  With ``monitor=True`` (and no tolerance) the same loop also folds each
+    gradient's norm and value into on-device health statistics and evaluates the gradient
+    once more at the returned point, so that ``grad_norm``, ``value``,
+    ``grad_norm_initial``, ``grad_norm_monotone`` and ``value_monotone`` describe the solve
+    (``n_fun = n_grad = steps + 1``) -- still with no host sync inside the loop, and inside
+    the compiled step with ``compile=``.  With a tolerance each step also tests convergence
+    on the host (one sync per step) and records the same statistics.
     A NaN/Inf objective value or gradient raises :class:`~bilevel.NonFiniteError` naming
     the iteration and the tasks.  The lean loop only sums the values on the device (one
     kernel per step) and checks once, at the end; if anything was non-finite it replays the
@@ -60,14 +63,15 @@ class GradientDescent(Solver):
         nesterov: use Nesterov's look-ahead form (needs ``momentum > 0``).
         rtol: optional tolerance in (0, 1) on the gradient norm (see above).
         monitor: record the statistics above without a tolerance (costs one norm per step
-            and one extra gradient).
+            and one extra gradient, no host sync; compatible with ``compile``).
         check_minimum: after the solve, test the Hessian at the returned point for negative
             curvature (10 Lanczos steps) and report ``NOT_A_MINIMUM`` where it has some: a
             zero gradient does not tell a minimum from a saddle or a maximum.
         compile: ``True`` or a ``torch.compile`` mode (e.g. ``"reduce-overhead"``, which
-            replays the step as a CUDA graph on a GPU): run each step of the lean loop as one
-            compiled function (gradient, update and the running value sum).  Only for the
-            lean loop (``rtol=None``, ``monitor=False``).  The first solve compiles (seconds
+            replays the step as a CUDA graph on a GPU): run each step of the fixed-step loop
+            as one compiled function (gradient, update, the running value sum and, with
+            ``monitor=True``, the health statistics).  Only without a tolerance
+            (``rtol=None``: a tolerance is a host-side test per step).  The first solve compiles (seconds
             to a minute); later solves with the same objective reuse it -- the layers keep
             their objective functions stable across calls.  Inside a ``torch.func``
             transform the step runs eagerly.  Measured on the CPU
@@ -97,7 +101,7 @@ class GradientDescent(Solver):
         check_tol(name, self.rtol)
         check_bool(name, "monitor", self.monitor)
         check_bool(name, "check_minimum", self.check_minimum)
-        check_compile(name, self.compile, self.rtol, self.monitor)
+        check_compile(name, self.compile, self.rtol)
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)
@@ -108,8 +112,13 @@ class GradientDescent(Solver):
         name = type(self).__name__
         tree_dtype(x0)  # validates the tree (raises on a non-tensor leaf or an empty tree)
         x = tree_detach(x0)
-        if self.rtol is None and not self.monitor:
+        if self.rtol is None:
             return self._lean(objective, x, args, batched, name)
+        return self._tracked(objective, x, args, batched, name)
+
+    def _tracked(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
+        """The monitored path (a tolerance, or the replay of a non-finite lean solve): each
+        task stops at its own convergence or first non-finite step, which is named."""
         tracker, tally = GradientTracker.start(objective, x, args, self.rtol, name, batched)
         mu, nesterov = self.momentum, self.nesterov
 
@@ -132,9 +141,10 @@ class GradientDescent(Solver):
         return tracker.result(x, tally, batched, name)
 
     def _lean(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
-        """``steps`` fused updates of all leaves; nothing else (see the class docstring)."""
+        """``steps`` fused updates of all leaves; nothing else but, with ``monitor=True``, the
+        on-device health statistics and one gradient at the returned point (see the class docstring)."""
         xl, xd = tree_flatten(x)
-        loop = LeanLoop(x, args)
+        loop = LeanLoop(x, args, health=self.monitor, batched=batched)
         vel: list[torch.Tensor] | None = None
         mu, lr = self.momentum, self.lr
 
@@ -156,30 +166,43 @@ class GradientDescent(Solver):
             out = self._compiled(objective, x, args, batched, loop)
         else:
             out = tree_unflatten(xd, iterate(step, xl, None, maxiter=self.steps, fixed=True))
+            if self.monitor:  # the gradient at the returned point, for its norm and value
+                loop.value_and_grad(objective, xd, tree_flatten(out)[0], args, batched)
         if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
-            return dataclasses.replace(self, monitor=True, compile=False)._run(objective, x, *args, batched=batched)
+            return self._tracked(objective, x, args, batched, name)
         return loop.result(out, self.steps, batched)
 
     def _compiled(self, objective: Objective, x: Any, args: tuple, batched: bool, loop: LeanLoop) -> Any:
-        """The lean loop with each step one ``torch.compile``d function (``compile=``)."""
-        mu, lr, nesterov = self.momentum, self.lr, self.nesterov
+        """The lean loop with each step one ``torch.compile``d function (``compile=``); with
+        ``monitor=True`` the step also folds its gradient into the health statistics, and
+        one more call evaluates the returned point (its update is discarded)."""
+        mu, lr, nesterov, monitor = self.momentum, self.lr, self.nesterov, self.monitor
 
         def make(value_and_grad: Callable[..., Any]) -> Callable[..., Any]:
-            def step(x: Any, vel: Any, fsum: torch.Tensor, *args: Any) -> tuple[Any, Any, torch.Tensor]:
+            def step(x: Any, vel: Any, fsum: torch.Tensor, health: Any, *args: Any) -> tuple[Any, Any, torch.Tensor, Any]:
                 v, g = value_and_grad(x, *args)
+                if monitor:
+                    health = health_update(health, v, tree_flatten(g)[0], batched)
                 if mu > 0:
                     vel = tree_map(lambda vi, gi: mu * vi + gi, vel, g)  # v_1 = g_0 from v_0 = 0
                     upd = tree_map(lambda gi, vi: gi + mu * vi, g, vel) if nesterov else vel
                 else:
                     upd = g
-                return tree_map(lambda xi, ui: xi - lr * ui, x, upd), vel, fsum + v
+                return tree_map(lambda xi, ui: xi - lr * ui, x, upd), vel, fsum + v, health
 
             return step
 
         fn = compiled_step(objective, self, batched, self.compile, make)
-        state = (x, tree_zeros_like(x) if mu > 0 else None, value_sum_start(x, batched))
-        x, _, fsum = iterate(lambda st, _: (fn(*st, *args), None), state, None, maxiter=self.steps, fixed=True)
-        loop.fsum, loop.n_eval = fsum, self.steps
-        # A copy: with mode="reduce-overhead" the output lives in a CUDA graph's static
-        # buffer, which the next solve would overwrite.
-        return tree_map(torch.clone, x)
+        health = health_start(x, batched) if monitor else None
+        state = (x, tree_zeros_like(x) if mu > 0 else None, value_sum_start(x, batched), health)
+        x, vel, fsum, health = iterate(lambda st, _: (fn(*st, *args), None), state, None, maxiter=self.steps, fixed=True)
+        # Copies: with mode="reduce-overhead" the outputs live in a CUDA graph's static
+        # buffers, which the next call (the evaluation below, or the next solve) overwrites.
+        x = tree_map(torch.clone, x)
+        n_eval = self.steps
+        if monitor:  # one more evaluation, at the returned point x (the step it would take is dropped)
+            _, _, fsum, health = fn(x, vel, fsum, health, *args)
+            health = health_copy(health)
+            n_eval += 1
+        loop.fsum, loop.n_eval, loop.health = fsum, n_eval, health
+        return x

@@ -101,8 +101,45 @@ def test_compile_is_only_for_the_lean_loop_and_takes_a_bool_or_a_mode(cls) -> No
     kw = {"lr": 0.1, "steps": 3}
     with pytest.raises(BilevelValueError, match="lean fixed-step loop"):
         cls(**kw, rtol=1e-3, compile=True)
-    with pytest.raises(BilevelValueError, match="lean fixed-step loop"):
-        cls(**kw, monitor=True, compile=True)
+    # monitor=True is a fixed-step loop too: its health statistics are computed in the step.
+    assert cls(**kw, monitor=True, compile=True).monitor
     with pytest.raises(BilevelValueError, match="compile must be"):
         cls(**kw, compile="fastest")
     assert cls(**kw, compile="reduce-overhead").compile == "reduce-overhead"
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: f"{type(s).__name__}-{getattr(s, 'momentum', '')}-{getattr(s, 'nesterov', '')}")
+@pytest.mark.parametrize("batched", [False, True])
+def test_compiled_health_statistics_equal_the_monitored_path(solver, batched: bool) -> None:
+    # The health statistics computed inside the compiled step (issue 17) equal those of the
+    # host-tested monitored path (a tolerance too tight to stop: it runs every step), task by task.
+    loss, th, A, b = _ridge(2)
+    args: tuple = (th, A, b)
+    x0 = th
+    if batched:
+        loss = torch.func.vmap(loss, in_dims=(0, None, 0, 0))
+        args = (th, torch.stack([A, 3 * A]), torch.stack([b, -b]))
+        x0 = th.expand(2, -1).clone()
+    ref = dataclasses.replace(solver, rtol=1e-30)(loss, x0, *args, batched=batched)
+    for fast in (dataclasses.replace(solver, monitor=True), dataclasses.replace(solver, monitor=True, compile=True)):
+        got = fast(loss, x0, *args, batched=batched)
+        torch.testing.assert_close(got.x, ref.x, rtol=1e-12, atol=1e-13)
+        for field in ("grad_norm", "value", "grad_norm_initial"):
+            torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-12, atol=1e-13)
+        for field in ("grad_norm_monotone", "value_monotone"):
+            assert torch.equal(getattr(got, field), getattr(ref, field))
+        assert got.n_grad == solver.steps + 1 and got.status is bilevel.Status.COMPLETED
+
+
+def test_compiled_health_flags_an_oscillating_loop() -> None:
+    # lr·H_max = 2.5 > 2 on one task: the compiled health flags say so (descent lemma).
+    curv = torch.tensor([1.0, 10.0], dtype=DT)
+
+    def quad(x, s):
+        return 0.5 * s * (curv * x * x).sum()
+
+    res = GradientDescent(lr=0.15, steps=10, monitor=True, compile=True)(
+        torch.func.vmap(quad), torch.ones(2, 2, dtype=DT), torch.tensor([1.0, 2.0], dtype=DT), batched=True)
+    assert res.grad_norm_monotone.tolist() == [True, False]
+    assert res.value_monotone.tolist() == [True, False]
+    assert float(res.grad_norm[0] / res.grad_norm_initial[0]) < 0.2
