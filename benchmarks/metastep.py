@@ -21,7 +21,14 @@ data set is needed.
 Methods (``--methods``, all by default):
 
 * ``bilevel``       — :class:`bilevel.Proximal` (``GradientDescent``, ``CG(maxiter=5)``),
-  called once for the whole meta-batch with ``batched=True`` (``torch.func.vmap``).
+  called once for the whole meta-batch with ``batched=True`` (``"auto"``: the faster of vmap
+  and the per-task loop, measured by the layer on its first call; the info line says which).
+* ``bilevel-vmap``  — the same layer with ``batched="vmap"`` (one vmapped computation).
+* ``bilevel-outer-per-task`` — the ``bilevel`` call (``batched=True``), but the query loss of
+  one task at a time: each task's query gradient ``v_b`` is taken with its graph freed before
+  the next, then one backward through the layer with the cotangents ``v``.  The same
+  meta-gradient, with the query activations of one task alive at a time (as the
+  hand-written loop) instead of all ``B``: the pattern for when memory binds.
 * ``bilevel-loop``  — the same layer with ``batched="loop"`` (one task at a time inside).
 * ``hand-written``  — plain PyTorch, a Python loop over tasks: 16 steps with
   ``torch.autograd.grad``, the query gradient v, one ``create_graph=True`` gradient graph
@@ -122,10 +129,10 @@ CG_STEPS = 5
 
 SETTINGS = {"5w1s": (5, 1, 15), "20w5s": (20, 5, 5)}  # ways, shots, query images per class
 NETS = ("paper", "app")
-METHODS = ("bilevel", "bilevel-loop", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc", "fomaml", "maml")
+METHODS = ("bilevel", "bilevel-vmap", "bilevel-loop", "bilevel-outer-per-task", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc", "fomaml", "maml")
 #: Run only when named in --methods: the compiled inner loop compiles for 10-60 s first.
 EXTRA_METHODS = ("bilevel-compiled",)
-IMPLICIT = ("bilevel", "bilevel-loop", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc",
+IMPLICIT = ("bilevel", "bilevel-vmap", "bilevel-loop", "bilevel-outer-per-task", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc",
             "bilevel-compiled")  # same meta-gradient (doc: ≈)
 TORCHOPT = ("torchopt-cg", "torchopt-doc")
 TOL = 1e-3  # bilevel vs hand-written, float32
@@ -242,9 +249,31 @@ def _bilevel(p: Problem, batched: Any, compile: bool = False) -> tuple[Step, Cal
             return ""
         statuses = getattr(bwd, "task_status", None) or (getattr(bwd, "status", None),)
         names = [getattr(s, "name", str(s)) for s in statuses]
-        return "bilevel CG: " + ", ".join(f"{n} ×{names.count(n)}" for n in sorted(set(names)))
+        how = getattr(layer.diagnostics, "strategy", None)
+        sec = getattr(layer.diagnostics, "strategy_seconds", None)
+        picked = f"batching {how}" + (" (measured: " + ", ".join(f"{k} {v:.3g} s" for k, v in sec.items()) + "); " if sec else "; ")
+        return picked + "bilevel CG: " + ", ".join(f"{n} ×{names.count(n)}" for n in sorted(set(names)))
 
     return step, info
+
+
+def _bilevel_outer_per_task(p: Problem) -> tuple[Step, Callable[[], str]]:
+    """One batched layer call; the query losses one task at a time (their graphs freed in
+    turn), then one implicit backward with the stacked query gradients as cotangents."""
+    layer = make_layer(p.loss, p.lam, p.steps, p.lr, p.cg_steps)
+    th = [p.theta[k] for k in p.names]
+
+    def step() -> list[Tensor]:
+        phi = layer(p.theta, p.xs, p.ys, batched=True)
+        leaves = [phi[k] for k in p.names]
+        cot = [torch.zeros_like(t) for t in leaves]
+        for b in range(p.B):
+            pb = [t[b].detach().requires_grad_(True) for t in leaves]
+            for c, g in zip(cot, torch.autograd.grad(p.query_loss(pb, b), pb)):
+                c[b] = g
+        return list(torch.autograd.grad(leaves, th, grad_outputs=cot))
+
+    return step, _no_info
 
 
 def _bilevel_per_task(p: Problem) -> tuple[Step, Callable[[], str]]:
@@ -479,7 +508,9 @@ def _torchopt_doc(p: Problem) -> tuple[Step, Callable[[], str]]:
 
 BUILDERS: dict[str, Callable[[Problem], tuple[Step, Callable[[], str]]]] = {
     "bilevel": lambda p: _bilevel(p, True),
+    "bilevel-vmap": lambda p: _bilevel(p, "vmap"),
     "bilevel-loop": lambda p: _bilevel(p, "loop"),
+    "bilevel-outer-per-task": _bilevel_outer_per_task,
     "bilevel-per-task": _bilevel_per_task,
     "hand-written": _hand_written,
     "torchopt-cg": _torchopt_cg,

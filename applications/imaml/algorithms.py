@@ -41,9 +41,11 @@ Adam then follows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,7 @@ from torch.func import functional_call, grad, vmap
 
 import bilevel
 from bilevel.linsolve import CG, MINRES
-from bilevel.solvers import GradientDescent, NewtonCG
+from bilevel.solvers import Adam, GradientDescent, NewtonCG
 
 from .tasks import TaskBatch
 
@@ -72,6 +74,10 @@ Params = dict[str, Tensor]
 
 RECIPES = ("proximal", "imaml-dev")
 LINSOLVERS = {"cg": CG, "minres": MINRES}
+#: iMAML-GD's inner first-order methods (``--inner-optimizer``).
+INNER_OPTIMIZERS = ("gd", "momentum", "nesterov", "adam")
+#: ``--compile`` values: off, or a ``torch.compile`` mode for the inner loop's step.
+COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +123,16 @@ class LearnerConfig:
             ``hvp=``): ``"reverse"`` (default here: the support-loss gradient graph is
             built once per backward and reused; cheaper per product in eager PyTorch) or
             ``"forward"`` (forward-over-reverse).  Both give the same products.
+        inner_optimizer: iMAML-GD's inner method: ``"gd"`` (plain gradient descent, the
+            paper's), ``"momentum"`` (heavy ball) or ``"nesterov"`` with coefficient
+            ``inner_momentum``, or ``"adam"`` (step ``inner_lr``).
+        inner_momentum: the momentum coefficient of ``"momentum"`` / ``"nesterov"``.
+        compile: ``"off"``, or a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``)
+            for each step of iMAML-GD's inner loop, health statistics included
+            (``bilevel.solvers.GradientDescent(compile=...)``).  The first meta-step of
+            each batch shape compiles.
+        query_batching: how every algorithm runs its query pass over the tasks: ``"vmap"``,
+            ``"loop"`` or ``"auto"`` (measured once per shape, :meth:`MetaLearner.query_strategy`).
     """
 
     algorithm: str = "imaml"
@@ -136,6 +152,10 @@ class LearnerConfig:
     lam_damping: float = 10.0
     power_iters: int = 0
     batching: str = "auto"
+    inner_optimizer: str = "gd"
+    inner_momentum: float = 0.9
+    compile: str = "off"
+    query_batching: str = "auto"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -169,6 +189,16 @@ class LearnerConfig:
             raise ValueError(f"batching must be auto, vmap or loop, got {self.batching!r}")
         if self.power_iters < 0:
             raise ValueError(f"power_iters must be >= 0, got {self.power_iters}")
+        if self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"unknown inner optimizer {self.inner_optimizer!r}; choose one of {', '.join(INNER_OPTIMIZERS)}")
+        if not 0 <= self.inner_momentum < 1:
+            raise ValueError(f"inner_momentum must be in [0, 1), got {self.inner_momentum}")
+        if self.inner_optimizer != "gd" and (self.algorithm != "imaml" or self.recipe != "proximal"):
+            raise ValueError(f"--inner-optimizer {self.inner_optimizer} applies to --algorithm imaml with the proximal recipe")
+        if self.query_batching not in ("auto", "vmap", "loop"):
+            raise ValueError(f"query_batching must be auto, vmap or loop, got {self.query_batching!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
 
 @dataclasses.dataclass
@@ -188,6 +218,11 @@ class MetaGradient:
     grads: Params
     rho_grads: Params
     stats: dict[str, float]
+
+
+def no_clock(phase: str) -> ContextManager[None]:
+    """The default :attr:`MetaLearner.clock`: times nothing (see :mod:`.phases`)."""
+    return contextlib.nullcontext()
 
 
 def _softplus_inv(y: float) -> float:
@@ -210,6 +245,12 @@ class MetaLearner:
         self.config = config
         # The algorithm builds its own inner procedure (None: the baselines' unrolled SGD).
         self.layer: Optional[bilevel.Proximal] = ALGORITHMS[config.algorithm].build_layer(self)
+        #: ``clock(phase)``: a context manager around each phase of a meta-step; the profiler
+        #: (:mod:`.phases`) swaps in one that times them, training leaves this no-op.
+        self.clock: Callable[[str], ContextManager[None]] = no_clock
+        #: ``{(query shape, grad mode): {"choice": "vmap" | "loop", "vmap_s": ..., "loop_s": ...}}``:
+        #: the query strategies ``config.query_batching="auto"`` measured (:meth:`query_strategy`).
+        self.query_choices: dict[tuple, dict[str, Any]] = {}
 
     # -- per-task losses (written for ONE task; vmapped by the callers) ----------------
     def loss_and_metric(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -265,8 +306,57 @@ class MetaLearner:
             return vmap(self.sgd_adapt, in_dims=(None, 0, 0))(th, batch.support_x, batch.support_y)
 
     def query(self, phi: Params, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        """Per-task query losses and metrics ``(B,)`` at the adapted parameters."""
+        """Per-task query losses and metrics ``(B,)`` at the adapted parameters (with a graph
+        to ``phi`` when grad mode is on), by the query strategy (:meth:`query_strategy`)."""
+        if self.query_strategy(phi, batch) == "loop":
+            return self._query_loop(phi, batch)
         return vmap(self.loss_and_metric)(phi, batch.query_x, batch.query_y)
+
+    def _query_loop(self, phi: Params, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        out = [self.loss_and_metric({k: v[b] for k, v in phi.items()}, batch.query_x[b], batch.query_y[b])
+               for b in range(batch.query_x.shape[0])]
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+    def query_strategy(self, phi: Params, batch: TaskBatch) -> str:
+        """How the query pass runs the tasks: ``config.query_batching`` if it names one, else
+        (``"auto"``) measured once per query shape and grad mode.
+
+        The query pass is the part of a meta-step every algorithm shares (75 query images per
+        task at 5-way, against 5 support images), and which way of batching it is faster
+        depends on the net and the device (README: "Where a meta-step's time goes"): one
+        vmapped computation runs grouped convolutions, a loop plain ones.  So ``"auto"`` times both (forward and, with grad mode on, backward; twice each,
+        interleaved, on the actual batch) the first time it meets a shape, and keeps the
+        faster; :attr:`query_choices` records the choice and the times.  The two agree to
+        rounding.
+        """
+        mode = self.config.query_batching
+        if mode != "auto":
+            return mode
+        key = (tuple(batch.query_x.shape), torch.is_grad_enabled())
+        if key not in self.query_choices:
+            self.query_choices[key] = self._measure_query(phi, batch)
+        return str(self.query_choices[key]["choice"])
+
+    def _measure_query(self, phi: Params, batch: TaskBatch) -> dict[str, Any]:
+        grad_mode = torch.is_grad_enabled()
+        p = {k: v.detach().requires_grad_(grad_mode) for k, v in phi.items()}
+        run = {"vmap": lambda: vmap(self.loss_and_metric)(p, batch.query_x, batch.query_y),
+               "loop": lambda: self._query_loop(p, batch)}
+        dev = batch.query_x.device
+        times: dict[str, list[float]] = {"vmap": [], "loop": []}
+        for _ in range(2):
+            for name, fn in run.items():
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                loss = fn()[0].sum()
+                if grad_mode:
+                    torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times[name].append(time.perf_counter() - t0)
+        best = {k: min(v) for k, v in times.items()}
+        return {"choice": min(best, key=best.__getitem__), **{f"{k}_s": v for k, v in best.items()}}
 
     def evaluate(self, theta: Params, rho: Params, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Adapt to each task of ``batch`` and return per-task query losses and metrics."""
@@ -318,19 +408,31 @@ def imaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch:
     """iMAML (GD or Hessian-free inner solver): one batched Proximal call over the meta-batch."""
     layer = learner.layer
     assert layer is not None, "imaml_meta_gradient needs an iMAML learner"
+    clock = learner.clock
     lam = learner.lam_value(rho)
-    phi = layer(theta, batch.support_x, batch.support_y, lam=lam if rho else None, batched=learner.config.batching)
+    with clock("inner loop"):
+        phi = layer(theta, batch.support_x, batch.support_y, lam=lam if rho else None, batched=learner.config.batching)
     # Capture the backward's right-hand sides v_b = dL/dφ_b to report relative CG residuals.
     rhs: dict[str, Tensor] = {}
     for k, v in phi.items():
         v.register_hook(lambda g, k=k: rhs.__setitem__(k, g.detach()))
-    losses, metrics = learner.query(phi, batch)
-    loss = losses.mean()
+    with clock("query forward"):
+        losses, metrics = learner.query(phi, batch)
+        loss = losses.mean()
     keys, rkeys = list(theta), list(rho)
-    gs = torch.autograd.grad(loss, [theta[k] for k in keys] + [rho[k] for k in rkeys], allow_unused=True)
+    with clock("backward"):  # the query backward, then the layer's (Krylov solve, closed-form VJP)
+        gs = torch.autograd.grad(loss, [theta[k] for k in keys] + [rho[k] for k in rkeys], allow_unused=True)
     grads = {k: torch.zeros_like(theta[k]) if g is None else g for k, g in zip(keys, gs[: len(keys)])}
     rho_grads = {k: torch.zeros_like(rho[k]) if g is None else g for k, g in zip(rkeys, gs[len(keys) :])}
+    with clock("health statistics"):
+        stats = _imaml_stats(learner, layer, phi, batch, rhs, rho)
+    return MetaGradient(loss.detach(), metrics.mean(), grads, rho_grads, stats)
 
+
+def _imaml_stats(learner: MetaLearner, layer: bilevel.Proximal, phi: Params, batch: TaskBatch, rhs: dict[str, Tensor],
+                 rho: Params) -> dict[str, float]:
+    """The log's statistics of one iMAML meta-step, from the layer's diagnostics (host reads
+    happen here, once per meta-step, after the solves)."""
     stats: dict[str, float] = {}
     fwd, bwd = layer.diagnostics.forward, layer.diagnostics.backward
     if fwd is not None:
@@ -354,7 +456,7 @@ def imaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch:
         # (imaml-dev, whose λ acts only in the pull-back step).
         shift = stats.get("lam_max", cfg.lam) if cfg.recipe == "proximal" else 0.0
         stats["inner_lr_curvature"] = float((cfg.inner_lr * (hmax + shift)).max())
-    return MetaGradient(loss.detach(), metrics.mean(), grads, rho_grads, stats)
+    return stats
 
 
 def inner_health(res: Any) -> dict[str, float]:
@@ -430,35 +532,38 @@ class PullbackSGD:
 
 
 def maml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
-    """Second-order MAML: reverse mode through the unrolled, vmapped inner SGD."""
-
-    def task(th: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor, Params]:
-        phi = learner.sgd_adapt(th, xs, ys)
-        loss, metric = learner.loss_and_metric(phi, xq, yq)
-        return loss, metric, {k: v.detach() for k, v in phi.items()}
-
-    losses, metrics, phi = vmap(task, in_dims=(None, 0, 0, 0, 0))(
-        theta, batch.support_x, batch.support_y, batch.query_x, batch.query_y
-    )
-    loss = losses.mean()
+    """Second-order MAML: reverse mode through the unrolled, vmapped inner SGD (the query
+    pass as every algorithm's, :meth:`MetaLearner.query`)."""
+    clock = learner.clock
+    with clock("inner loop"):  # unrolled, vmapped over the tasks, with a graph back to θ
+        phi = vmap(learner.sgd_adapt, in_dims=(None, 0, 0))(theta, batch.support_x, batch.support_y)
+    with clock("query forward"):
+        losses, metrics = learner.query(phi, batch)
+        loss = losses.mean()
     keys = list(theta)
-    gs = torch.autograd.grad(loss, [theta[k] for k in keys])
-    stats = {"inner_grad_norm": float(learner.support_grad_norm(phi, batch).mean())}
+    with clock("backward"):  # the query backward, then back through the unrolled inner loop
+        gs = torch.autograd.grad(loss, [theta[k] for k in keys])
+    with clock("health statistics"):
+        stats = {"inner_grad_norm": float(learner.support_grad_norm(phi, batch).mean())}
     return MetaGradient(loss.detach(), metrics.mean(), dict(zip(keys, gs)), {}, stats)
 
 
 def fomaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
     """First-order MAML: the mean over tasks of the query gradient at the adapted φ_b."""
-    phi = learner.adapt(theta, rho, batch)
+    clock = learner.clock
+    with clock("inner loop"):
+        phi = learner.adapt(theta, rho, batch)
 
-    def qgrad(p: Params, xq: Tensor, yq: Tensor) -> tuple[Params, tuple[Tensor, Tensor]]:
-        loss, metric = learner.loss_and_metric(p, xq, yq)
-        return loss, (loss.detach(), metric)
-
-    g, (losses, metrics) = vmap(grad(qgrad, has_aux=True))(phi, batch.query_x, batch.query_y)
-    grads = {k: g[k].mean(0) for k in theta}
-    stats = {"inner_grad_norm": float(learner.support_grad_norm(phi, batch).mean())}
-    return MetaGradient(losses.mean(), metrics.mean(), grads, {}, stats)
+    phi = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+    with clock("query forward"):
+        losses, metrics = learner.query(phi, batch)
+    keys = list(theta)
+    with clock("backward"):  # the query gradients at the φ_b; their mean over tasks
+        gs = torch.autograd.grad(losses.mean(), [phi[k] for k in keys])
+        grads = {k: g.sum(0) for k, g in zip(keys, gs)}
+    with clock("health statistics"):
+        stats = {"inner_grad_norm": float(learner.support_grad_norm(phi, batch).mean())}
+    return MetaGradient(losses.mean().detach(), metrics.mean(), grads, {}, stats)
 
 
 def reptile_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
@@ -491,10 +596,22 @@ def _imaml_gd_layer(learner: MetaLearner) -> bilevel.Proximal:
         lam = cfg.lam + cfg.lam_damping
         damping = cfg.cg_damping * lam
     else:
-        # monitor=True: the inner-loop health columns (one extra gradient and a norm per step).
-        solver, lam, damping = GradientDescent(lr=cfg.inner_lr, steps=cfg.inner_steps, monitor=True), cfg.lam, 0.0
+        solver, lam, damping = inner_solver(cfg), cfg.lam, 0.0
     return bilevel.Proximal(learner.support_loss, lam=lam, solver=solver, linsolve=_backward_linsolve(cfg),
                             damping=damping, on_failure="ignore", hvp=cfg.hvp)
+
+
+def inner_solver(cfg: LearnerConfig) -> Any:
+    """iMAML-GD's inner solver for ``cfg``: ``inner_steps`` steps of the chosen first-order
+    method, monitored (the health columns: one norm per step and one extra gradient, all on
+    the device, no host sync inside the loop), compiled if ``cfg.compile`` says so."""
+    compile: Any = False if cfg.compile == "off" else (True if cfg.compile == "default" else cfg.compile)
+    common = dict(lr=cfg.inner_lr, steps=cfg.inner_steps, monitor=True, compile=compile)
+    if cfg.inner_optimizer == "adam":
+        return Adam(**common)  # type: ignore[arg-type]
+    if cfg.inner_optimizer in ("momentum", "nesterov"):
+        return GradientDescent(momentum=cfg.inner_momentum, nesterov=cfg.inner_optimizer == "nesterov", **common)  # type: ignore[arg-type]
+    return GradientDescent(**common)  # type: ignore[arg-type]
 
 
 def _imaml_hf_layer(learner: MetaLearner) -> bilevel.Proximal:
@@ -538,8 +655,10 @@ class Algorithm:
 
 _SGD_BASELINE = {"sinusoid": (1, 1, 0.01), "omniglot": (1, 5, 0.4), "miniimagenet": (5, 5, 0.01)}
 _ALL = (
+    # Omniglot: 3 GD steps of 0.4 (with 2 MINRES steps, config.py), measured at equal training
+    # time against 16 steps of 0.1 and other budgets (README "A cheaper inner solve").
     Algorithm("imaml", imaml_meta_gradient, _imaml_gd_layer,
-              {"sinusoid": (16, 16, 0.01), "omniglot": (16, 16, 0.1), "miniimagenet": (16, 16, 0.01)}),
+              {"sinusoid": (16, 16, 0.01), "omniglot": (3, 3, 0.4), "miniimagenet": (16, 16, 0.01)}),
     Algorithm("imaml-hf", imaml_meta_gradient, _imaml_hf_layer,
               {"sinusoid": (5, 5, 0.01), "omniglot": (5, 5, 0.1), "miniimagenet": (5, 5, 0.01)}),
     Algorithm("maml", maml_meta_gradient, _no_layer, _SGD_BASELINE),

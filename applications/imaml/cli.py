@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batching", choices=("auto", "vmap", "loop"), default=None,
                    help="how iMAML runs the meta-batch: vmap over tasks (auto, default) or one task at a time (loop: less "
                    "memory, slower with few examples per task)")
+    g.add_argument("--inner-optimizer", choices=("gd", "momentum", "nesterov", "adam"), default=None,
+                   help="iMAML-GD's inner method: gd (default, the paper's), momentum (heavy ball) or nesterov with "
+                   "--inner-momentum, or adam (step --inner-lr)")
+    g.add_argument("--inner-momentum", type=float, default=None, help="momentum coefficient of --inner-optimizer momentum/nesterov (default 0.9)")
+    g.add_argument("--compile", choices=("off", "default", "reduce-overhead"), default=None,
+                   help="torch.compile each step of iMAML-GD's inner loop, health statistics included (default off; "
+                   "reduce-overhead: CUDA graphs on a GPU); the first meta-step of each batch shape compiles")
+    g.add_argument("--query-batching", choices=("auto", "vmap", "loop"), default=None,
+                   help="how every algorithm runs its query pass over the tasks: vmap, a loop, or auto (default: the faster, "
+                   "measured once per shape)")
     g.add_argument("--power-iters", type=_nonneg_int, default=None,
                    help="power iterations per meta-step estimating inner_lr·(H_max+λ) for the log (default 0: off)")
     g.add_argument("--hf-cg-steps", type=_positive_int, default=None, help="CG iterations per Newton step of iMAML-HF (default 5)")
@@ -119,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=_positive_int, default=None, help="meta-steps between checkpoints (default 500)")
     g.add_argument("--time-limit", type=_positive_float, default=None,
                    help="stop training after this many seconds (at a step boundary, with a checkpoint): a compute budget")
+    g.add_argument("--time-budget", type=_positive_float, default=None,
+                   help="stop once the run has trained this many seconds (log.csv's elapsed_seconds: meta-steps only, "
+                   "validation excluded, counted across --resume): equal-time comparisons of algorithms")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
     g.add_argument("--overwrite", action="store_true", help="start over even if OUT/checkpoint.pt exists")
     g.add_argument("--evaluate", action="store_true", help="evaluate on the test episodes after training")
@@ -149,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = (
     "dataset", "data_root", "ways", "shots", "queries", "split_scheme", "algorithm", "meta_steps", "meta_batch",
     "inner_steps", "inner_lr", "lam", "learn_lam", "lam_min", "lam_lr", "cg_steps", "cg_tol", "hf_cg_steps", "linsolve", "hvp",
-    "recipe", "cg_damping", "lam_damping", "power_iters", "batching", "adam_eps", "eval_every", "val_episodes",
+    "recipe", "cg_damping", "lam_damping", "power_iters", "batching", "inner_optimizer", "inner_momentum", "compile", "query_batching", "adam_eps", "eval_every", "val_episodes",
     "outer_lr", "filters", "seed", "device", "dtype", "out", "checkpoint_every", "eval_episodes", "eval_batch",
     "eval_seed",
 )
@@ -202,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None, *, log: Callable[[str], None] = p
                     f"(meta-batch {cfg.meta_batch}, device {cfg.device}{procs}); outputs in {cfg.out}")
                 summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
                                 progress=not args.no_progress and ctx.is_writer, log=log, time_limit=args.time_limit,
-                                dist_ctx=ctx)
+                                dist_ctx=ctx, time_budget=args.time_budget)
                 log(f"trained to step {summary['step']}; checkpoint {summary['checkpoint']}, log {summary['log']}")
                 if args.evaluate and ctx.is_writer:
                     evaluate_checkpoint(summary["checkpoint"], progress=not args.no_progress, log=log)

@@ -21,13 +21,14 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["add_parser", "plot_learning_curves", "plot_sinusoid_fits", "run"]
+__all__ = ["add_parser", "plot_learning_curves", "plot_sinusoid_fits", "plot_time_to_accuracy", "run"]
 
 #: Fraction of a run's meta-steps averaged by the running mean of the training curves.
 SMOOTH_FRACTION = 0.05
@@ -430,6 +431,96 @@ def plot_sinusoid_fits(checkpoint: str | Path, out_png: str | Path, *, tasks: in
         plt.close(fig)
 
 
+_SEED_SUFFIX = re.compile(r"-s(\d+)$")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _group_and_seed(run: _Run) -> tuple[str, int]:
+    """The configuration a run belongs to (its folder name without ``-s<seed>``, else its
+    label without the seed) and its seed."""
+    name = run.folder.resolve().name
+    m = _SEED_SUFFIX.search(name)
+    if m:
+        return name[: m.start()], int(m.group(1))
+    seed = int(run.config.get("seed", 0))
+    return re.sub(r" seed \d+$", "", run.default_label()), seed
+
+
+def plot_time_to_accuracy(
+    run_dirs: Sequence[str | Path],
+    out_png: str | Path,
+    *,
+    title: Optional[str] = None,
+    order: Optional[Sequence[str]] = None,
+) -> Path:
+    """Validation metric against training seconds and against meta-steps: one colour per
+    configuration, one line style per seed (so that many runs stay readable).
+
+    A run's configuration is its folder name without the ``-s<seed>`` suffix (the protocol
+    scripts' naming: ``imaml-s0``, ``imaml-s1`` share a colour), else its label without the
+    seed.  Each curve is the run's ``val.csv``; its 95% band is drawn faintly.  The legend
+    gives, per configuration, each seed's test result (``metrics.json``) where present.
+
+    Args:
+        run_dirs: training output folders with ``log.csv`` and ``val.csv``.
+        out_png: the PNG to write.
+        title: figure title (default: the setting).
+        order: configurations in legend / colour order (default: as first met).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: no run has a ``val.csv``.
+    """
+    runs = [_Run(Path(d)) for d in run_dirs]
+    runs = [r for r in runs if r.val is not None]
+    if not runs:
+        raise ValueError("none of the run folders has a val.csv (train with --eval-every N)")
+    groups: dict[str, list[tuple[int, _Run]]] = {}
+    for r in runs:
+        g, seed = _group_and_seed(r)
+        groups.setdefault(g, []).append((seed, r))
+    names = [g for g in (order or []) if g in groups] + [g for g in groups if g not in (order or [])]
+    seeds = sorted({s for v in groups.values() for s, _ in v})
+    plt = _pyplot()
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
+    try:
+        for i, g in enumerate(names):
+            color = f"C{i % 10}" if len(names) <= 10 else plt.get_cmap("tab20")(i % 20)
+            tests = []
+            for seed, r in sorted(groups[g], key=lambda t: t[0]):
+                v = r.val
+                assert v is not None
+                ls = _LINESTYLES[seeds.index(seed) % len(_LINESTYLES)]
+                for ax, x in ((ax_t, v["elapsed"]), (ax_s, v["step"])):
+                    ax.plot(x, v["metric"], color=color, linestyle=ls, linewidth=1.4)
+                    if np.isfinite(v["ci95"]).any():
+                        ax.fill_between(x, v["metric"] - v["ci95"], v["metric"] + v["ci95"], color=color, alpha=0.07,
+                                        linewidth=0)
+                if "mean" in r.metrics:
+                    tests.append(f"{100 * float(r.metrics['mean']):.1f}" if r.task == "classification"
+                                 else f"{float(r.metrics['mean']):.3g}")
+            label = g + (f" (test: {' / '.join(tests)})" if tests else "")
+            ax_t.plot([], [], color=color, linewidth=2.5, label=label)
+        for k, seed in enumerate(seeds):
+            ax_t.plot([], [], color="0.3", linestyle=_LINESTYLES[k % len(_LINESTYLES)], label=f"seed {seed}")
+        metric = "validation accuracy" if runs[0].task == "classification" else "validation MSE"
+        ax_t.set_xlabel("training seconds (meta-steps only, validation excluded)")
+        ax_s.set_xlabel("meta-step")
+        for ax in (ax_t, ax_s):
+            ax.set_ylabel(metric)
+            ax.grid(True, alpha=0.3)
+        if runs[0].task == "regression":
+            _log_scale_if_positive(ax_t, *[r.val["metric"] for r in runs if r.val is not None])
+            _log_scale_if_positive(ax_s, *[r.val["metric"] for r in runs if r.val is not None])
+        fig.suptitle(title or (runs[0].setting() or "") + ": time to accuracy", fontsize=11)
+        _legend_below(fig, ax_t, ncol=3)
+        return _save(fig, out_png)
+    finally:
+        plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------
@@ -454,6 +545,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="PNG to write (default RUN_DIR/curves.png for one run, else ./curves.png)")
     p.add_argument("--labels", default=None, help="comma-separated legend labels, one per run")
     p.add_argument("--title", default=None, help="figure title (default: the dataset setting)")
+    p.add_argument("--by-seed", action="store_true",
+                   help="time to accuracy: validation metric against training seconds and meta-steps, one colour per "
+                   "configuration (folder name without -s<seed>), one line style per seed")
     p.add_argument("--fits", action="store_true",
                    help="also write RUN_DIR/fits.png for sinusoid runs (test-task fits from RUN_DIR/checkpoint.pt)")
     p.set_defaults(func=run)
@@ -486,7 +580,10 @@ def run(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> int:
     if labels is not None and len(labels) != len(folders):
         raise ValueError(f"--labels has {len(labels)} labels for {len(folders)} run folders; give one per run")
     out = Path(args.out) if args.out else (folders[0] / "curves.png" if len(folders) == 1 else Path("curves.png"))
-    log(f"wrote {plot_learning_curves(folders, out, labels=labels, title=args.title)}")
+    if getattr(args, "by_seed", False):
+        log(f"wrote {plot_time_to_accuracy(folders, out, title=args.title)}")
+    else:
+        log(f"wrote {plot_learning_curves(folders, out, labels=labels, title=args.title)}")
     if args.fits:
         for folder in folders:
             ckpt = folder / "checkpoint.pt"

@@ -11,6 +11,10 @@ setting this writes:
   over seeds), median seconds per meta-step; then the **equal wall-clock** comparison:
   each run's last validation accuracy measured within the training time of the fastest
   complete run in the setting (what a user who stopped every run at that time would have);
+* ``time_table.md``, the validation accuracy of each configuration at a few equal training
+  times (up to the end of the shortest run), and ``time_to_accuracy.png`` (validation
+  accuracy against training seconds and meta-steps, one colour per configuration and one
+  line style per seed, :func:`~applications.imaml.plot.plot_time_to_accuracy`);
 * ``curves.png`` (iMAML-GD at the default λ and every other configuration,
   :func:`~applications.imaml.plot.plot_learning_curves`), ``curves_all.png`` (all runs) and
   ``sweep.png`` (test accuracy of iMAML-GD against λ, the other configurations as bands);
@@ -31,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .plot import _pyplot, _Run, plot_learning_curves
+from .plot import _pyplot, _Run, plot_learning_curves, plot_time_to_accuracy
 
 __all__ = ["group_runs", "main", "report_setting"]
 
@@ -132,7 +136,28 @@ def report_setting(setting_dir: Path, out: Path, default_lam: str = "0.1") -> di
                         for v, s in zip(row["val_at_equal_time"], row["step_at_equal_time"]))
         m = mean_or_nan(row["val_at_equal_time"])
         lines.append(f"| {row['config']} | {per} | {'—' if not np.isfinite(m) else f'{100 * m:.1f}'} |")
+    # Validation at a few equal training times (time = meta-steps × median s/step, as above):
+    # up to the end of the shortest run, so that every configuration is still training there.
+    t_end = min(step_s[row["config"]] * max((int(s) for s in row["val_by_step"]), default=0) for row in rows)
+    times = [t for t in (0.25 * t_end, 0.5 * t_end, t_end) if t > 0]
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    time_lines: list[str] = []
+    if times:
+        time_lines += [f"### {setting_dir.name}: validation accuracy at equal training time (mean over seeds; "
+                  "the last validation point within each time)", "",
+                  "| configuration | " + " | ".join(f"{t:.0f} s" for t in times) + " | test (end of run) |",
+                  "|---|" + "---|" * len(times) + "---|"]
+        for row in sorted(rows, key=lambda row: -row["test_mean"]):
+            rs = groups[row["config"]]
+            cells = []
+            for t in times:
+                v = mean_or_nan([_last_val_within(r, t, step_s[row["config"]])[0] for r in rs])
+                cells.append("—" if not np.isfinite(v) else f"{100 * v:.1f}")
+            time_lines.append(f"| {row['config']} | " + " | ".join(cells) + f" | {100 * row['test_mean']:.2f} |")
+        (out / "time_table.md").write_text("\n".join(time_lines) + "\n")
+    plot_time_to_accuracy([r.folder for r in runs], out / "time_to_accuracy.png",
+                          title=f"Omniglot {setting_dir.name}: validation accuracy against training time",
+                          order=[row["config"] for row in rows])
 
     plot_learning_curves([r.folder for r in runs], out / "curves_all.png",
                          labels=[r.folder.name for r in runs], title=f"Omniglot {setting_dir.name} (CPU protocol, all runs)")
@@ -146,7 +171,7 @@ def report_setting(setting_dir: Path, out: Path, default_lam: str = "0.1") -> di
     summary = {"setting": setting_dir.name, "equal_time_seconds": t_equal,
                "rows": [{**row, "val_by_step": {str(k): v for k, v in row["val_by_step"].items()}} for row in rows]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines + [""] + time_lines))
     return summary
 
 

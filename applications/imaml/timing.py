@@ -20,7 +20,7 @@ import torch
 from .algorithms import ALGORITHMS
 from .config import resolve_config
 from .tasks import make_task_source
-from .train import build_learner, peak_memory_mb
+from .train import build_learner, peak_memory_mb, set_meta_gradients
 
 
 def time_algorithm(algorithm: str, steps: int, warmup: int, **kw: object) -> dict[str, object]:
@@ -38,10 +38,7 @@ def time_algorithm(algorithm: str, steps: int, warmup: int, **kw: object) -> dic
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         res = learner.meta_gradient(theta, rho, batch)
-        for k, p in theta.items():
-            p.grad = res.grads[k]
-        for k, p in rho.items():
-            p.grad = res.rho_grads[k]
+        set_meta_gradients(theta, rho, res)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":

@@ -45,7 +45,7 @@ from .distributed import DistContext, check_in_sync, shard
 from .rundir import RunLock, discard_old_run, new_run_id, read_run_id, remove_stale_temporaries
 from .tasks import TaskSource, make_task_source
 
-__all__ = ["CSV_COLUMNS", "VAL_COLUMNS", "Trainer", "build_learner", "load_learner", "train"]
+__all__ = ["CSV_COLUMNS", "VAL_COLUMNS", "Trainer", "build_learner", "load_learner", "set_meta_gradients", "train"]
 
 CSV_COLUMNS = (
     "step",
@@ -76,7 +76,8 @@ VAL_COLUMNS = ("step", "elapsed_seconds", "val_metric", "val_ci95", "val_loss", 
 BEST_NAME = "best.pt"
 
 # Keys of RunConfig that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_OVERRIDES = ("meta_steps", "device", "data_root", "checkpoint_every", "out", "eval_episodes", "eval_batch", "power_iters", "batching")
+RESUMABLE_OVERRIDES = ("meta_steps", "device", "data_root", "checkpoint_every", "out", "eval_episodes", "eval_batch", "power_iters", "batching",
+                       "compile", "query_batching")
 
 
 def build_learner(cfg: RunConfig, image_shape: tuple[int, ...]) -> tuple[MetaLearner, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -100,6 +101,15 @@ def load_learner(cfg: RunConfig, image_shape: tuple[int, ...], ckpt: dict[str, A
         for k, v in rho.items():
             v.copy_(ckpt["rho"][k])
     return learner, theta, rho
+
+
+def set_meta_gradients(theta: dict[str, torch.Tensor], rho: dict[str, torch.Tensor], res: Any) -> None:
+    """Hand a :class:`~.algorithms.MetaGradient` to the outer optimiser: ``.grad`` of every
+    meta-parameter (θ) and raw λ parameter (ρ), detached."""
+    for k, p in theta.items():
+        p.grad = res.grads[k].detach()
+    for k, p in rho.items():
+        p.grad = res.rho_grads[k].detach()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -302,10 +312,7 @@ class Trainer:
             raise FloatingPointError(
                 f"meta-step {self.step + 1}: {err}. The inner problem diverged: lower --inner-lr (or --outer-lr) and train again"
             ) from err
-        for k, p in self.theta.items():
-            p.grad = res.grads[k].detach()
-        for k, p in self.rho.items():
-            p.grad = res.rho_grads[k].detach()
+        set_meta_gradients(self.theta, self.rho, res)
         loss_t, metric_t = res.loss.detach().reshape(()), torch.as_tensor(res.metric).detach().reshape(())
         if self.dist.enabled:
             # One bucketed all-reduce: the mean of the ranks' equal-share meta-gradients is
@@ -349,7 +356,24 @@ class Trainer:
         }
         self._write_row(row)
         self._check_inner_health(st)
+        self._announce_choices()
         return row
+
+    def _announce_choices(self) -> None:
+        """Say once which batching strategies were measured fastest (query pass, inner problems)."""
+        seen = self.__dict__.setdefault("_announced", set())
+        for key, c in self.learner.query_choices.items():
+            if ("query", key) not in seen:
+                seen.add(("query", key))
+                self.log(f"query pass: {c['choice']} over the tasks (measured: vmap {c['vmap_s']:.3f} s, loop {c['loop_s']:.3f} s"
+                         f"{'' if key[1] else ', no grad'})")
+        layer = self.learner.layer
+        sec = layer.diagnostics.strategy_seconds if layer is not None else None
+        if sec and ("layer", tuple(sorted(sec.items()))) not in seen:
+            seen.add(("layer", tuple(sorted(sec.items()))))
+            assert layer is not None
+            self.log(f"inner problems: {layer.diagnostics.strategy} over the tasks (measured, per gradient + Hessian "
+                     f"product: " + ", ".join(f"{k} {v:.3f} s" for k, v in sec.items()) + ")")
 
     def _check_inner_health(self, st: dict[str, float]) -> None:
         """Warn once when the fixed-step inner GD is unstable, naming the knob to turn.
@@ -358,7 +382,8 @@ class Trainer:
         or, over the last :data:`HEALTH_WINDOW` meta-steps, the inner objective rose during
         the loop on most tasks (median ``inner_descent`` below one half).  A stable GD step
         never raises the objective (descent lemma); single meta-batches can cross the line by
-        chance, hence the window.
+        chance, hence the window.  Momentum methods and Adam are not monotone even when stable,
+        so for them the rule is the median gradient ratio (end over start) above 1.
         """
         if self.warned_unstable:
             return
@@ -373,7 +398,13 @@ class Trainer:
         elif len(self.health) >= min(HEALTH_WINDOW, max(1, self.cfg.meta_steps)):
             r = statistics.median(h[0] for h in self.health)
             d = statistics.median(h[1] for h in self.health)
-            if d < 0.5:
+            if self.cfg.learner.inner_optimizer != "gd":
+                # Momentum and Adam need not lower the objective at every step even when
+                # stable (no descent lemma): judge them by where the gradient ends.
+                if r > 1.0:
+                    what = (f"over the last {len(self.health)} meta-steps the inner gradient ended at a median {r:.2f}× "
+                            f"its start ({self.cfg.learner.inner_optimizer} did not reduce it)")
+            elif d < 0.5:
                 what = (f"over the last {len(self.health)} meta-steps the inner objective rose during the loop on a median "
                         f"{100 * (1 - d):.0f}% of the tasks, and its gradient ended at a median {r:.2f}× its start")
         if not what:
@@ -405,9 +436,12 @@ class Trainer:
             self.tb.add_scalar("val_metric", st["mean"], self.step)
         return row
 
-    def run(self, time_limit: Optional[float] = None) -> dict[str, Any]:
-        """Train up to ``cfg.meta_steps``; with ``time_limit`` (seconds of this call), stop
-        earlier at a step boundary once it is exceeded (a compute budget), checkpointing there."""
+    def run(self, time_limit: Optional[float] = None, time_budget: Optional[float] = None) -> dict[str, Any]:
+        """Train up to ``cfg.meta_steps``; with ``time_limit`` (wall-clock seconds of this call)
+        or ``time_budget`` (seconds of training of the whole run, the log's
+        ``elapsed_seconds``: meta-steps only, validation excluded, counted across resumes),
+        stop earlier at a step boundary once it is exceeded, checkpointing there.  The budget
+        is what equal-time comparisons of algorithms need."""
         cfg = self.cfg
         start = self.step
         t_start = time.perf_counter()
@@ -416,6 +450,13 @@ class Trainer:
         metric_name = "acc" if cfg.task == "classification" else "mse"
         bar = tqdm(total=cfg.meta_steps, initial=start, desc=f"meta-train {cfg.algorithm}", unit="step",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        if time_budget is not None and self.elapsed >= time_budget and self.step < cfg.meta_steps:
+            self.log(f"training-time budget of {time_budget:g} s already reached ({self.elapsed:.1f} s trained): "
+                     f"nothing to train (meta-step {self.step})")
+            bar.close()
+            self.save()
+            return {"step": self.step, "last": last, "checkpoint": str(self.ckpt_path), "log": str(self.csv_path),
+                    "stopped_by_time_limit": True}
         try:
             while self.step < cfg.meta_steps:
                 last = self.train_step()
@@ -431,12 +472,16 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.meta_steps:
                     self.save()
-                if time_limit is not None and time.perf_counter() - t_start > time_limit and self.step < cfg.meta_steps:
+                over_limit = time_limit is not None and time.perf_counter() - t_start > time_limit
+                over_budget = time_budget is not None and self.elapsed >= time_budget
+                if (over_limit or over_budget) and self.step < cfg.meta_steps:
                     stopped_by_time = True
                     if cfg.eval_every and self.step % cfg.eval_every != 0:
                         self.validate()
                     self.save()
-                    self.log(f"time limit of {time_limit:g} s reached: stopped after meta-step {self.step} of {cfg.meta_steps}")
+                    what = (f"time limit of {time_limit:g} s" if over_limit
+                            else f"training-time budget of {time_budget:g} s ({self.elapsed:.1f} s trained)")
+                    self.log(f"{what} reached: stopped after meta-step {self.step} of {cfg.meta_steps}")
                     break
         finally:
             bar.close()
@@ -462,14 +507,15 @@ class _NoLock:
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] = print, time_limit: Optional[float] = None,
-          dist_ctx: Optional[DistContext] = None) -> dict[str, Any]:
+          dist_ctx: Optional[DistContext] = None, time_budget: Optional[float] = None) -> dict[str, Any]:
     """Meta-train ``cfg`` (continuing from ``cfg.out/checkpoint.pt`` with ``resume``).
 
-    ``time_limit``: optional wall-clock budget in seconds for this call (see :meth:`Trainer.run`).
+    ``time_limit``: optional wall-clock budget in seconds for this call; ``time_budget``: optional
+    budget of training seconds for the whole run (see :meth:`Trainer.run`).
     """
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log, dist_ctx=dist_ctx)
     try:
-        return trainer.run(time_limit=time_limit)
+        return trainer.run(time_limit=time_limit, time_budget=time_budget)
     except KeyboardInterrupt:
         raise TrainingInterrupted(trainer) from None
     finally:

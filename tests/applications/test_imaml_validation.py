@@ -79,9 +79,12 @@ def test_validation_characters_are_held_out_of_training() -> None:
 def test_omniglot_defaults_are_what_the_readme_says() -> None:
     """applications/imaml/README.md, 'Defaults and where they come from'."""
     five = resolve_config(dataset="omniglot", algorithm="imaml", data_root="x", device="cpu").learner
-    assert (five.lam, five.inner_steps, five.inner_lr, five.linsolve, five.cg_steps, five.recipe) == (0.1, 16, 0.1, "minres", 5, "proximal")
+    assert (five.lam, five.inner_steps, five.inner_lr, five.linsolve, five.cg_steps, five.recipe) == (0.1, 3, 0.4, "minres", 2, "proximal")
+    assert five.inner_optimizer == "gd" and five.compile == "off"
     twenty = resolve_config(dataset="omniglot", algorithm="imaml", ways=20, data_root="x", device="cpu").learner
-    assert (twenty.lam, twenty.inner_steps, twenty.inner_lr) == (0.1, 16, 0.1)
+    assert (twenty.lam, twenty.inner_steps, twenty.inner_lr, twenty.cg_steps) == (0.1, 3, 0.4, 2)
+    hf = resolve_config(dataset="omniglot", algorithm="imaml-hf", data_root="x", device="cpu").learner
+    assert hf.cg_steps == 5
     dev = resolve_config(dataset="omniglot", algorithm="imaml", recipe="imaml-dev", data_root="x", device="cpu")
     assert (dev.learner.lam, dev.learner.cg_damping, dev.learner.lam_damping, dev.adam_eps) == (2.0, 1.0, 10.0, 1e-3)
 
