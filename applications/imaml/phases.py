@@ -318,6 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--inner-optimizer", default=None, choices=("gd", "momentum", "nesterov", "adam"))
     p.add_argument("--compile", default=None, choices=("off", "default", "reduce-overhead"))
     p.add_argument("--batching", default=None, choices=("auto", "vmap", "loop"))
+    p.add_argument("--lam", type=float, default=None)
+    p.add_argument("--query-batching", default=None, choices=("auto", "vmap", "loop"),
+                   help="the query pass of every algorithm (default auto: measured)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -325,12 +328,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [x for x in algs if x not in ALGORITHMS]
     if bad:
         p.error(f"unknown algorithm(s) {bad}; choose from {', '.join(ALGORITHMS)}")
-    extra = {k: getattr(a, k) for k in ("inner_steps", "cg_steps", "inner_lr", "inner_optimizer", "compile", "batching")
+    extra = {k: getattr(a, k) for k in ("inner_steps", "cg_steps", "inner_lr", "inner_optimizer", "compile", "batching", "lam")
              if getattr(a, k) is not None}
+    shared = {"query_batching": a.query_batching} if a.query_batching else {}
     res = profile(algs, a.rounds, a.warmup, imaml=extra, dataset=a.dataset, data_root=a.data_root, ways=a.ways, shots=a.shots,
-                  meta_batch=a.meta_batch, filters=a.filters, device=a.device)
+                  meta_batch=a.meta_batch, filters=a.filters, device=a.device, **shared)
     title = (f"{a.dataset} {a.ways}-way {a.shots}-shot, meta-batch {a.meta_batch}, {a.device}, "
-             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}" + (f", {extra}" if extra else ""))
+             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}" + (f", iMAML {extra}" if extra else "")
+             + (f", query {a.query_batching}" if a.query_batching else ""))
     lines, rows = table(res)
     print(title)
     print("\n".join(lines))

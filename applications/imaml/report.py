@@ -145,7 +145,8 @@ def report_setting(setting_dir: Path, out: Path, default_lam: str = "0.1") -> di
     if times:
         time_lines += [f"### {setting_dir.name}: validation accuracy at equal training time (mean over seeds; "
                   "the last validation point within each time)", "",
-                  "| configuration | " + " | ".join(f"{t:.0f} s" for t in times) + " | test (end of run) |",
+                  "| configuration | " + " | ".join(f"{t:.0f} s" if t >= 10 else f"{t:.2g} s" for t in times)
+                  + " | test (end of run) |",
                   "|---|" + "---|" * len(times) + "---|"]
         for row in sorted(rows, key=lambda row: -row["test_mean"]):
             rs = groups[row["config"]]

@@ -181,3 +181,45 @@ def test_imaml_meta_step_host_reads_do_not_grow_with_the_budgets() -> None:
             reads[(steps, cg, opt)] = counts["n"]
     assert reads[(2, 2, "gd")] == reads[(7, 6, "gd")], reads
     assert reads[(2, 2, "nesterov")] == reads[(7, 6, "nesterov")], reads
+
+
+def test_time_to_accuracy_plot_groups_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from applications.imaml.cli import main
+    from applications.imaml.plot import _group_and_seed, _Run, plot_time_to_accuracy
+
+    runs = []
+    for name, lam in (("imaml-s0", "1"), ("imaml-s1", "1"), ("other-s0", "2")):
+        out = tmp_path / name
+        seed = name[-1]
+        assert main(["train", "--dataset", "sinusoid", "--meta-steps", "4", "--meta-batch", "2", "--inner-steps", "2",
+                     "--eval-every", "2", "--val-episodes", "4", "--lam", lam, "--seed", seed, "--out", str(out),
+                     "--no-progress", "--device", "cpu"]) == 0
+        runs.append(out)
+    assert [_group_and_seed(_Run(r)) for r in runs] == [("imaml", 0), ("imaml", 1), ("other", 0)]
+    png = plot_time_to_accuracy(runs, tmp_path / "tta.png")
+    assert png.stat().st_size > 0
+    assert main(["plot", *map(str, runs), "--by-seed", "--out", str(tmp_path / "cli.png")]) == 0
+    assert "cli.png" in capsys.readouterr().out
+    bare = tmp_path / "bare"
+    assert main(["train", "--dataset", "sinusoid", "--meta-steps", "2", "--meta-batch", "2", "--inner-steps", "2",
+                 "--out", str(bare), "--no-progress", "--device", "cpu"]) == 0
+    with pytest.raises(ValueError, match="val.csv"):
+        plot_time_to_accuracy([bare], tmp_path / "none.png")
+
+
+def test_report_writes_the_equal_time_table_and_figure(tmp_path: Path) -> None:
+    from applications.imaml.cli import main
+    from applications.imaml.report import main as report_main
+
+    setting = tmp_path / "proto" / "sin"
+    for name, lam in (("a", "0.5"), ("b", "2")):
+        for seed in (0, 1):
+            assert main(["train", "--dataset", "sinusoid", "--meta-steps", "4", "--meta-batch", "2", "--inner-steps", "2",
+                         "--eval-every", "2", "--val-episodes", "6", "--evaluate", "--eval-episodes", "6", "--seed",
+                         str(seed), "--lam", lam, "--no-progress", "--device", "cpu", "--out", str(setting / f"{name}-s{seed}")]) == 0
+    assert report_main([str(tmp_path / "proto"), "--out", str(tmp_path / "res")]) == 0
+    text = (tmp_path / "res" / "sin" / "time_table.md").read_text()
+    assert "equal training time" in text and text.count("\n| a |") == 1 and text.count("\n| b |") == 1
+    assert text.splitlines()[2].count(" s |") == 3  # three equal times
+    data = (tmp_path / "res" / "sin" / "time_to_accuracy.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
