@@ -42,8 +42,9 @@ def _strategy(batched: Any, x: Any, name: str) -> str | None:
     raise BilevelValueError(f"{name}: batched must be False, True or one of {_STRATEGIES}, got {batched!r}")
 
 
-#: Rounds of the ``batched="auto"`` measurement (after one untimed warm-up of each strategy).
-PROBE_ROUNDS = 2
+#: ``batched="auto"`` times a second round only when the first round's two times are
+#: closer than this ratio (a clear winner is not measured twice).
+PROBE_CLOSE = 1.3
 
 
 def _probe_clock(fn: Callable[[], Any], device: torch.device) -> float:
@@ -72,9 +73,13 @@ def _measure_strategies(one: Callable[..., Tensor], x0: Any, args: tuple, dims: 
     """Seconds per strategy of what a batched solve is made of: one gradient and one
     Hessian-vector product of the objective for every task -- vmapped over the tasks, or one
     task at a time.  The inner solver's steps and the Krylov iterations of the backward are
-    repetitions of exactly these, so their ratio is the solve's.  One untimed warm-up of each
-    (the first ``torch.func`` transform of a process imports modules), then
-    :data:`PROBE_ROUNDS` interleaved rounds; the fastest round of each counts."""
+    repetitions of exactly these, so their ratio is the solve's.
+
+    Cost, once per shape: a warm-up gradient each way (the first ``torch.func`` transform of
+    a process imports modules; the allocator warms up), then one timed round each; a second
+    round, interleaved, only if the two are within :data:`PROBE_CLOSE` of each other (the
+    faster round of each counts).  That is about two to four meta-steps' worth of gradients
+    of one inner step -- a fraction of one meta-step of a 16-step inner loop."""
     from ._implicit import _suspended_saved_tensor_hooks
     from .solvers._base import hvp, value_and_grad
 
@@ -84,27 +89,32 @@ def _measure_strategies(one: Callable[..., Tensor], x0: Any, args: tuple, dims: 
     batched_obj = torch.func.vmap(one, in_dims=(0, *dims))
     n = batch_size(x)
 
-    def vmapped() -> None:
+    def vmapped(with_hvp: bool = True) -> None:
         value_and_grad(batched_obj, x, a, batched=True)
-        hvp(batched_obj, x, v, a, batched=True)
+        if with_hvp:
+            hvp(batched_obj, x, v, a, batched=True)
 
-    def looped() -> None:
+    def looped(with_hvp: bool = True) -> None:
         for b in range(n):
             xb, vb = tree_map(lambda t, b=b: t[b], x), tree_map(lambda t, b=b: t[b], v)
             ab = task_slice(a, dims, b)
             value_and_grad(one, xb, ab)
-            hvp(one, xb, vb, ab)
+            if with_hvp:
+                hvp(one, xb, vb, ab)
 
     device = tree_flatten(x)[0][0].device
     runs = {"vmap": vmapped, "loop": looped}
-    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    seconds: dict[str, float] = {}
     with _suspended_saved_tensor_hooks():
-        for r in range(1 + PROBE_ROUNDS):
+        for fn in runs.values():
+            fn(False)  # warm-up
+        for _ in range(2):
             for k, fn in runs.items():
                 t = _probe_clock(fn, device)
-                if r > 0:
-                    seconds[k].append(t)
-    return {k: min(ts) for k, ts in seconds.items()}
+                seconds[k] = min(t, seconds.get(k, t))
+            if max(seconds.values()) > PROBE_CLOSE * min(seconds.values()):
+                break
+    return seconds
 
 
 def _solution_tree(result: Any) -> Any:
