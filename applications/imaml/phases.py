@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .algorithms import ALGORITHMS
+from .algorithms import ALGORITHMS, no_clock
 from .config import resolve_config
 from .tasks import make_task_source
 from .train import build_learner, set_meta_gradients
@@ -170,7 +170,7 @@ class _Split:
                 del obj.__dict__[name]
             else:
                 setattr(obj, name, val)
-        self.learner.clock = _no_clock()
+        self.learner.clock = no_clock
 
     def finish(self, clock: PhaseClock) -> None:
         s = clock.seconds
@@ -186,12 +186,6 @@ class _Split:
             s["backward through the inner loop"] = rest
         else:
             s["query backward"] += rest
-
-
-def _no_clock() -> Callable[[str], Any]:
-    from .algorithms import no_clock
-
-    return no_clock
 
 
 def _instrument(learner: Any, clock: PhaseClock) -> _Split:
