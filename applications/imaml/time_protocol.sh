@@ -76,7 +76,9 @@ jobs() {  # name | ways | meta-steps | eval-every | flags
     echo "sweep20/imaml-gd16-m5-lam0.1-s0|20|$STEPS|25|--algorithm imaml --inner-steps 16 --inner-lr 0.1 --cg-steps 5 --lam 0.1"
     echo "sweep20/imaml-gd8-lr0.2-m3-lam0.1-s0|20|$STEPS|25|--algorithm imaml --inner-steps 8 --inner-lr 0.2 --cg-steps 3 --lam 0.1"
     echo "sweep20/imaml-gd5-lr0.3-m2-lam0.1-s0|20|$STEPS|25|--algorithm imaml --inner-steps 5 --inner-lr 0.3 --cg-steps 2 --lam 0.1"
+    echo "sweep20/imaml-gd5-lr0.3-m2-lam0.03-s0|20|$STEPS|25|--algorithm imaml --inner-steps 5 --inner-lr 0.3 --cg-steps 2 --lam 0.03"
     echo "sweep20/maml-s0|20|$STEPS|25|--algorithm maml"
+    echo "sweep20/maml-lr0.1-s0|20|$STEPS|25|--algorithm maml --inner-lr 0.1"
     echo "sweep20/fomaml-s0|20|$STEPS|25|--algorithm fomaml"
     ;;
   final20)  # 20-way 1-shot, the three algorithms, STEPS meta-steps, two seeds, iMAML-GD at IMAML20

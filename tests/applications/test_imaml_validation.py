@@ -82,7 +82,7 @@ def test_omniglot_defaults_are_what_the_readme_says() -> None:
     assert (five.lam, five.inner_steps, five.inner_lr, five.linsolve, five.cg_steps, five.recipe) == (0.1, 3, 0.4, "minres", 2, "proximal")
     assert five.inner_optimizer == "gd" and five.compile == "off"
     twenty = resolve_config(dataset="omniglot", algorithm="imaml", ways=20, data_root="x", device="cpu").learner
-    assert (twenty.lam, twenty.inner_steps, twenty.inner_lr, twenty.cg_steps) == (0.1, 3, 0.4, 2)
+    assert (twenty.lam, twenty.inner_steps, twenty.inner_lr, twenty.cg_steps) == (0.1, 5, 0.3, 2)
     hf = resolve_config(dataset="omniglot", algorithm="imaml-hf", data_root="x", device="cpu").learner
     assert hf.cg_steps == 5
     dev = resolve_config(dataset="omniglot", algorithm="imaml", recipe="imaml-dev", data_root="x", device="cpu")
