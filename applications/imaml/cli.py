@@ -1,8 +1,9 @@
 """Command line: ``python -m applications.imaml [train|evaluate] ...``.
 
 With no arguments: meta-train iMAML-GD on 5-shot sinusoid regression (generated, no
-download) for :data:`DEFAULT_RUN_STEPS` meta-steps and evaluate on 600 test tasks,
-about 100 seconds on two CPU cores (102 s measured), writing learning curves and fits.
+download) with the settings of :data:`DEFAULT_RUN` (1000 meta-steps) and evaluate on 600
+test tasks, writing learning curves and fits (its time on the development machine: the
+application's README).
 """
 
 from __future__ import annotations

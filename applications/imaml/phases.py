@@ -269,7 +269,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     algs = list(dict.fromkeys(r["algorithm"] for r in rows))
     phases = [p.strip() for p in PHASES if p.strip() != "of which health"]
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(algs)))
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(algs)))
     try:
         for i, a in enumerate(algs):
             left = 0.0
@@ -284,11 +284,33 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_title(title, fontsize=9)
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+        # beside the bars, never over them
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     finally:
         plt.close(fig)
+
+
+def _combine(p: argparse.ArgumentParser, specs: Sequence[str], out: Path) -> int:
+    """Several profiles (before / after a change) on one figure and in one CSV."""
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            p.error(f"--combine takes LABEL=CSV, got {spec!r}")
+        if not Path(path).is_file():
+            p.error(f"--combine: no file {path}")
+        with open(path, newline="") as f:
+            rows += [dict(r, algorithm=f"{label}: {r['algorithm']}", median_s=float(r["median_s"])) for r in csv.DictReader(f)]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "phases.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, out / "phases.png", "seconds per meta-step by phase: " + ", ".join(s.partition("=")[0] for s in specs))
+    print(f"wrote {out / 'phases.csv'} and {out / 'phases.png'}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -315,7 +337,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lam", type=float, default=None)
     p.add_argument("--query-batching", default=None, choices=("auto", "vmap", "loop"),
                    help="the query pass of every algorithm (default auto: measured)")
+    p.add_argument("--combine", nargs="+", metavar="LABEL=CSV", default=None,
+                   help="measure nothing: draw earlier phases.csv files on one figure (bars named 'LABEL: algorithm')")
     a = p.parse_args(argv)
+    if a.combine:
+        return _combine(p, a.combine, Path(a.out))
     if a.threads:
         torch.set_num_threads(a.threads)
     algs = [x for x in a.algorithms.split(",") if x]

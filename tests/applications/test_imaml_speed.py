@@ -146,6 +146,19 @@ def test_phases_profiler_writes_a_table(tmp_path: Path, capsys: pytest.CaptureFi
         assert parts == pytest.approx(totals[alg], rel=0.5)
     assert (tmp_path / "phases.png").stat().st_size > 0
 
+    # Two profiles on one figure: every row kept, the bars named by label.
+    both = tmp_path / "both"
+    assert phases.main(["--combine", f"before={tmp_path / 'phases.csv'}", f"after={tmp_path / 'phases.csv'}",
+                        "--out", str(both)]) == 0
+    combined = _rows(both / "phases.csv")
+    assert len(combined) == 2 * len(rows)
+    assert {r["algorithm"] for r in combined} == {f"{lab}: {alg}" for lab in ("before", "after") for alg in totals}
+    assert (both / "phases.png").stat().st_size > 0
+    for bad in ("no-equals-sign", f"x={tmp_path / 'missing.csv'}"):
+        with pytest.raises(SystemExit) as err:
+            phases.main(["--combine", bad, "--out", str(both)])
+        assert err.value.code == 2
+
 
 def test_imaml_meta_step_host_reads_do_not_grow_with_the_budgets() -> None:
     # A host read (bool/item/float/...) is a device sync on a GPU: the meta-step makes a fixed
