@@ -287,7 +287,7 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Tensor | None) -> tuple[Tensor, ...]:
-        """Forward mode: for a tangent ``t`` of the arguments, solve ``A s = −B t`` (DESIGN.md §1)."""
+        """Forward mode: for a tangent ``t`` of the arguments, solve ``A s = −B t`` (docs/design.md §1)."""
         spec: _Spec = ctx.spec
         nx = spec.x_def.num_leaves
         saved = ctx.saved_tensors
@@ -406,7 +406,7 @@ def implicit_vjp(
 ) -> tuple[list[Tensor | None], Any]:
     """The implicit function theorem's vector-Jacobian product, as one function of its inputs.
 
-    With ``A = ∂F/∂x`` and ``B = ∂F/∂args`` at the solution ``x*`` (DESIGN.md §1;
+    With ``A = ∂F/∂x`` and ``B = ∂F/∂args`` at the solution ``x*`` (docs/design.md §1;
     Rajeswaran et al. 2019, Lemma 1; Blondel et al. 2022, Eq. 5)::
 
         solve  Aᵀ u = v          (spec.linsolve, matrix-free: products with Aᵀ only)

@@ -11,7 +11,7 @@
   Tensor, a tuple or a dict, in float32 or float64.  They need ``hypothesis`` (the
   ``test`` extra); the deterministic builders ``make_*`` do not.
 
-See ``README_SECTION.md`` ("Testing your own implicit layer") for a walk-through.
+See the README's section "Testing your own implicit layer" for a walk-through.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Planted bugs:
    residual is *not* a bug — −F has the same root and the same implicit gradient);
    and a wrong sign introduced by an autograd.Function around the layer output;
 2. a zero gradient: θ passed only as the initial point of an Argmin whose objective does
-   not involve it (the DESIGN.md trap), and θ closed over instead of passed;
+   not involve it (docs/design.md §2), and θ closed over instead of passed;
 3. a stale residual in CG (r never recomputed), used as the backward linear solver;
 4. a wrong λ scaling (λ/2 in the optimality condition while the solver solves the
    correct proximal problem).
@@ -161,7 +161,7 @@ def test_wrong_sign_in_a_wrapper_function_is_caught() -> None:
 
 
 def test_zero_gradient_theta_only_in_x0_is_caught() -> None:
-    """The DESIGN.md trap: θ enters only as the initial point of an Argmin whose objective
+    """The first pitfall of docs/design.md §2: θ enters only as the initial point of an Argmin whose objective
     does not involve it.  Its implicit gradient is zero; the function actually computed
     (5 gradient steps from θ, as in first-order MAML) does depend on θ."""
     p = PROBLEMS["ridge-tensor"]()
