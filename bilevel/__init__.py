@@ -15,6 +15,8 @@ Public API:
 * types — :data:`OnFailure`, :data:`HvpMode`, :data:`Batched` (``Literal`` modes) and
   the protocols :class:`InnerSolver` and :class:`LinearSolverLike` that any forward or
   backward solver satisfies (``bilevel/_types.py``);
+* :func:`time_alternatives` — the timing rule of ``batched="auto"``, for a program's own
+  choices between equivalent computations;
 * results and diagnostics — :class:`Status`, :class:`SolverResult`,
   :class:`LinearSolveResult`, :class:`Diagnostics`;
 * errors and warnings (one module, ``bilevel/_errors.py``) — every exception derives from
@@ -42,6 +44,7 @@ from ._errors import (
 )
 from ._layers import Argmin, FixedPoint, ImplicitLayer, Proximal, custom_root
 from ._result import LinearSolveResult, SolverResult, Status
+from ._timing import time_alternatives
 from ._types import Batched, HvpMode, InnerSolver, LinearSolverLike, OnFailure
 
 __version__ = "0.1.0"
@@ -74,4 +77,5 @@ __all__ = [
     "distributed",
     "linsolve",
     "solvers",
+    "time_alternatives",
 ]

@@ -23,6 +23,7 @@ from ._implicit import (
     task_slice,
 )
 from ._result import SolverResult, stack_solver_results
+from ._timing import time_alternatives
 from ._transforms import any_wrapped
 from ._tree import batch_size, is_tree, tree_flatten, tree_map
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
@@ -40,22 +41,6 @@ def _strategy(batched: Any, x: Any, name: str) -> str | None:
     if isinstance(batched, str) and batched in _STRATEGIES:
         return batched
     raise BilevelValueError(f"{name}: batched must be False, True or one of {_STRATEGIES}, got {batched!r}")
-
-
-#: ``batched="auto"`` times a second round only when the first round's two times are
-#: closer than this ratio (a clear winner is not measured twice).
-PROBE_CLOSE = 1.3
-
-
-def _probe_clock(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds one call of ``fn`` takes, the device synchronised at both ends (the one
-    place the ``"auto"`` measurement reads a clock; tests replace it)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def _shape_key(x0: Any, args: tuple, dims: Sequence[int | None]) -> tuple:
@@ -77,9 +62,10 @@ def _measure_strategies(one: Callable[..., Tensor], x0: Any, args: tuple, dims: 
 
     Cost, once per shape: a warm-up gradient each way (the first ``torch.func`` transform of
     a process imports modules; the allocator warms up), then one timed round each; a second
-    round, interleaved, only if the two are within :data:`PROBE_CLOSE` of each other (the
-    faster round of each counts).  That is about two to four meta-steps' worth of gradients
-    of one inner step -- a fraction of one meta-step of a 16-step inner loop."""
+    round, interleaved, only if the two are within 1.3× of each other (the faster round of
+    each counts: :func:`~bilevel.time_alternatives`).  That is about two to four meta-steps'
+    worth of gradients of one inner step -- a fraction of one meta-step of a 16-step inner
+    loop."""
     from ._implicit import _suspended_saved_tensor_hooks
     from .solvers._base import hvp, value_and_grad
 
@@ -103,18 +89,9 @@ def _measure_strategies(one: Callable[..., Tensor], x0: Any, args: tuple, dims: 
                 hvp(one, xb, vb, ab)
 
     device = tree_flatten(x)[0][0].device
-    runs = {"vmap": vmapped, "loop": looped}
-    seconds: dict[str, float] = {}
     with _suspended_saved_tensor_hooks():
-        for fn in runs.values():
-            fn(False)  # warm-up
-        for _ in range(2):
-            for k, fn in runs.items():
-                t = _probe_clock(fn, device)
-                seconds[k] = min(t, seconds.get(k, t))
-            if max(seconds.values()) > PROBE_CLOSE * min(seconds.values()):
-                break
-    return seconds
+        return time_alternatives({"vmap": vmapped, "loop": looped}, device,
+                                 warmups={"vmap": lambda: vmapped(False), "loop": lambda: looped(False)})
 
 
 def _solution_tree(result: Any) -> Any:

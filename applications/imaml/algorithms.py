@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
@@ -324,10 +323,11 @@ class MetaLearner:
         The query pass is the part of a meta-step every algorithm shares (75 query images per
         task at 5-way, against 5 support images), and which way of batching it is faster
         depends on the net and the device (README: "Where a meta-step's time goes"): one
-        vmapped computation runs grouped convolutions, a loop plain ones.  So ``"auto"`` times both (forward and, with grad mode on, backward; twice each,
-        interleaved, on the actual batch) the first time it meets a shape, and keeps the
-        faster; :attr:`query_choices` records the choice and the times.  The two agree to
-        rounding.
+        vmapped computation runs grouped convolutions, a loop plain ones.  So ``"auto"`` times
+        both (forward and, with grad mode on, backward, on the actual batch) the first time it
+        meets a shape, and keeps the faster (by :func:`bilevel.time_alternatives`, the rule
+        of ``batched="auto"``); :attr:`query_choices` records the choice and the times.  The
+        two agree to rounding.
         """
         mode = self.config.query_batching
         if mode != "auto":
@@ -340,22 +340,18 @@ class MetaLearner:
     def _measure_query(self, phi: Params, batch: TaskBatch) -> dict[str, Any]:
         grad_mode = torch.is_grad_enabled()
         p = {k: v.detach().requires_grad_(grad_mode) for k, v in phi.items()}
-        run = {"vmap": lambda: vmap(self.loss_and_metric)(p, batch.query_x, batch.query_y),
-               "loop": lambda: self._query_loop(p, batch)}
-        dev = batch.query_x.device
-        times: dict[str, list[float]] = {"vmap": [], "loop": []}
-        for _ in range(2):
-            for name, fn in run.items():
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
+
+        def timed(fn: Callable[[], tuple[Tensor, Tensor]]) -> Callable[[], None]:
+            def run() -> None:
                 loss = fn()[0].sum()
                 if grad_mode:
                     torch.autograd.grad(loss, list(p.values()), allow_unused=True)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                times[name].append(time.perf_counter() - t0)
-        best = {k: min(v) for k, v in times.items()}
+            return run
+
+        # The library's rule for batched="auto" (a warm-up each, a second round only when close).
+        best = bilevel.time_alternatives(
+            {"vmap": timed(lambda: vmap(self.loss_and_metric)(p, batch.query_x, batch.query_y)),
+             "loop": timed(lambda: self._query_loop(p, batch))}, batch.query_x.device)
         return {"choice": min(best, key=best.__getitem__), **{f"{k}_s": v for k, v in best.items()}}
 
     def evaluate(self, theta: Params, rho: Params, batch: TaskBatch) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bilevel
-import bilevel._layers as layers_mod
+import bilevel._timing as timing_mod
 from bilevel.linsolve import CG
 from bilevel.solvers import GradientDescent
 
@@ -48,7 +48,7 @@ def _fake_clock(monkeypatch: pytest.MonkeyPatch, faster: str) -> list[str]:
         seen.append(name)
         return 1.0 if (name == "vmapped") == (faster == "vmap") else 3.0
 
-    monkeypatch.setattr(layers_mod, "_probe_clock", clock)
+    monkeypatch.setattr(timing_mod, "probe_clock", clock)
     return seen
 
 
@@ -101,7 +101,7 @@ def test_close_times_get_a_second_round(monkeypatch: pytest.MonkeyPatch) -> None
         seen.append(fn.__name__)
         return {"vmapped": [1.0, 0.8], "looped": [1.1, 1.2]}[fn.__name__][sum(n == fn.__name__ for n in seen) - 1]
 
-    monkeypatch.setattr(layers_mod, "_probe_clock", clock)
+    monkeypatch.setattr(timing_mod, "probe_clock", clock)
     layer = bilevel.Proximal(_loss, 1.0, solver=GradientDescent(lr=0.1, steps=2), linsolve=CG(steps=2))
     x, y = _data(5)
     layer(torch.zeros(4, dtype=DT), x, y, batched=True)
