@@ -39,9 +39,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from .algorithms import ALGORITHMS, no_clock
-from .config import resolve_config
-from .tasks import make_task_source
-from .train import build_learner, set_meta_gradients
+from .plot import _pyplot, _save
+from .timing import setup
+from .train import set_meta_gradients
 
 __all__ = ["PhaseClock", "main", "profile"]
 
@@ -106,18 +106,14 @@ def profile(algorithms: Sequence[str], rounds: int, warmup: int, imaml: Optional
     ``kw`` configures every learner (data, meta-batch, device); ``imaml`` only the iMAML ones
     (inner steps, optimiser, ...): the baselines keep their own defaults."""
     learners = {}
-    source = None
+    src, first = None, None
     for alg in algorithms:
         extra = (imaml or {}) if ALGORITHMS[alg].implicit else {}
-        cfg = resolve_config(algorithm=alg, out="/dev/null", **kw, **extra)
-        src = make_task_source(cfg.dataset, "train", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed,
-                               data_root=cfg.data_root, split_scheme=cfg.split_scheme)
-        source = source or (src, cfg)
-        learner, theta, rho = build_learner(cfg, src.image_shape)
-        opt = torch.optim.Adam(list(theta.values()) + list(rho.values()), lr=cfg.outer_lr)
+        cfg, src, learner, theta, rho, opt = setup(alg, src, **kw, **extra)  # the data loaded once
+        first = first or cfg
         learners[alg] = (learner, theta, rho, opt)
-    assert source is not None
-    src, cfg = source
+    assert src is not None and first is not None
+    cfg = first
     dev = torch.device(cfg.device)
     out: dict[str, dict[str, list[float]]] = {a: defaultdict(list) for a in algorithms}
     for r in range(warmup + rounds):
@@ -262,11 +258,7 @@ def table(results: dict[str, dict[str, list[float]]]) -> tuple[list[str], list[d
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     algs = list(dict.fromkeys(r["algorithm"] for r in rows))
     phases = [p.strip() for p in PHASES if p.strip() != "of which health"]
     fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(algs)))
@@ -287,9 +279,17 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         # beside the bars, never over them
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def _combine(p: argparse.ArgumentParser, specs: Sequence[str], out: Path) -> int:
@@ -303,11 +303,7 @@ def _combine(p: argparse.ArgumentParser, specs: Sequence[str], out: Path) -> int
             p.error(f"--combine: no file {path}")
         with open(path, newline="") as f:
             rows += [dict(r, algorithm=f"{label}: {r['algorithm']}", median_s=float(r["median_s"])) for r in csv.DictReader(f)]
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "phases.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(rows, out / "phases.csv")
     plot(rows, out / "phases.png", "seconds per meta-step by phase: " + ", ".join(s.partition("=")[0] for s in specs))
     print(f"wrote {out / 'phases.csv'} and {out / 'phases.png'}")
     return 0
@@ -360,11 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(title)
     print("\n".join(lines))
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "phases.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(rows, out / "phases.csv")
     plot(rows, out / "phases.png", title)
     print(f"wrote {out / 'phases.csv'} and {out / 'phases.png'}")
     return 0

@@ -13,7 +13,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -23,12 +23,21 @@ from .tasks import make_task_source
 from .train import build_learner, peak_memory_mb, set_meta_gradients
 
 
-def time_algorithm(algorithm: str, steps: int, warmup: int, **kw: object) -> dict[str, object]:
-    cfg = resolve_config(algorithm=algorithm, out="/dev/null", **kw)  # type: ignore[arg-type]
-    source = make_task_source(cfg.dataset, "train", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed,
-                              data_root=cfg.data_root, split_scheme=cfg.split_scheme)
+def setup(algorithm: str, source: Any = None, **kw: Any) -> tuple[Any, Any, Any, Any, Any, torch.optim.Optimizer]:
+    """``(config, task source, learner, θ, ρ, Adam)`` built as ``train`` builds them, for
+    timing; ``source``: a training task source to reuse (data loaded once for several
+    algorithms)."""
+    cfg = resolve_config(algorithm=algorithm, out="/dev/null", **kw)
+    if source is None:
+        source = make_task_source(cfg.dataset, "train", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries,
+                                  seed=cfg.seed, data_root=cfg.data_root, split_scheme=cfg.split_scheme)
     learner, theta, rho = build_learner(cfg, source.image_shape)
     opt = torch.optim.Adam(list(theta.values()) + list(rho.values()), lr=cfg.outer_lr)
+    return cfg, source, learner, theta, rho, opt
+
+
+def time_algorithm(algorithm: str, steps: int, warmup: int, **kw: Any) -> dict[str, object]:
+    cfg, source, learner, theta, rho, opt = setup(algorithm, **kw)
     dev = torch.device(cfg.device)
     batches = [source.sample(cfg.meta_batch).to(dev, cfg.torch_dtype) for _ in range(warmup + steps)]
     times = []
