@@ -150,6 +150,7 @@ class Trainer:
         self.ckpt_path = self.out / CHECKPOINT_NAME
         self.progress = progress
         self.log = log
+        self._announced: set[tuple] = set()  # the measured choices already printed
         self.device = torch.device(cfg.device)
         self.tb = None
         # One writer per folder (released on exit, however the process ends); then clean up
@@ -361,7 +362,7 @@ class Trainer:
 
     def _announce_choices(self) -> None:
         """Say once which batching strategies were measured fastest (query pass, inner problems)."""
-        seen = self.__dict__.setdefault("_announced", set())
+        seen = self._announced
         for key, c in self.learner.query_choices.items():
             if ("query", key) not in seen:
                 seen.add(("query", key))
