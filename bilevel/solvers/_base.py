@@ -360,10 +360,7 @@ def health_update(state: Health, f: Tensor, g_leaves: list[Tensor], batched: boo
     fixed-step loop without a sync and can be traced by ``torch.compile``.
     """
     f_prev, gn_prev, gn0, mono, desc = state
-    if batched:
-        gn = torch.sqrt(sum(t.reshape(t.shape[0], -1).square().sum(1) for t in g_leaves))  # type: ignore[arg-type]
-    else:
-        gn = torch.sqrt(sum(t.square().sum() for t in g_leaves))  # type: ignore[arg-type]
+    gn = tree_norm(g_leaves, batched)  # the norm GradientTracker takes
     f = f.to(gn.dtype)
     # f_prev = +inf on the first evaluation: inf + 1e-6 * inf = inf, so nothing counts as a rise.
     rise = f > f_prev + 1e-6 * f_prev.abs()
