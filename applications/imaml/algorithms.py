@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -621,6 +621,25 @@ def _no_layer(learner: MetaLearner) -> None:
     return None
 
 
+class InnerDefaults(NamedTuple):
+    """One algorithm's default inner budget on one dataset.
+
+    ``steps`` × ``lr`` up to 5 ways, ``steps20`` × ``lr20`` (default: ``lr``) above;
+    ``cg_steps``: the Krylov steps of an implicit algorithm's backward (the paper's recipe).
+    ``steps`` are GD/SGD steps, or Newton iterations for iMAML-HF.
+    """
+
+    steps: int
+    steps20: int
+    lr: float
+    lr20: Optional[float] = None
+    cg_steps: int = 5
+
+    def for_ways(self, ways: int) -> tuple[int, float]:
+        """``(inner steps, inner lr)`` for ``ways``-way tasks."""
+        return (self.steps, self.lr) if ways <= 5 else (self.steps20, self.lr if self.lr20 is None else self.lr20)
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
     """One meta-learning algorithm of the harness.
@@ -630,14 +649,13 @@ class Algorithm:
         meta_gradient: ``(learner, theta, rho, batch) -> MetaGradient``.
         build_layer: builds the learner's implicit layer (its inner procedure), or returns
             ``None`` for the algorithms that adapt by unrolled SGD (:meth:`MetaLearner.sgd_adapt`).
-        inner_defaults: ``{dataset: (steps for 5-way, steps for 20-way, lr[, lr for 20-way])}``;
-            ``steps`` are GD/SGD steps, or Newton iterations for iMAML-HF.
+        inner_defaults: ``{dataset: InnerDefaults}``.
     """
 
     name: str
     meta_gradient: Callable[[MetaLearner, Params, Params, TaskBatch], MetaGradient]
     build_layer: Callable[[MetaLearner], Optional[bilevel.Proximal]]
-    inner_defaults: dict[str, tuple[Any, ...]]
+    inner_defaults: dict[str, InnerDefaults]
 
     @property
     def implicit(self) -> bool:
@@ -645,23 +663,24 @@ class Algorithm:
 
     def inner(self, dataset: str, ways: int) -> tuple[int, float]:
         """Default (inner steps, inner lr) for a dataset and number of ways."""
-        five, twenty, lr, *lr20 = self.inner_defaults[dataset]
-        return (five, lr) if ways <= 5 else (twenty, lr20[0] if lr20 else lr)
+        return self.inner_defaults[dataset].for_ways(ways)
 
 
-_SGD_BASELINE = {"sinusoid": (1, 1, 0.01), "omniglot": (1, 5, 0.4), "miniimagenet": (5, 5, 0.01)}
+D = InnerDefaults
+_SGD_BASELINE = {"sinusoid": D(1, 1, 0.01), "omniglot": D(1, 5, 0.4), "miniimagenet": D(5, 5, 0.01)}
 _ALL = (
-    # Omniglot: 3 GD steps of 0.4 at 5-way, 5 of 0.3 at 20-way (with 2 MINRES steps,
-    # config.py), measured against 16 steps of 0.1 and other budgets (README "A cheaper inner
+    # Omniglot: 3 GD steps of 0.4 at 5-way, 5 of 0.3 at 20-way, 2 MINRES steps, measured
+    # against 16 steps of 0.1 with 5 MINRES steps and other budgets (README "A cheaper inner
     # solve" and "Time to accuracy").
     Algorithm("imaml", imaml_meta_gradient, _imaml_gd_layer,
-              {"sinusoid": (16, 16, 0.01), "omniglot": (3, 5, 0.4, 0.3), "miniimagenet": (16, 16, 0.01)}),
+              {"sinusoid": D(16, 16, 0.01), "omniglot": D(3, 5, 0.4, 0.3, cg_steps=2), "miniimagenet": D(16, 16, 0.01)}),
     Algorithm("imaml-hf", imaml_meta_gradient, _imaml_hf_layer,
-              {"sinusoid": (5, 5, 0.01), "omniglot": (5, 5, 0.1), "miniimagenet": (5, 5, 0.01)}),
+              {"sinusoid": D(5, 5, 0.01), "omniglot": D(5, 5, 0.1), "miniimagenet": D(5, 5, 0.01)}),
     Algorithm("maml", maml_meta_gradient, _no_layer, _SGD_BASELINE),
     Algorithm("fomaml", fomaml_meta_gradient, _no_layer, _SGD_BASELINE),
     Algorithm("reptile", reptile_meta_gradient, _no_layer,
-              {"sinusoid": (10, 10, 0.01), "omniglot": (10, 10, 0.1), "miniimagenet": (10, 10, 0.01)}),
+              {"sinusoid": D(10, 10, 0.01), "omniglot": D(10, 10, 0.1), "miniimagenet": D(10, 10, 0.01)}),
 )
+del D
 #: name -> :class:`Algorithm`, in the order the CLI lists them.
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in _ALL}
