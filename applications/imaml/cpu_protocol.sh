@@ -45,7 +45,6 @@ jobs() {  # name | ways | steps | eval-every | flags
 
 # shellcheck source=applications/imaml/protocol_lib.sh
 source "$(dirname "$0")/protocol_lib.sh"
-export DATA DEST
-jobs | grep -E "$ONLY" | xargs -P "$JOBS" -I{} bash -c 'run_one "$@"' _ {}
+run_jobs
 exit $?
 }
