@@ -15,6 +15,8 @@ Public API:
 * types — :data:`OnFailure`, :data:`HvpMode`, :data:`Batched` (``Literal`` modes) and
   the protocols :class:`InnerSolver` and :class:`LinearSolverLike` that any forward or
   backward solver satisfies (``bilevel/_types.py``);
+* :mod:`bilevel.tree` -- the tensor-tree helpers (per-task norms, relative errors, ...);
+* :func:`hessian_extremes` -- the extreme eigenvalues of an objective's Hessian (Lanczos, batched);
 * :func:`time_alternatives` — the timing rule of ``batched="auto"``, for a program's own
   choices between equivalent computations;
 * results and diagnostics — :class:`Status`, :class:`SolverResult`,
@@ -28,7 +30,8 @@ Public API:
 
 from __future__ import annotations
 
-from . import distributed, linsolve, solvers
+from . import distributed, linsolve, solvers, tree
+from ._curvature import hessian_extremes
 from ._diagnostics import Diagnostics
 from ._errors import (
     BilevelError,
@@ -75,7 +78,9 @@ __all__ = [
     "UnsupportedError",
     "custom_root",
     "distributed",
+    "hessian_extremes",
     "linsolve",
     "solvers",
     "time_alternatives",
+    "tree",
 ]

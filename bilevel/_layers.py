@@ -67,7 +67,7 @@ def _measure_strategies(one: Callable[..., Tensor], x0: Any, args: tuple, dims: 
     worth of gradients of one inner step -- a fraction of one meta-step of a 16-step inner
     loop."""
     from ._implicit import _suspended_saved_tensor_hooks
-    from .solvers._base import hvp, value_and_grad
+    from ._autodiff import hvp, value_and_grad
 
     x = tree_map(lambda t: t.detach(), x0)
     a = tuple(tree_map(lambda t: t.detach(), v) if is_tree(v) else v for v in args)

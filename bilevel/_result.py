@@ -36,6 +36,13 @@ class Status(enum.Enum):
         """True for the statuses that mean the returned point can be trusted."""
         return self in (Status.SUCCESS, Status.COMPLETED)
 
+    @property
+    def early_stop(self) -> bool:
+        """True for the statuses of a solver that stopped before its budget or tolerance
+        because it could not go on (negative curvature, breakdown, NaN/Inf, a failed line
+        search): the returned point is where it stopped, not an answer."""
+        return self in (Status.NEGATIVE_CURVATURE, Status.BREAKDOWN, Status.NONFINITE, Status.LINESEARCH_FAILED)
+
     def __str__(self) -> str:
         return f"{self.name}: {self.value}"
 

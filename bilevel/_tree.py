@@ -191,6 +191,21 @@ def tree_norm(a: Any, batched: bool = False) -> Tensor:
     return tree_vdot(a, a, batched).clamp_min(0).sqrt()
 
 
+def tree_relative_error(a: Any, ref: Any, batched: bool = False) -> Tensor:
+    """``‖a − ref‖ / ‖ref‖`` over the concatenated leaves (per task when batched); NaN where
+    ``ref`` is zero (a relative error against nothing is undefined, not 0 or inf)."""
+    den = tree_norm(ref, batched)
+    num = tree_norm(tree_sub(a, ref), batched)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan")))
+
+
+def tree_cosine(a: Any, b: Any, batched: bool = False) -> Tensor:
+    """Cosine similarity of two trees as flat vectors (per task when batched); NaN where one is zero."""
+    den = tree_norm(a, batched) * tree_norm(b, batched)
+    dot = tree_vdot(a, b, batched)
+    return torch.where(den > 0, dot / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan")))
+
+
 def tree_ravel(a: Any, batched: bool = False) -> Tensor:
     """Concatenate the leaves into one vector (``(B, n)`` when batched)."""
     leaves, _ = tree_flatten(a)

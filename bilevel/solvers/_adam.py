@@ -20,8 +20,12 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
-from .._validate import check_bool, check_int, check_real, check_tol
-from ._base import GradientTracker, LeanLoop, Objective, Solver, health_copy, health_start, health_update, with_minimum_check
+from .._validate import check_bool, check_real, normalise_budget
+from .._autodiff import Objective
+from ._base import Solver
+from ._checks import with_minimum_check
+from ._lean import LeanLoop, health_copy, health_start, health_update
+from ._tracker import GradientTracker
 from ._compiled import check_compile, compiled_step, value_sum_start
 
 
@@ -33,9 +37,9 @@ class Adam(Solver):
         m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
         x <- x - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    Stopping and statuses follow :class:`GradientDescent`: ``rtol=None`` runs ``steps``
-    steps (``COMPLETED``); with a tolerance the run stops when
-    ``||g|| <= rtol * max(1, ||g0||)`` (``SUCCESS``) or after ``steps`` steps
+    Stopping and statuses follow :class:`GradientDescent`: a fixed budget ``steps=K`` runs
+    K steps (``COMPLETED``); with a tolerance the run stops when
+    ``||g|| <= max(rtol * max(1, ||g0||), atol)`` (``SUCCESS``) or after ``maxiter`` steps
     (``MAX_ITERATIONS``).  In batched mode the test is per task and a converged task stops
     moving (its moments and step counter freeze), so each task follows the iterates of its
     own unbatched solve.  Note that Adam's step does not shrink with the gradient (it is
@@ -46,7 +50,7 @@ class Adam(Solver):
 
     Args:
         lr: step size (> 0).
-        steps: maximum number of steps (>= 0).
+        steps: the fixed budget (>= 0; default 100 when no tolerance is given).
         betas: ``(b1, b2)``, each in [0, 1).
         eps: denominator offset (> 0).
         rtol: optional gradient-norm tolerance in (0, 1).
@@ -54,33 +58,55 @@ class Adam(Solver):
         check_minimum: report ``NOT_A_MINIMUM`` where the returned point has negative
             curvature (see :class:`GradientDescent`).
         compile: compile each step of the lean loop (see :class:`GradientDescent`).
+        atol: optional absolute gradient-norm tolerance (>= 0).
+        maxiter: the cap of a solve to a tolerance (default 100).
+
+    Example::
+
+        >>> import torch
+        >>> from bilevel.solvers import Adam
+        >>> res = Adam(lr=0.1, rtol=1e-3, maxiter=2000)(lambda x: ((x - 1.0) ** 2).sum(), torch.zeros(3))
+        >>> res.status.name
+        'SUCCESS'
     """
 
     lr: float = 1e-3
-    steps: int = 100
+    steps: int | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     rtol: float | None = None
     monitor: bool = False
     check_minimum: bool = False
     compile: bool | str = False
+    atol: float = 0.0
+    maxiter: int | None = None
 
     supports_batched: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_real(name, "lr", self.lr, 0.0)
-        check_int(name, "steps", self.steps, 0)
+        normalise_budget(self, 100)
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
             raise BilevelValueError(f"{name}: betas must be a pair (b1, b2), got {self.betas!r}")
         check_real(name, "betas[0]", self.betas[0], 0.0, 1.0, lo_open=False)
         check_real(name, "betas[1]", self.betas[1], 0.0, 1.0, lo_open=False)
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
         check_real(name, "eps", self.eps, 0.0)
-        check_tol(name, self.rtol)
         check_bool(name, "monitor", self.monitor)
         check_bool(name, "check_minimum", self.check_minimum)
-        check_compile(name, self.compile, self.rtol)
+        check_compile(name, self.compile, self.rtol is not None or self.atol > 0)
+
+    @property
+    def _cap(self) -> int:
+        """Steps the monitored path may take: the cap with a tolerance, else the budget."""
+        return self.maxiter if self.maxiter is not None else self._steps
+
+    @property
+    def _steps(self) -> int:
+        """The fixed budget (settled at construction: set whenever there is no tolerance)."""
+        assert self.steps is not None
+        return self.steps
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)
@@ -91,14 +117,14 @@ class Adam(Solver):
         name = type(self).__name__
         tree_dtype(x0)  # validates the tree
         x = tree_detach(x0)
-        if self.rtol is None:
+        if self.maxiter is None:  # a fixed budget (normalise_budget: maxiter only with a tolerance)
             return self._lean(objective, x, args, batched, name)
         return self._tracked(objective, x, args, batched, name)
 
     def _tracked(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
         """The monitored path (see :meth:`GradientDescent._tracked`)."""
         b1, b2 = self.betas
-        tracker, tally = GradientTracker.start(objective, x, args, self.rtol, name, batched)
+        tracker, tally = GradientTracker.start(objective, x, args, self.rtol, name, batched, atol=self.atol)
 
         def step(state: tuple[Any, Any, Any], active: torch.Tensor) -> tuple[tuple[Any, Any, Any], Outcome]:
             x, m, v = state
@@ -120,7 +146,7 @@ class Adam(Solver):
 
         # With a tolerance: one host sync per step (the test); none without.
         zeros = tree_zeros_like(tracker.g)
-        x, _, _ = iterate(step, (x, zeros, zeros), tally, maxiter=self.steps, fixed=self.rtol is None)
+        x, _, _ = iterate(step, (x, zeros, zeros), tally, maxiter=self._cap, fixed=self.maxiter is None)
         return tracker.result(x, tally, batched, name)
 
     def _lean(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
@@ -151,12 +177,12 @@ class Adam(Solver):
         if self.compile and not loop.transform:
             out = self._compiled(objective, x, args, batched, loop)
         else:
-            out = tree_unflatten(xd, iterate(step, (xl, 0), None, maxiter=self.steps, fixed=True)[0])
+            out = tree_unflatten(xd, iterate(step, (xl, 0), None, maxiter=self._steps, fixed=True)[0])
             if self.monitor:  # the gradient at the returned point, for its norm and value
                 loop.value_and_grad(objective, xd, tree_flatten(out)[0], args, batched)
         if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
             return self._tracked(objective, x, args, batched, name)
-        return loop.result(out, self.steps, batched)
+        return loop.result(out, self._steps, batched)
 
     def _compiled(self, objective: Objective, x: Any, args: tuple, batched: bool, loop: LeanLoop) -> Any:
         """The lean loop with each step one ``torch.compile``d function (``compile=``); with
@@ -192,11 +218,11 @@ class Adam(Solver):
         zeros = tree_zeros_like(x)
         health = health_start(x, batched) if monitor else None
         x, m, v, fsum, health, _ = iterate(body, (x, zeros, zeros, value_sum_start(x, batched), health, 0), None,
-                                           maxiter=self.steps, fixed=True)
+                                           maxiter=self._steps, fixed=True)
         x = tree_map(torch.clone, x)  # a copy: see GradientDescent._compiled
-        n_eval = self.steps
+        n_eval = self._steps
         if monitor:  # one more evaluation, at the returned point x (the step it would take is dropped)
-            _, _, _, fsum, health = fn(x, m, v, fsum, health, *corrections(self.steps + 1), *args)
+            _, _, _, fsum, health = fn(x, m, v, fsum, health, *corrections(self._steps + 1), *args)
             health = health_copy(health)
             n_eval += 1
         loop.fsum, loop.n_eval, loop.health = fsum, n_eval, health

@@ -25,7 +25,8 @@ import torch
 
 from .._errors import BilevelValueError
 from .._tree import tree_flatten
-from ._base import Objective, _total
+from .._autodiff import Objective
+from .._autodiff import total as _total
 
 #: objective -> {key: compiled step}.  Keyed weakly: a compiled step lives as long as its objective.
 _CACHE: weakref.WeakKeyDictionary[Callable[..., Any], dict[Hashable, Callable[..., Any]]] = weakref.WeakKeyDictionary()
@@ -70,14 +71,14 @@ def compiled_step(
     return fn
 
 
-def check_compile(owner: str, compile: Any, rtol: Any) -> None:
+def check_compile(owner: str, compile: Any, tolerance: bool) -> None:
     """``compile`` is a bool or a torch.compile mode, and only for the fixed-step loop
     (``monitor`` is allowed: its health statistics are computed inside the compiled step)."""
     if not (isinstance(compile, bool) or compile in MODES):
         raise BilevelValueError(f"{owner}: compile must be a bool or one of {MODES}, got {compile!r}")
-    if compile and rtol is not None:
+    if compile and tolerance:
         raise BilevelValueError(
-            f"{owner}: compile applies to the lean fixed-step loop (rtol=None): a tolerance reads the gradient "
+            f"{owner}: compile applies to the lean fixed-step loop (steps=, no rtol/atol): a tolerance reads the gradient "
             "norm on the host at every step"
         )
 

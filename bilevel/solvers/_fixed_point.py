@@ -22,13 +22,13 @@ from .._tree import (
     tree_sub,
     tree_where,
 )
-from .._validate import check_int, check_real, check_tol
+from .._validate import check_int, check_real, check_tol, warn_renamed
 from ._base import Solver
 
 
 @dataclasses.dataclass(frozen=True)
 class FixedPointIteration(Solver):
-    """Find ``x = fn(x, *args)`` by damped fixed-point iteration.
+    """Find ``x = fn(x, *args)`` by relaxed (Krasnosel'skii-Mann) fixed-point iteration.
 
     Called as ``solver(fn, x0, *args, batched=False)`` where ``fn`` maps a tree to a tree
     of the same structure and shapes.  Iterates ``x <- (1 - damping) x + damping fn(x)``
@@ -51,13 +51,26 @@ class FixedPointIteration(Solver):
             float32 ~6e-6).  The residual is a difference of iterates, not of function
             values, so unlike the gradient tests of the minimisers it can reach
             ``eps**0.75`` for contractions that are not too close to 1.
-        maxiter: maximum number of iterations (>= 0).
-        damping: ``t`` in (0, 1].
+        maxiter: the cap on iterations (>= 0).
+        damping: deprecated name of ``relaxation`` (``damping`` is the Tikhonov shift of the
+            backward system elsewhere in the library).
+        relaxation: ``t`` in (0, 1] (1: plain iteration ``x <- fn(x)``).
+        atol: absolute residual tolerance (>= 0, default 0).
+
+    Example::
+
+        >>> import torch
+        >>> from bilevel.solvers import FixedPointIteration
+        >>> res = FixedPointIteration(rtol=1e-10)(lambda x: 0.5 * x + 1.0, torch.zeros(2, dtype=torch.float64))
+        >>> res.status.name, res.x.tolist()
+        ('SUCCESS', [2.0, 2.0])
     """
 
     rtol: float | None = None
     maxiter: int = 500
-    damping: float = 1.0
+    damping: float | None = None
+    relaxation: float = 1.0
+    atol: float = 0.0
 
     supports_batched: ClassVar[bool] = True
 
@@ -65,7 +78,12 @@ class FixedPointIteration(Solver):
         name = type(self).__name__
         check_tol(name, self.rtol)
         check_int(name, "maxiter", self.maxiter, 0)
-        check_real(name, "damping", self.damping, 0.0, 1.0, hi_open=False)
+        if self.damping is not None:
+            warn_renamed(name, "damping (a relaxation factor here)", "relaxation")
+            object.__setattr__(self, "relaxation", self.damping)
+            object.__setattr__(self, "damping", None)
+        check_real(name, "relaxation", self.relaxation, 0.0, 1.0, hi_open=False)
+        check_real(name, "atol", self.atol, 0.0, lo_open=False)
 
     def __call__(
         self, fn: Callable[..., Any], x0: Any, *args: Any, batched: bool = False
@@ -74,7 +92,7 @@ class FixedPointIteration(Solver):
         name = type(self).__name__
         tol = self.rtol if self.rtol is not None else default_tol(tree_dtype(x0))
         _, treedef = tree_flatten(x0)
-        t = self.damping
+        t = self.relaxation
 
         def apply(x: Any) -> Any:
             with torch.no_grad():
@@ -89,7 +107,7 @@ class FixedPointIteration(Solver):
         counts = {"fun": 1}
 
         def converged(res: Tensor, x: Any) -> Tensor:
-            return res <= tol * torch.clamp(tree_norm(x, batched), min=1.0)
+            return res <= torch.clamp(tol * torch.clamp(tree_norm(x, batched), min=1.0), min=self.atol)
 
         res = tree_norm(tree_sub(fx, x), batched)
         bad0 = ~torch.isfinite(res)

@@ -21,8 +21,12 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
-from .._validate import check_bool, check_int, check_real, check_tol
-from ._base import GradientTracker, LeanLoop, Objective, Solver, health_copy, health_start, health_update, with_minimum_check
+from .._validate import check_bool, check_real, normalise_budget
+from .._autodiff import Objective
+from ._base import Solver
+from ._checks import with_minimum_check
+from ._lean import LeanLoop, health_copy, health_start, health_update
+from ._tracker import GradientTracker
 from ._compiled import check_compile, compiled_step, value_sum_start
 
 
@@ -34,9 +38,10 @@ class GradientDescent(Solver):
 
         v <- mu * v + g;   x <- x - lr * (g + mu * v if nesterov else v)
 
-    With ``rtol=None`` it takes exactly ``steps`` steps and reports ``COMPLETED``.  With a
-    tolerance it stops as soon as ``||g|| <= rtol * max(1, ||g0||)`` (``g0``: the gradient
-    at ``x0``) and reports ``SUCCESS``, or ``MAX_ITERATIONS`` after ``steps`` steps.  In
+    Two ways to say how long to run (docs/design.md §4): a fixed budget ``steps=K`` takes
+    exactly K steps and reports ``COMPLETED``; a tolerance (``rtol`` and/or ``atol``) stops
+    as soon as ``||g|| <= max(rtol * max(1, ||g0||), atol)`` (``g0``: the gradient at
+    ``x0``) and reports ``SUCCESS``, or ``MAX_ITERATIONS`` after ``maxiter`` steps.  In
     batched mode that test is per task and a converged task stops moving (its momentum is
     frozen too), so each task follows exactly the iterates of its own unbatched solve.
 
@@ -58,10 +63,11 @@ class GradientDescent(Solver):
 
     Args:
         lr: step size (> 0).
-        steps: maximum number of steps (>= 0; 0 returns ``x0``).
+        steps: the fixed budget, exactly this many steps (>= 0; 0 returns ``x0``); only
+            without a tolerance.
         momentum: heavy-ball coefficient in [0, 1).
         nesterov: use Nesterov's look-ahead form (needs ``momentum > 0``).
-        rtol: optional tolerance in (0, 1) on the gradient norm (see above).
+        rtol: optional relative tolerance in (0, 1) on the gradient norm (see above).
         monitor: record the statistics above without a tolerance (costs one norm per step
             and one extra gradient, no host sync; compatible with ``compile``).
         check_minimum: after the solve, test the Hessian at the returned point for negative
@@ -74,34 +80,55 @@ class GradientDescent(Solver):
             (``rtol=None``: a tolerance is a host-side test per step).  The first solve compiles (seconds
             to a minute); later solves with the same objective reuse it -- the layers keep
             their objective functions stable across calls.  Inside a ``torch.func``
-            transform the step runs eagerly.  Measured on the CPU
-            (``benchmarks/small_problem.py``, README "Performance"): 100 steps of a
-            d = 200 ridge problem take about half the eager time.
+            transform the step runs eagerly.  Measured in ``benchmarks/small_problem.py``
+            (README "Performance").
+        atol: optional absolute tolerance (>= 0) on the gradient norm.
+        maxiter: the cap of a solve to a tolerance (>= 0); required with ``rtol``/``atol``.
+
+    Example::
+
+        >>> import torch
+        >>> from bilevel.solvers import GradientDescent
+        >>> res = GradientDescent(lr=0.5, steps=20)(lambda x: ((x - 3.0) ** 2).sum(), torch.zeros(2))
+        >>> res.status.name, [round(v, 4) for v in res.x.tolist()]
+        ('COMPLETED', [3.0, 3.0])
     """
 
     lr: float
-    steps: int
+    steps: int | None = None
     momentum: float = 0.0
     nesterov: bool = False
     rtol: float | None = None
     monitor: bool = False
     check_minimum: bool = False
     compile: bool | str = False
+    atol: float = 0.0
+    maxiter: int | None = None
 
     supports_batched: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_real(name, "lr", self.lr, 0.0)
-        check_int(name, "steps", self.steps, 0)
+        normalise_budget(self, None)
         check_real(name, "momentum", self.momentum, 0.0, 1.0, lo_open=False)
         check_bool(name, "nesterov", self.nesterov)
         if self.nesterov and self.momentum == 0:
             raise BilevelValueError(f"{name}: nesterov=True needs momentum > 0")
-        check_tol(name, self.rtol)
         check_bool(name, "monitor", self.monitor)
         check_bool(name, "check_minimum", self.check_minimum)
-        check_compile(name, self.compile, self.rtol)
+        check_compile(name, self.compile, self.rtol is not None or self.atol > 0)
+
+    @property
+    def _cap(self) -> int:
+        """Steps the monitored path may take: the cap with a tolerance, else the budget."""
+        return self.maxiter if self.maxiter is not None else self._steps
+
+    @property
+    def _steps(self) -> int:
+        """The fixed budget (settled at construction: set whenever there is no tolerance)."""
+        assert self.steps is not None
+        return self.steps
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)
@@ -112,14 +139,14 @@ class GradientDescent(Solver):
         name = type(self).__name__
         tree_dtype(x0)  # validates the tree (raises on a non-tensor leaf or an empty tree)
         x = tree_detach(x0)
-        if self.rtol is None:
+        if self.maxiter is None:  # a fixed budget (normalise_budget: maxiter only with a tolerance)
             return self._lean(objective, x, args, batched, name)
         return self._tracked(objective, x, args, batched, name)
 
     def _tracked(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
         """The monitored path (a tolerance, or the replay of a non-finite lean solve): each
         task stops at its own convergence or first non-finite step, which is named."""
-        tracker, tally = GradientTracker.start(objective, x, args, self.rtol, name, batched)
+        tracker, tally = GradientTracker.start(objective, x, args, self.rtol, name, batched, atol=self.atol)
         mu, nesterov = self.momentum, self.nesterov
 
         def step(state: tuple[Any, Any], active: torch.Tensor) -> tuple[tuple[Any, Any], Outcome]:
@@ -137,7 +164,7 @@ class GradientDescent(Solver):
 
         # With a tolerance: one host sync per step (the test); none without.
         x, _ = iterate(step, (x, tree_zeros_like(tracker.g) if mu > 0 else None), tally,
-                       maxiter=self.steps, fixed=self.rtol is None)
+                       maxiter=self._cap, fixed=self.maxiter is None)
         return tracker.result(x, tally, batched, name)
 
     def _lean(self, objective: Objective, x: Any, args: tuple, batched: bool, name: str) -> SolverResult:
@@ -165,12 +192,12 @@ class GradientDescent(Solver):
         if self.compile and not loop.transform:
             out = self._compiled(objective, x, args, batched, loop)
         else:
-            out = tree_unflatten(xd, iterate(step, xl, None, maxiter=self.steps, fixed=True))
+            out = tree_unflatten(xd, iterate(step, xl, None, maxiter=self._steps, fixed=True))
             if self.monitor:  # the gradient at the returned point, for its norm and value
                 loop.value_and_grad(objective, xd, tree_flatten(out)[0], args, batched)
         if loop.failed(out):  # replay, monitored: it names the first non-finite step and raises
             return self._tracked(objective, x, args, batched, name)
-        return loop.result(out, self.steps, batched)
+        return loop.result(out, self._steps, batched)
 
     def _compiled(self, objective: Objective, x: Any, args: tuple, batched: bool, loop: LeanLoop) -> Any:
         """The lean loop with each step one ``torch.compile``d function (``compile=``); with
@@ -195,11 +222,11 @@ class GradientDescent(Solver):
         fn = compiled_step(objective, self, batched, self.compile, make)
         health = health_start(x, batched) if monitor else None
         state = (x, tree_zeros_like(x) if mu > 0 else None, value_sum_start(x, batched), health)
-        x, vel, fsum, health = iterate(lambda st, _: (fn(*st, *args), None), state, None, maxiter=self.steps, fixed=True)
+        x, vel, fsum, health = iterate(lambda st, _: (fn(*st, *args), None), state, None, maxiter=self._steps, fixed=True)
         # Copies: with mode="reduce-overhead" the outputs live in a CUDA graph's static
         # buffers, which the next call (the evaluation below, or the next solve) overwrites.
         x = tree_map(torch.clone, x)
-        n_eval = self.steps
+        n_eval = self._steps
         if monitor:  # one more evaluation, at the returned point x (the step it would take is dropped)
             _, _, fsum, health = fn(x, vel, fsum, health, *args)
             health = health_copy(health)

@@ -21,8 +21,10 @@ from .._tree import (
     tree_sub,
     tree_vdot,
 )
-from .._validate import check_int, check_tol
-from ._base import Objective, Solver, checked_grad_norm, gradient_tol, value_and_grad
+from .._validate import check_int, check_real, check_tol
+from .._autodiff import Objective, value_and_grad
+from ._base import Solver
+from ._checks import checked_grad_norm, gradient_tol
 from ._linesearch import StrongWolfe
 
 
@@ -36,7 +38,7 @@ class LBFGS(Solver):
     definite and ``d`` is a descent direction.  A pair whose curvature ``s^T y`` is not
     safely positive (roundoff) is skipped rather than stored.
 
-    Stops with ``SUCCESS`` when ``||g|| <= rtol * max(1, ||g0||)``, ``MAX_ITERATIONS``
+    Stops with ``SUCCESS`` when ``||g|| <= max(rtol * max(1, ||g0||), atol)``, ``MAX_ITERATIONS``
     after ``maxiter`` iterations, or ``LINESEARCH_FAILED`` (returning the last accepted
     point) when the line search finds no acceptable step even along steepest descent: a
     failure with a non-empty memory first clears the memory and retries (as L-BFGS-B).  A NaN/Inf value or gradient at
@@ -45,23 +47,34 @@ class LBFGS(Solver):
 
     Args:
         rtol: gradient-norm tolerance in (0, 1); ``None`` picks
-            :func:`~bilevel.solvers._base.gradient_tol` of the dtype of ``x0``
-            (``eps**0.5``: float64 ~1.5e-8, float32 ~3.5e-4).
-        maxiter: maximum number of iterations (>= 0).
+            :func:`~bilevel.solvers._checks.gradient_tol` of the dtype of ``x0``
+            (``eps**0.5``).
+        maxiter: the cap on iterations (>= 0).
         history: number of stored curvature pairs (>= 1).
         line_search: a :class:`StrongWolfe` instance.
+        atol: absolute gradient-norm tolerance (>= 0, default 0).
+
+    Example::
+
+        >>> import torch
+        >>> from bilevel.solvers import LBFGS
+        >>> res = LBFGS(rtol=1e-6)(lambda x: ((x - 2.0) ** 2).sum() + x.prod(), torch.zeros(2))
+        >>> res.status.name, [round(v, 3) for v in res.x.tolist()]
+        ('SUCCESS', [1.333, 1.333])
     """
 
     rtol: float | None = None
     maxiter: int = 100
     history: int = 10
     line_search: StrongWolfe = StrongWolfe()
+    atol: float = 0.0
 
     supports_batched: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_tol(name, self.rtol)
+        check_real(name, "atol", self.atol, 0.0, lo_open=False)
         check_int(name, "maxiter", self.maxiter, 0)
         check_int(name, "history", self.history, 1)
         if not isinstance(self.line_search, StrongWolfe):
@@ -74,7 +87,7 @@ class LBFGS(Solver):
         x = tree_detach(x0)
         f, g = value_and_grad(objective, x, args)
         gnorm = checked_grad_norm(f, g, 0, name)
-        thresh = tol * torch.clamp(gnorm, min=1.0)
+        thresh = torch.clamp(tol * torch.clamp(gnorm, min=1.0), min=self.atol)
         pairs: collections.deque = collections.deque(maxlen=self.history)  # (s, y, 1 / s^T y)
         eps = torch.finfo(gnorm.dtype).eps
 

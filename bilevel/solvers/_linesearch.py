@@ -37,7 +37,7 @@ from torch import Tensor
 from .._errors import BilevelValueError, UnsupportedError
 from .._tree import tree_axpy, tree_vdot
 from .._validate import check_int, check_real
-from ._base import Objective, value, value_and_grad
+from .._autodiff import Objective, value, value_and_grad
 
 
 @dataclasses.dataclass(frozen=True)

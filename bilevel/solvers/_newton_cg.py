@@ -23,17 +23,12 @@ from .._tree import (
     tree_zeros_like,
 )
 from .._validate import check_int, check_real, check_tol
-from ._base import (
-    Objective,
-    Solver,
-    check_finite_grad,
-    check_finite_value,
-    checked_grad_norm,
-    gradient_tol,
-    hvp,
-    negative_curvature,
-    value_and_grad,
-)
+from .._autodiff import Objective, hvp, value_and_grad
+from .._curvature import has_negative_curvature
+from ..linsolve import CG
+from .._validate import warn_renamed
+from ._base import Solver
+from ._checks import MINIMUM_CHECK_ITERS, check_finite_grad, check_finite_value, checked_grad_norm, gradient_tol
 from ._linesearch import BacktrackingArmijo
 
 
@@ -52,12 +47,13 @@ class NewtonCG(Solver):
 
     * when the residual ``||H p + g|| <= eta_k ||g||`` with the forcing term
       ``eta_k = min(0.5, sqrt(||g||))`` (superlinear convergence, N&W eq. 7.3; the scipy
-      choice) or the fixed ``cg_rtol`` if given,
+      choice) or the fixed ``linsolve.rtol`` if given (and ``linsolve.atol``),
     * on non-positive curvature ``d^T H d <= 0``, returning the last iterate — or the
       steepest-descent direction ``-g`` if that happens at the first CG iteration,
-    * after ``cg_maxiter`` iterations.
+    * after ``linsolve.maxiter`` iterations (``linsolve.steps``: exactly that many, unless
+      curvature stops it first).
 
-    The outer loop stops with ``SUCCESS`` when ``||g|| <= rtol * max(1, ||g0||)``,
+    The outer loop stops with ``SUCCESS`` when ``||g|| <= max(rtol * max(1, ||g0||), atol)``,
     ``MAX_ITERATIONS`` after ``maxiter`` iterations, or ``LINESEARCH_FAILED`` (that task
     keeps its last point) when backtracking finds no sufficient decrease.  A NaN/Inf
     value, gradient or Hessian-vector product at an accepted point raises
@@ -70,15 +66,29 @@ class NewtonCG(Solver):
     ``n_hvp``.
 
     Args:
-        rtol: gradient-norm tolerance in (0, 1); ``None`` picks
-            :func:`~bilevel.solvers._base.gradient_tol` of the dtype of ``x0``
-            (``eps**0.5``: float64 ~1.5e-8, float32 ~3.5e-4).
-        maxiter: maximum number of Newton iterations (>= 0).
-        cg_maxiter: CG iterations per Newton iteration; ``None`` means ``20 * n`` (as
-            scipy), ``n`` the number of unknowns per task.
-        cg_rtol: fixed relative CG tolerance in (0, 1), or ``None`` for the forcing term.
+        rtol: relative gradient-norm tolerance in (0, 1); ``None`` picks
+            :func:`~bilevel.solvers._tolerance.gradient_tol` of the dtype of ``x0``
+            (``eps**0.5``).
+        maxiter: the cap on Newton iterations (>= 0).
+        cg_maxiter, cg_rtol: deprecated; use ``linsolve=CG(maxiter=..., rtol=...)``.
         line_search: a :class:`BacktrackingArmijo` instance (its first trial is the full
             Newton step ``a = initial_step``, 1 by default).
+        atol: absolute gradient-norm tolerance (>= 0, default 0).
+        linsolve: a :class:`bilevel.linsolve.CG` configuring the truncated CG of each
+            Newton iteration: ``maxiter`` (``None``: ``20 * n`` as scipy, ``n`` the unknowns
+            per task), ``rtol`` (``None``: the forcing term above), ``atol``, or ``steps``
+            (a fixed number of CG iterations).  Only CG: the inner solve must stop at
+            negative curvature keeping its last iterate, which is CG's truncation rule.
+
+    Example::
+
+        >>> import torch
+        >>> from bilevel.linsolve import CG
+        >>> from bilevel.solvers import NewtonCG
+        >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+        >>> res = NewtonCG(linsolve=CG(maxiter=5))(lambda x: 0.5 * x @ A @ x - x.sum(), torch.zeros(2))
+        >>> res.status.name, [round(v, 4) for v in res.x.tolist()]
+        ('SUCCESS', [0.2, 0.4])
     """
 
     rtol: float | None = None
@@ -86,17 +96,32 @@ class NewtonCG(Solver):
     cg_maxiter: int | None = None
     cg_rtol: float | None = None
     line_search: BacktrackingArmijo = BacktrackingArmijo()
+    atol: float = 0.0
+    linsolve: CG | None = None
 
     supports_batched: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_tol(name, self.rtol)
+        check_real(name, "atol", self.atol, 0.0, lo_open=False)
         check_int(name, "maxiter", self.maxiter, 0)
-        if self.cg_maxiter is not None:
-            check_int(name, "cg_maxiter", self.cg_maxiter, 1)
-        if self.cg_rtol is not None:
-            check_real(name, "cg_rtol", self.cg_rtol, 0.0, 1.0)
+        if self.linsolve is not None and not isinstance(self.linsolve, CG):
+            raise BilevelValueError(
+                f"{name}: linsolve must be a bilevel.linsolve.CG (the truncated inner solve stops at negative "
+                f"curvature keeping its last iterate, CG's rule), got {self.linsolve!r}"
+            )
+        if self.cg_maxiter is not None or self.cg_rtol is not None:
+            if self.linsolve is not None:
+                raise BilevelValueError(f"{name}: give linsolve=CG(...) or the deprecated cg_maxiter/cg_rtol, not both")
+            if self.cg_maxiter is not None:
+                check_int(name, "cg_maxiter", self.cg_maxiter, 1)
+            if self.cg_rtol is not None:
+                check_real(name, "cg_rtol", self.cg_rtol, 0.0, 1.0)
+            warn_renamed(name, "cg_maxiter/cg_rtol", "linsolve=CG(maxiter=..., rtol=...)")
+            object.__setattr__(self, "linsolve", CG(maxiter=self.cg_maxiter, rtol=self.cg_rtol))
+            object.__setattr__(self, "cg_maxiter", None)
+            object.__setattr__(self, "cg_rtol", None)
         if not isinstance(self.line_search, BacktrackingArmijo):
             raise BilevelValueError(f"{name}: line_search must be a BacktrackingArmijo instance, got {self.line_search!r}")
 
@@ -104,19 +129,21 @@ class NewtonCG(Solver):
         self._check_batched(batched)
         name = type(self).__name__
         tol = self.rtol if self.rtol is not None else gradient_tol(tree_dtype(x0))
-        cg_maxiter = self.cg_maxiter if self.cg_maxiter is not None else 20 * tree_size(x0, batched)
+        cg = self.linsolve if self.linsolve is not None else CG()
+        cg_fixed = cg.steps is not None
+        cg_maxiter = cg.steps or cg.maxiter or 20 * tree_size(x0, batched)
         x = tree_detach(x0)
         f, g = value_and_grad(objective, x, args, batched)
         counts = {"fun": 1, "grad": 1, "hvp": 0, "iter": 0}
         gnorm = checked_grad_norm(f, g, 0, name, batched)
-        thresh = tol * torch.clamp(gnorm, min=1.0)
+        thresh = torch.clamp(tol * torch.clamp(gnorm, min=1.0), min=self.atol)
         tally = Tally(gnorm, ("NOT_A_MINIMUM", "SUCCESS", "LINESEARCH_FAILED"), {"SUCCESS": gnorm <= thresh})
 
         def step(st: tuple[Any, Tensor, Any, Tensor], active: Tensor) -> tuple[tuple[Any, Tensor, Any, Tensor], Outcome]:
             x, f, g, gnorm = st
             k = int(counts["iter"]) + 1
             counts["iter"] = k
-            p = self._direction(objective, x, g, gnorm, active, args, batched, cg_maxiter, counts, k, name)
+            p = self._direction(objective, x, g, gnorm, active, args, batched, cg, cg_maxiter, cg_fixed, counts, k, name)
             ls = self.line_search(objective, x, p, args, f0=f, g0=g, batched=batched, active=active)
             counts["fun"] += ls.n_fun
             ls_failed = active & ~ls.success
@@ -139,8 +166,8 @@ class NewtonCG(Solver):
         # A zero gradient is a minimum, a saddle or a maximum: never claim a minimum where
         # the Hessian has negative curvature (e.g. started exactly at a maximum, where
         # Newton-CG takes no step at all).
-        tally.mark("NOT_A_MINIMUM", tally.stops["SUCCESS"] & negative_curvature(objective, x, args, batched))
-        counts["hvp"] += max(1, min(10, tree_size(x, batched)))
+        tally.mark("NOT_A_MINIMUM", tally.stops["SUCCESS"] & has_negative_curvature(objective, x, args, batched, MINIMUM_CHECK_ITERS))
+        counts["hvp"] += max(1, min(MINIMUM_CHECK_ITERS, tree_size(x, batched)))
         return solver_result(
             x, tally.codes(Status.MAX_ITERATIONS), tally.iters, gnorm, f, batched,
             n_fun=counts["fun"], n_grad=counts["grad"], n_hvp=counts["hvp"],
@@ -155,7 +182,9 @@ class NewtonCG(Solver):
         active: Tensor,
         args: tuple,
         batched: bool,
+        cg: CG,
         cg_maxiter: int,
+        cg_fixed: bool,
         counts: dict,
         k: int,
         name: str,
@@ -165,11 +194,11 @@ class NewtonCG(Solver):
         Written out rather than reusing :class:`~bilevel.linsolve.CG` because on negative
         curvature it must return the *last iterate* (or ``-g``), not stop with a status.
         """
-        if self.cg_rtol is not None:
-            eta = torch.full_like(gnorm, self.cg_rtol)
+        if cg_fixed:
+            cg_thresh = torch.zeros_like(gnorm)  # a fixed budget: only curvature stops it early
         else:
-            eta = torch.clamp(gnorm.sqrt(), max=0.5)
-        cg_thresh = eta * gnorm
+            eta = torch.full_like(gnorm, cg.rtol) if cg.rtol is not None else torch.clamp(gnorm.sqrt(), max=0.5)
+            cg_thresh = torch.clamp(eta * gnorm, min=cg.atol)
         zero = torch.zeros_like(gnorm)
         z = tree_zeros_like(g)  # CG iterate (the Newton direction being built)
         r = g  # residual of H z + g

@@ -46,7 +46,7 @@ def test_bad_input_raises_a_bilevel_error(make, expected) -> None:
 
 def test_warnings_can_be_escalated_by_their_base_class() -> None:
     layer = bilevel.Proximal(lambda p, x: ((p - x) ** 2).sum(), lam=1.0,
-                             solver=solvers.GradientDescent(lr=0.1, steps=1, rtol=1e-12))
+                             solver=solvers.GradientDescent(lr=0.1, maxiter=1, rtol=1e-12))
     with warnings.catch_warnings():
         warnings.simplefilter("error", bilevel.BilevelWarning)
         with pytest.raises(bilevel.ConvergenceWarning):

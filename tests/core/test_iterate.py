@@ -144,7 +144,7 @@ LINEAR = [
 
 INNER = [
     ("bilevel.solvers._gradient_descent", solvers.GradientDescent(lr=0.05, steps=5)),
-    ("bilevel.solvers._gradient_descent", solvers.GradientDescent(lr=0.05, steps=500, rtol=1e-6)),
+    ("bilevel.solvers._gradient_descent", solvers.GradientDescent(lr=0.05, maxiter=500, rtol=1e-6)),
     ("bilevel.solvers._adam", solvers.Adam(lr=0.05, steps=5)),
     ("bilevel.solvers._adam", solvers.Adam(lr=0.05, steps=5, monitor=True)),
     ("bilevel.solvers._newton_cg", solvers.NewtonCG()),

@@ -35,9 +35,9 @@ def _compare(res_b, singles, atol: float = 1e-12) -> None:
 @pytest.mark.parametrize(
     "solver",
     [
-        GradientDescent(lr=1.0, steps=200, rtol=1e-6),
-        GradientDescent(lr=0.5, steps=200, momentum=0.5, nesterov=True, rtol=1e-6),
-        Adam(lr=0.2, steps=200, rtol=1e-4),
+        GradientDescent(lr=1.0, maxiter=200, rtol=1e-6),
+        GradientDescent(lr=0.5, maxiter=200, momentum=0.5, nesterov=True, rtol=1e-6),
+        Adam(lr=0.2, maxiter=200, rtol=1e-4),
     ],
     ids=["gd", "gd_nesterov", "adam"],
 )
@@ -116,7 +116,7 @@ def test_batched_fixed_point_equals_single_task() -> None:
     def fn(x, ms, cs):
         return torch.einsum("...ij,...j->...i", ms, x) + cs
 
-    solver = FixedPointIteration(rtol=1e-12, maxiter=500, damping=0.9)
+    solver = FixedPointIteration(rtol=1e-12, maxiter=500, relaxation=0.9)
     x0 = torch.zeros(3, 4, dtype=torch.float64)
     res = solver(fn, x0, ms, cs, batched=True)
     singles = [solver(fn, x0[i], ms[i], cs[i]) for i in range(3)]

@@ -100,7 +100,7 @@ def test_a_non_finite_compiled_step_is_named_by_the_monitored_replay() -> None:
 def test_compile_is_only_for_the_lean_loop_and_takes_a_bool_or_a_mode(cls) -> None:
     kw = {"lr": 0.1, "steps": 3}
     with pytest.raises(BilevelValueError, match="lean fixed-step loop"):
-        cls(**kw, rtol=1e-3, compile=True)
+        cls(lr=0.1, maxiter=3, rtol=1e-3, compile=True)
     # monitor=True is a fixed-step loop too: its health statistics are computed in the step.
     assert cls(**kw, monitor=True, compile=True).monitor
     with pytest.raises(BilevelValueError, match="compile must be"):
@@ -120,7 +120,7 @@ def test_compiled_health_statistics_equal_the_monitored_path(solver, batched: bo
         loss = torch.func.vmap(loss, in_dims=(0, None, 0, 0))
         args = (th, torch.stack([A, 3 * A]), torch.stack([b, -b]))
         x0 = th.expand(2, -1).clone()
-    ref = dataclasses.replace(solver, rtol=1e-30)(loss, x0, *args, batched=batched)
+    ref = dataclasses.replace(solver, steps=None, maxiter=solver.steps, rtol=1e-30)(loss, x0, *args, batched=batched)
     for fast in (dataclasses.replace(solver, monitor=True), dataclasses.replace(solver, monitor=True, compile=True)):
         got = fast(loss, x0, *args, batched=batched)
         torch.testing.assert_close(got.x, ref.x, rtol=1e-12, atol=1e-13)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bilevel import NonFiniteError, Status
+from bilevel.linsolve import CG, GMRES
 from bilevel.solvers import (
     LBFGS,
     Adam,
@@ -28,7 +29,7 @@ def _linear_until_zero(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "solver",
-    [GradientDescent(lr=0.3, steps=10), GradientDescent(lr=0.3, steps=10, rtol=1e-8), Adam(lr=0.3, steps=10)],
+    [GradientDescent(lr=0.3, steps=10), GradientDescent(lr=0.3, maxiter=10, rtol=1e-8), Adam(lr=0.3, steps=10)],
     ids=["gd", "gd_tol", "adam"],
 )
 def test_nonfinite_value_raises_naming_iteration(solver) -> None:
@@ -103,7 +104,7 @@ def test_newton_cg_nan_along_direction_is_reported() -> None:
 def test_max_iterations_status() -> None:
     h, b, _ = quadratic_problem(cond=1e3)
     x0 = torch.zeros(10, dtype=torch.float64)
-    for solver in (LBFGS(maxiter=3), NewtonCG(maxiter=1, cg_maxiter=1), GradientDescent(lr=1e-3, steps=3, rtol=1e-8)):
+    for solver in (LBFGS(maxiter=3), NewtonCG(maxiter=1, linsolve=CG(maxiter=1)), GradientDescent(lr=1e-3, maxiter=3, rtol=1e-8)):
         res = solver(quadratic, x0, h, b)
         assert res.status is Status.MAX_ITERATIONS and not res.success
         assert res.iterations == getattr(solver, "maxiter", getattr(solver, "steps", None))
@@ -138,8 +139,8 @@ def test_non_tree_input_rejected() -> None:
         lambda: GradientDescent(lr=0.1, steps=10, momentum=1.0),
         lambda: GradientDescent(lr=0.1, steps=10, momentum=-0.1),
         lambda: GradientDescent(lr=0.1, steps=10, nesterov=True),
-        lambda: GradientDescent(lr=0.1, steps=10, rtol=0.0),
-        lambda: GradientDescent(lr=0.1, steps=10, rtol=2.0),
+        lambda: GradientDescent(lr=0.1, maxiter=10, rtol=0.0),
+        lambda: GradientDescent(lr=0.1, maxiter=10, rtol=2.0),
         lambda: GradientDescent(lr="0.1", steps=10),
         lambda: Adam(lr=0.0),
         lambda: Adam(betas=(0.9,)),
@@ -151,12 +152,19 @@ def test_non_tree_input_rejected() -> None:
         lambda: LBFGS(maxiter=-1),
         lambda: LBFGS(history=0),
         lambda: LBFGS(line_search=BacktrackingArmijo()),
-        lambda: NewtonCG(cg_maxiter=0),
-        lambda: NewtonCG(cg_rtol=1.5),
+        lambda: NewtonCG(linsolve=CG(maxiter=0)),
+        lambda: NewtonCG(linsolve=CG(rtol=1.5)),
+        lambda: NewtonCG(linsolve=GMRES()),
+        lambda: NewtonCG(atol=-1.0),
+        lambda: GradientDescent(lr=0.1, steps=10, maxiter=10),
+        lambda: GradientDescent(lr=0.1),
+        lambda: GradientDescent(lr=0.1, rtol=1e-3, steps=5, maxiter=5),
+        lambda: LBFGS(atol=-1.0),
+        lambda: FixedPointIteration(atol=-1.0),
         lambda: NewtonCG(maxiter=None),
         lambda: NewtonCG(line_search=StrongWolfe()),
-        lambda: FixedPointIteration(damping=0.0),
-        lambda: FixedPointIteration(damping=1.5),
+        lambda: FixedPointIteration(relaxation=0.0),
+        lambda: FixedPointIteration(relaxation=1.5),
         lambda: FixedPointIteration(maxiter=-2),
         lambda: FixedPointIteration(rtol=1.0),
         lambda: ScipyMinimize("not-a-method"),

@@ -55,7 +55,7 @@ def test_damping_makes_a_rotation_converge() -> None:
     plain = FixedPointIteration(maxiter=40)(fn, x0)
     assert plain.status is Status.MAX_ITERATIONS and plain.iterations == 40
     assert torch.allclose(plain.x, x0, atol=1e-12)  # 40 = 10 full turns
-    damped = FixedPointIteration(maxiter=500, damping=0.5)(fn, x0)
+    damped = FixedPointIteration(maxiter=500, relaxation=0.5)(fn, x0)
     assert damped.status is Status.SUCCESS
     assert torch.allclose(damped.x, p, atol=1e-10)
 

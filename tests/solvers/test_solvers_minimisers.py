@@ -42,12 +42,12 @@ def _solvers_logistic(a: torch.Tensor):
     L = _lipschitz_logistic(a)
     lr = 2.0 / (L + LAM)  # the optimal fixed step for a mu-strongly convex, L-smooth function
     return {
-        "gd": GradientDescent(lr=lr, steps=2000, rtol=1e-10),
-        "gd_momentum": GradientDescent(lr=1.0 / L, steps=2000, momentum=0.5, rtol=1e-10),
-        "gd_nesterov": GradientDescent(lr=1.0 / L, steps=2000, momentum=0.5, nesterov=True, rtol=1e-10),
+        "gd": GradientDescent(lr=lr, maxiter=2000, rtol=1e-10),
+        "gd_momentum": GradientDescent(lr=1.0 / L, maxiter=2000, momentum=0.5, rtol=1e-10),
+        "gd_nesterov": GradientDescent(lr=1.0 / L, maxiter=2000, momentum=0.5, nesterov=True, rtol=1e-10),
         # Adam with a constant step is not guaranteed to converge (its second-moment estimate
         # decays once g -> 0 and the effective step grows), so it is used with a tolerance.
-        "adam": Adam(lr=0.03, steps=3000, rtol=1e-10),
+        "adam": Adam(lr=0.03, maxiter=3000, rtol=1e-10),
         "lbfgs": LBFGS(rtol=1e-10),
         "newton_cg": NewtonCG(rtol=1e-10),
         "scipy_lbfgsb": ScipyMinimize("L-BFGS-B", options={"gtol": 1e-11, "ftol": 0.0}),
@@ -138,7 +138,7 @@ def test_tree_inputs_gradient_descent_dict() -> None:
     a1 = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)  # bias as a feature
     L = _lipschitz_logistic(a1)
     x0 = {"w": torch.zeros(5, dtype=torch.float64), "b": torch.zeros((), dtype=torch.float64)}
-    res = GradientDescent(lr=2.0 / (L + LAM), steps=3000, rtol=1e-10)(logistic_dict, x0, a, y)
+    res = GradientDescent(lr=2.0 / (L + LAM), maxiter=3000, rtol=1e-10)(logistic_dict, x0, a, y)
     assert res.status is Status.SUCCESS
     assert float((torch.cat([res.x["w"], res.x["b"].reshape(1)]) - ref).norm()) < 1e-8
 
@@ -180,7 +180,7 @@ def test_newton_cg_far_fewer_iterations_than_gd() -> None:
     # GD at its best fixed step 2/(L + mu), allowed 20x Newton's iterations, must still
     # be short of the same gradient tolerance: GD needs more than 20x as many iterations.
     budget = 20 * newton.iterations
-    gd = GradientDescent(lr=2.0 / (1e3 + 1.0), steps=budget, rtol=tol)(quadratic, x0, h, b)
+    gd = GradientDescent(lr=2.0 / (1e3 + 1.0), maxiter=budget, rtol=tol)(quadratic, x0, h, b)
     assert gd.status is Status.MAX_ITERATIONS
     assert gd.iterations == budget
     assert float(gd.grad_norm) > tol * max(1.0, float(b.norm()))
@@ -193,9 +193,9 @@ def test_first_order_on_well_conditioned_quadratic(name: str) -> None:
     # conditioned one is covered by the Newton-CG vs GD comparison above).
     h, b, xs = quadratic_problem(cond=10.0)
     solver = (
-        GradientDescent(lr=2.0 / (10.0 + 1.0), steps=1000, rtol=1e-10)
+        GradientDescent(lr=2.0 / (10.0 + 1.0), maxiter=1000, rtol=1e-10)
         if name == "gd"
-        else Adam(lr=0.05, steps=3000, rtol=1e-10)
+        else Adam(lr=0.05, maxiter=3000, rtol=1e-10)
     )
     res = solver(quadratic, torch.zeros(10, dtype=torch.float64), h, b)
     assert res.status is Status.SUCCESS

@@ -39,8 +39,8 @@ PROBLEM: Problem = make_logistic(3, DT, "dict", 21)
 
 INNER_SOLVERS: dict[str, Callable[[float], Any]] = {
     # Each gets the objective's L (for a step size) and is configured tightly.
-    "GradientDescent": lambda L: GradientDescent(lr=1.0 / L, steps=20000, rtol=1e-11),
-    "Adam": lambda L: Adam(lr=0.01, steps=20000, rtol=1e-11),
+    "GradientDescent": lambda L: GradientDescent(lr=1.0 / L, maxiter=20000, rtol=1e-11),
+    "Adam": lambda L: Adam(lr=0.01, maxiter=20000, rtol=1e-11),
     "LBFGS": lambda L: LBFGS(rtol=1e-11, maxiter=500),
     "NewtonCG": lambda L: NewtonCG(rtol=1e-11, maxiter=100),
     "ScipyMinimize(L-BFGS-B)": lambda L: ScipyMinimize("L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-16, "maxiter": 2000}),
@@ -103,7 +103,7 @@ def _fp_fn(x: torch.Tensor, W: torch.Tensor, U: torch.Tensor, a: torch.Tensor) -
 
 FP_SOLVERS: dict[str, Any] = {
     "FixedPointIteration": FixedPointIteration(rtol=1e-13, maxiter=2000),
-    "FixedPointIteration(damping=0.5)": FixedPointIteration(rtol=1e-13, maxiter=4000, damping=0.5),
+    "FixedPointIteration(relaxation=0.5)": FixedPointIteration(rtol=1e-13, maxiter=4000, relaxation=0.5),
 }
 FP_LINSOLVES: dict[str, Any] = {
     "GMRES": GMRES(rtol=TOL),

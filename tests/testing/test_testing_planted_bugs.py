@@ -177,7 +177,7 @@ def test_zero_gradient_theta_only_in_x0_is_caught() -> None:
     assert any("does not require grad" in n for n in report.notes)
 
     # The fix: the proximal term carries θ into the optimality condition.
-    fixed = p.proximal_layer(solver=GradientDescent(lr=1.0 / (p.L + p.lam), steps=2000, rtol=1e-12))
+    fixed = p.proximal_layer(solver=GradientDescent(lr=1.0 / (p.L + p.lam), maxiter=2000, rtol=1e-12))
 
     def fn_fixed(theta: torch.Tensor) -> torch.Tensor:
         return p.outer(fixed(theta, *p.data))

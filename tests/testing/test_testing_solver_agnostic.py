@@ -69,8 +69,8 @@ def _solvers(p: Problem, L: float) -> dict[str, Any]:
     f64 = p.dtype == DT
     tol = 1e-10 if f64 else 1e-4
     return {
-        "GradientDescent": GradientDescent(lr=1.0 / L, steps=20000, rtol=tol),
-        "Adam": Adam(lr=0.01, steps=20000, rtol=tol),
+        "GradientDescent": GradientDescent(lr=1.0 / L, maxiter=20000, rtol=tol),
+        "Adam": Adam(lr=0.01, maxiter=20000, rtol=tol),
         "LBFGS": LBFGS(rtol=tol, maxiter=500),
         "ScipyMinimize(L-BFGS-B)": ScipyMinimize(
             "L-BFGS-B", options={"gtol": 1e-12 if f64 else 1e-5, "ftol": 1e-16 if f64 else 1e-10, "maxiter": 2000}

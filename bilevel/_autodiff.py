@@ -1,0 +1,152 @@
+"""Derivatives of an objective and of an optimality map: the one place the library builds them.
+
+Every gradient, Hessian-vector product and Jacobian product the library computes goes
+through this file (docs/design.md §3, "one implementation per concept"):
+
+* :func:`value_and_grad`, :func:`value` -- an inner objective's value(s) and gradient;
+* :func:`graph_vjp` -- the reverse-mode product ``Jᵀu`` of outputs already built with a
+  graph; the backward's reverse operator and :func:`hessian_operator` both use it;
+* :func:`hessian_operator` -- ``v ↦ ∇²f(x) v`` at one point, the gradient graph built once
+  and reused by every product; :func:`hvp` is one such product.
+
+Each function picks plain autograd unless a ``torch.func`` transform encloses the call,
+where only ``torch.func`` primitives are correct.  Why not ``torch.func`` everywhere: in
+eager PyTorch a transform costs a fixed ~0.2 ms per call, which dominated small problems
+(``benchmarks/small_problem.py``), and a reverse-over-reverse product costs about 1.2-1.3
+gradients against 4-10 for a forward-over-reverse one (``benchmarks/backward_cost.py``).
+
+Batched mode (``batched=True``): every leaf of ``x`` has a leading task dimension ``B`` and
+``objective(x, *args)`` returns a ``(B,)`` tensor; gradients are those of the sum, which
+are the per-task gradients (task ``b`` depends only on slice ``b`` of ``x``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._errors import BilevelTypeError, BilevelValueError, NotDifferentiableError
+from ._transforms import any_wrapped, leaves_of
+from ._tree import tree_detach, tree_flatten, tree_unflatten
+
+Objective = Callable[..., Tensor]
+
+
+def total(objective: Objective, batched: bool) -> Callable[..., tuple[Tensor, Tensor]]:
+    """``(scalar, values)``: a scalar whose gradient is the (per-task) gradient of ``objective``, and its values."""
+
+    def f(x: Any, *args: Any) -> tuple[Tensor, Tensor]:
+        v = objective(x, *args)
+        if not isinstance(v, Tensor):
+            raise BilevelTypeError(f"the objective must return a tensor, got {type(v).__name__}")
+        if batched:
+            if v.dim() != 1:
+                raise BilevelValueError(f"in batched mode the objective must return a (B,) tensor, got shape {tuple(v.shape)}")
+            return v.sum(), v
+        if v.dim() != 0:
+            raise BilevelValueError(f"the objective must return a scalar (0-d) tensor, got shape {tuple(v.shape)}")
+        return v, v
+
+    return f
+
+
+def inside_transform(x: Any, args: tuple) -> bool:
+    """Whether a ``torch.func`` transform wraps ``x`` or a tensor argument."""
+    return any_wrapped(leaves_of(x, *args))
+
+
+def value_and_grad(
+    objective: Objective, x: Any, args: tuple, batched: bool = False, transform: bool | None = None
+) -> tuple[Tensor, Any]:
+    """Objective value(s) and gradient tree at ``x`` (works under an outer ``no_grad``).
+
+    ``transform``: whether a ``torch.func`` transform encloses the call, if the caller
+    already knows (a loop asks once per solve).
+    """
+    if transform if transform is not None else inside_transform(x, args):
+        g, (_, v) = torch.func.grad_and_value(total(objective, batched), has_aux=True)(x, *args)
+        return v.detach(), tree_detach(g)
+    leaves, treedef = tree_flatten(x)
+    v, gl = value_and_grad_leaves(objective, treedef, leaves, args, batched)
+    return v, tree_unflatten(treedef, gl)
+
+
+def _grad_graph(objective: Objective, treedef: Any, leaves: list[Tensor], args: tuple, batched: bool,
+                create_graph: bool) -> tuple[Tensor, list[Tensor], tuple[Tensor | None, ...]]:
+    """``(values, x leaves requiring grad, gradient leaves)`` by plain autograd."""
+    xr = [t.detach().requires_grad_(True) for t in leaves]
+    s, v = total(objective, batched)(tree_unflatten(treedef, xr), *args)
+    if not s.requires_grad:
+        raise NotDifferentiableError(
+            "the objective's value does not depend on x through torch operations (did it leave torch, e.g. "
+            "through .numpy() or .item()?): a gradient-based solver cannot use it; use a derivative-free "
+            "one such as ScipyMinimize('Nelder-Mead' or 'Powell')"
+        )
+    gs = torch.autograd.grad(s, xr, create_graph=create_graph, allow_unused=True)
+    return v, xr, gs
+
+
+def value_and_grad_leaves(
+    objective: Objective, treedef: Any, leaves: list[Tensor], args: tuple, batched: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`value_and_grad` by plain reverse mode on the leaves of ``x`` (no transform
+    encloses the call): the gradient leaves, without rebuilding trees a loop does not need."""
+    with torch.enable_grad():
+        v, _, gs = _grad_graph(objective, treedef, leaves, args, batched, create_graph=False)
+    return v.detach(), [torch.zeros_like(t) if gi is None else gi for gi, t in zip(gs, leaves)]
+
+
+def value(objective: Objective, x: Any, args: tuple, batched: bool = False) -> Tensor:
+    """Objective value(s) without a gradient."""
+    with torch.no_grad():
+        return total(objective, batched)(x, *args)[1].detach()
+
+
+def graph_vjp(outputs: Sequence[Tensor | None], inputs: list[Tensor], cotangents: Sequence[Tensor],
+              retain_graph: bool = True) -> list[Tensor]:
+    """``Σᵢ (∂outputᵢ/∂inputs)ᵀ cotangentᵢ`` through a graph already built, detached, with
+    zeros for inputs the outputs do not reach.  Outputs without a graph (``None``, or not
+    requiring grad: they do not depend on the inputs) contribute nothing."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None and o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(t) for t in inputs]
+    with torch.enable_grad():
+        gs = torch.autograd.grad([p[0] for p in pairs], inputs, grad_outputs=[p[1] for p in pairs],
+                                 retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(gs, inputs)]
+
+
+def hessian_operator(objective: Objective, x: Any, args: tuple, batched: bool = False) -> Callable[[Any], Any]:
+    """``v ↦ ∇²f(x) v`` at the fixed point ``x`` (block-diagonal over tasks when batched).
+
+    Reverse-over-reverse: the gradient is built once with a graph and every product is one
+    VJP through it (:func:`graph_vjp`).  Inside a ``torch.func`` transform,
+    forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) instead.
+    """
+    if inside_transform(x, args):
+
+        def g(y: Any) -> Any:
+            return torch.func.grad(lambda z: total(objective, batched)(z, *args)[0])(y)
+
+        return lambda v: tree_detach(torch.func.jvp(g, (x,), (v,))[1])
+    leaves, treedef = tree_flatten(x)
+    with torch.enable_grad():
+        _, xr, gs = _grad_graph(objective, treedef, leaves, args, batched, create_graph=True)
+
+    def matvec(v: Any) -> Any:
+        return tree_unflatten(treedef, graph_vjp(gs, xr, tree_flatten(v)[0]))
+
+    return matvec
+
+
+def hvp(objective: Objective, x: Any, v: Any, args: tuple, batched: bool = False) -> Any:
+    """One Hessian-vector product ``∇²f(x) v`` (see :func:`hessian_operator`)."""
+    if inside_transform(x, args):
+        return hessian_operator(objective, x, args, batched)(v)
+    leaves, treedef = tree_flatten(x)
+    with torch.enable_grad():
+        _, xr, gs = _grad_graph(objective, treedef, leaves, args, batched, create_graph=True)
+    return tree_unflatten(treedef, graph_vjp(gs, xr, tree_flatten(v)[0], retain_graph=False))
