@@ -31,6 +31,7 @@ Public API:
 from __future__ import annotations
 
 from . import distributed, linsolve, solvers, tree
+from ._argmin import Argmin
 from ._curvature import hessian_extremes
 from ._diagnostics import Diagnostics
 from ._errors import (
@@ -45,12 +46,14 @@ from ._errors import (
     NotDifferentiableError,
     UnsupportedError,
 )
-from ._layers import Argmin, FixedPoint, ImplicitLayer, Proximal, custom_root
+from ._layer_base import ImplicitLayer
+from ._proximal import Proximal
 from ._result import LinearSolveResult, SolverResult, Status
+from ._root_layers import FixedPoint, custom_root
 from ._timing import time_alternatives
 from ._types import Batched, HvpMode, InnerSolver, LinearSolverLike, OnFailure
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Argmin",

@@ -11,9 +11,10 @@ through this file (docs/design.md §3, "one implementation per concept"):
 
 Each function picks plain autograd unless a ``torch.func`` transform encloses the call,
 where only ``torch.func`` primitives are correct.  Why not ``torch.func`` everywhere: in
-eager PyTorch a transform costs a fixed ~0.2 ms per call, which dominated small problems
-(``benchmarks/small_problem.py``), and a reverse-over-reverse product costs about 1.2-1.3
-gradients against 4-10 for a forward-over-reverse one (``benchmarks/backward_cost.py``).
+eager PyTorch a transform has a fixed cost per call, which dominates small problems
+(``benchmarks/small_problem.py``), and a reverse-over-reverse product costs a small
+multiple of a gradient, several times less than a forward-over-reverse one
+(``benchmarks/backward_cost.py``; the numbers are in ``benchmarks/README.md``).
 
 Batched mode (``batched=True``): every leaf of ``x`` has a leading task dimension ``B`` and
 ``objective(x, *args)`` returns a ``(B,)`` tensor; gradients are those of the sum, which
@@ -106,16 +107,19 @@ def value(objective: Objective, x: Any, args: tuple, batched: bool = False) -> T
 
 
 def graph_vjp(outputs: Sequence[Tensor | None], inputs: list[Tensor], cotangents: Sequence[Tensor],
-              retain_graph: bool = True) -> list[Tensor]:
-    """``Σᵢ (∂outputᵢ/∂inputs)ᵀ cotangentᵢ`` through a graph already built, detached, with
-    zeros for inputs the outputs do not reach.  Outputs without a graph (``None``, or not
-    requiring grad: they do not depend on the inputs) contribute nothing."""
+              retain_graph: bool = True, materialize: bool = True) -> list[Any]:
+    """``Σᵢ (∂outputᵢ/∂inputs)ᵀ cotangentᵢ`` through a graph already built, detached; for
+    inputs the outputs do not reach, zeros (``materialize``) or ``None``.  Outputs without
+    a graph (``None``, or not requiring grad: they do not depend on the inputs) contribute
+    nothing."""
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None and o.requires_grad]
-    if not pairs:
-        return [torch.zeros_like(t) for t in inputs]
-    with torch.enable_grad():
-        gs = torch.autograd.grad([p[0] for p in pairs], inputs, grad_outputs=[p[1] for p in pairs],
-                                 retain_graph=retain_graph, allow_unused=True)
+    gs: Sequence[Tensor | None] = (None,) * len(inputs)
+    if pairs:
+        with torch.enable_grad():
+            gs = torch.autograd.grad([p[0] for p in pairs], inputs, grad_outputs=[p[1] for p in pairs],
+                                     retain_graph=retain_graph, allow_unused=True)
+    if not materialize:
+        return [None if g is None else g.detach() for g in gs]
     return [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(gs, inputs)]
 
 

@@ -15,7 +15,16 @@ from torch import Tensor
 
 from ._autodiff import Objective, hessian_operator
 from ._errors import BilevelValueError
-from ._tree import tree_axpy, tree_flatten, tree_norm, tree_scale, tree_size, tree_unflatten, tree_vdot, tree_where
+from ._tree import (
+    tree_axpy,
+    tree_flatten,
+    tree_norm,
+    tree_scale,
+    tree_size,
+    tree_unflatten,
+    tree_vdot,
+    tree_where,
+)
 
 
 def hessian_extremes(

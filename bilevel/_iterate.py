@@ -45,8 +45,8 @@ class Outcome:
 
     Attributes:
         moved: tasks whose iterate advanced; each counts one iteration.
-        stopped: status name -> tasks that stop now with that status (``"SUCCESS"``,
-            ``"NONFINITE"``, ``"BREAKDOWN"``, ...).  Must name statuses the tally knows.
+        stopped: :class:`~bilevel.Status` -> tasks that stop now with that status
+            (``Status.SUCCESS``, ``Status.NONFINITE``, ...).  Must name statuses the tally knows.
         claimed: tasks whose convergence *estimate* meets the tolerance; they stop moving
             until the driver has verified the claim (``None``: no claims).
         exhausted: the solver's own budget is spent (e.g. GMRES counts Arnoldi steps,
@@ -54,7 +54,7 @@ class Outcome:
     """
 
     moved: Tensor
-    stopped: Mapping[str, Tensor] = dataclasses.field(default_factory=dict)
+    stopped: Mapping[Status, Tensor] = dataclasses.field(default_factory=dict)
     claimed: Tensor | None = None
     exhausted: bool = False
 
@@ -70,13 +70,13 @@ class Tally:
         start: initial masks (e.g. tasks converged or non-finite at the starting point).
     """
 
-    def __init__(self, like: Tensor, statuses: Iterable[str], start: Mapping[str, Tensor] | None = None) -> None:
+    def __init__(self, like: Tensor, statuses: Iterable[Status], start: Mapping[Status, Tensor] | None = None) -> None:
         zeros = torch.zeros(like.shape, dtype=torch.bool, device=like.device)
         start = start or {}
-        self.stops: dict[str, Tensor] = {name: start.get(name, zeros) for name in statuses}
+        self.stops: dict[Status, Tensor] = {status: start.get(status, zeros) for status in statuses}
         unknown = set(start) - set(self.stops)
         if unknown:
-            raise KeyError(f"Tally: initial masks for unknown statuses {sorted(unknown)}")
+            raise KeyError(f"Tally: initial masks for unknown statuses {sorted(s.name for s in unknown)}")
         self.pending = zeros
         self.iters = torch.zeros(like.shape, dtype=torch.long, device=like.device)
 
@@ -93,29 +93,29 @@ class Tally:
         """Tasks still iterating: neither stopped nor waiting for a claim to be verified."""
         return ~(self.stopped | self.pending)
 
-    def mark(self, name: str, mask: Tensor) -> None:
-        """Stop the tasks in ``mask`` with status ``name``."""
-        self.stops[name] = self.stops[name] | mask
+    def mark(self, status: Status, mask: Tensor) -> None:
+        """Stop the tasks in ``mask`` with ``status``."""
+        self.stops[status] = self.stops[status] | mask
 
     def record(self, out: Outcome) -> None:
         """Account for one step."""
         self.iters = self.iters + out.moved.long()
-        for name, mask in out.stopped.items():
-            self.mark(name, mask)
+        for status, mask in out.stopped.items():
+            self.mark(status, mask)
         if out.claimed is not None:
             self.pending = self.pending | out.claimed
 
     def codes(self, default: Status) -> Tensor:
         """Integer status codes per task: the first true stop mask wins, else ``default``
         (``MAX_ITERATIONS``, or ``COMPLETED`` for a fixed budget)."""
-        return codes_from_masks(self.iters.shape, self.iters.device, default, **self.stops)
+        return codes_from_masks(self.iters.shape, self.iters.device, default, self.stops)
 
 
-def codes_from_masks(shape: torch.Size, device: torch.device, default: Status, **masks: Tensor) -> Tensor:
-    """Integer status codes: the first mask (in keyword order) that is true wins; else ``default``."""
+def codes_from_masks(shape: torch.Size, device: torch.device, default: Status, masks: Mapping[Status, Tensor]) -> Tensor:
+    """Integer status codes: the first mask (in the mapping's order) that is true wins; else ``default``."""
     out = torch.full(shape, code(default), dtype=torch.long, device=device)
-    for name, m in reversed(list(masks.items())):
-        out = torch.where(m, torch.full_like(out, code(Status[name])), out)
+    for status, m in reversed(list(masks.items())):
+        out = torch.where(m, torch.full_like(out, code(status)), out)
     return out
 
 
@@ -162,7 +162,7 @@ def iterate(
         verifier: how claims are verified (``None``: claims are accepted as convergence).
 
     Returns:
-        The final state.  ``tally.stops["SUCCESS"]`` holds the verified convergence.
+        The final state.  ``tally.stops[Status.SUCCESS]`` holds the verified convergence.
     """
     if tally is None:
         if maxiter is None or not fixed:
@@ -187,15 +187,15 @@ def iterate(
         if out.exhausted:
             break
     if fixed or verifier is None:
-        tally.mark("SUCCESS", tally.pending)
+        tally.mark(Status.SUCCESS, tally.pending)
         tally.pending = tally.pending & False
         return state
     # Report the true residual of every task not already verified; this also settles a
     # claim made on the last allowed iteration.
-    unverified = ~tally.stops["SUCCESS"]
+    unverified = ~tally.stops[Status.SUCCESS]
     if bool(unverified.any()):
         state, ok, _ = verifier.check(state, unverified)
-        tally.mark("SUCCESS", tally.pending & ok)
+        tally.mark(Status.SUCCESS, tally.pending & ok)
     tally.pending = tally.pending & False
     return state
 
@@ -204,8 +204,8 @@ def _settle(verifier: Verifier[S], state: S, tally: Tally, *, restart: bool) -> 
     """Verify the pending claims: converged, non-finite, or restarted from where they are."""
     pending = tally.pending
     state, ok, bad = verifier.check(state, pending)
-    tally.mark("SUCCESS", pending & ok)
-    tally.mark("NONFINITE", pending & bad)
+    tally.mark(Status.SUCCESS, pending & ok)
+    tally.mark(Status.NONFINITE, pending & bad)
     again = pending & ~ok & ~bad
     tally.pending = pending & False
     if restart:

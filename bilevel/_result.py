@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -70,30 +71,46 @@ def overall_status(statuses: tuple[Status, ...]) -> Status:
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearSolveResult:
-    """Result of a linear solve ``A x = b``.
+class SolveResult:
+    """What every solve returns: the base of :class:`SolverResult` and :class:`LinearSolveResult`.
 
     Attributes:
-        x: the solution, a tree shaped like ``b``.
-        status: overall :class:`Status` (in batched mode: SUCCESS only if every task converged).
-        iterations: number of iterations (in batched mode: the largest over tasks).
-        residual_norm: final residual norm ``||b - A x||`` (0-d, or ``(B,)`` per task).
+        x: the solution tree.
+        status: overall :class:`Status` (batched: ``SUCCESS``/``COMPLETED`` only if every task is).
+        iterations: iterations taken (batched: the largest over tasks).
         task_status: per-task statuses in batched mode, else ``None``.
         task_iterations: per-task iteration counts ``(B,)`` in batched mode, else ``None``.
+
+    Example::
+
+        >>> import torch
+        >>> from bilevel.linsolve import CG
+        >>> res = CG()(lambda v: 2.0 * v, torch.ones(3))
+        >>> res.status.ok, res.x.tolist()
+        (True, [0.5, 0.5, 0.5])
     """
 
     x: Any
     status: Status
     iterations: int
-    residual_norm: Tensor
-    task_status: tuple[Status, ...] | None = None
-    task_iterations: Tensor | None = None
+    task_status: tuple[Status, ...] | None = dataclasses.field(default=None, kw_only=True)
+    task_iterations: Tensor | None = dataclasses.field(default=None, kw_only=True)
 
     @property
     def success(self) -> bool:
-        """Whether ``x`` can be trusted: ``status.ok`` (``SUCCESS``, or ``COMPLETED`` for a fixed
-        budget), the same meaning as :attr:`SolverResult.success`."""
+        """Whether ``x`` can be trusted: ``status.ok`` (``SUCCESS``, or ``COMPLETED`` for a fixed budget)."""
         return self.status.ok
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSolveResult(SolveResult):
+    """Result of a linear solve ``A x = b`` (a :class:`SolveResult`).
+
+    Attributes:
+        residual_norm: final residual norm ``||b - A x||`` (0-d, or ``(B,)`` per task).
+    """
+
+    residual_norm: Tensor
 
     def summary(self) -> str:
         """One line: status, iterations, residual norm(s)."""
@@ -102,20 +119,15 @@ class LinearSolveResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class SolverResult:
-    """Result of an inner solve ``x* = argmin f(x)`` (or a root / fixed point).
+class SolverResult(SolveResult):
+    """Result of an inner solve ``x* = argmin f(x)`` (or a root / fixed point; a :class:`SolveResult`).
 
     Attributes:
-        x: the solution tree.
-        status: overall :class:`Status` (batched: SUCCESS/COMPLETED only if every task is).
-        iterations: iterations taken (batched: the largest over tasks).
         grad_norm: final gradient (or residual) norm, 0-d or ``(B,)``.
         value: final objective value, 0-d or ``(B,)`` (``None`` if not computed).
         n_fun: number of objective evaluations.
         n_grad: number of gradient evaluations.
         n_hvp: number of Hessian-vector products.
-        task_status: per-task statuses in batched mode.
-        task_iterations: per-task iteration counts in batched mode.
         raw: the external solver's own result object (e.g. ``scipy.optimize.OptimizeResult``).
         message: extra detail (e.g. the iteration at which a non-finite value appeared).
         grad_norm_initial: gradient norm at the starting point, 0-d or ``(B,)`` (first-order
@@ -130,131 +142,58 @@ class SolverResult:
             it, so ``False`` signals a step size too large for the problem: oscillation.
     """
 
-    x: Any
-    status: Status
-    iterations: int
     grad_norm: Tensor | None = None
     value: Tensor | None = None
     n_fun: int = 0
     n_grad: int = 0
     n_hvp: int = 0
-    task_status: tuple[Status, ...] | None = None
-    task_iterations: Tensor | None = None
     raw: Any = None
     message: str = ""
     grad_norm_initial: Tensor | None = None
     grad_norm_monotone: Tensor | None = None
     value_monotone: Tensor | None = None
 
-    @property
-    def success(self) -> bool:
-        """Whether ``x`` can be trusted: ``status.ok`` (``SUCCESS``, or ``COMPLETED`` for a
-        fixed step count), the same meaning as :attr:`LinearSolveResult.success`."""
-        return self.status.ok
+
+R = TypeVar("R", bound=SolveResult)
 
 
-def linear_result(x: Any, rnorm: Tensor, codes: Tensor, iters: Tensor, batched: bool) -> LinearSolveResult:
-    """The :class:`LinearSolveResult` of a solve, from per-task integer status codes and
-    iteration counts (:meth:`bilevel._iterate.Tally.codes`); one host sync."""
+def result_from_codes(cls: type[R], x: Any, codes: Tensor, iters: Tensor, batched: bool, **fields: Any) -> R:
+    """A result of type ``cls`` from per-task integer status codes and iteration counts
+    (:meth:`bilevel._iterate.Tally.codes`); one host sync.  Unbatched, the per-task tensor
+    ``fields`` of one element become 0-d."""
     statuses = status_from_codes(codes)
     if batched:
-        return LinearSolveResult(
-            x=x,
-            status=overall_status(statuses),
-            iterations=int(iters.max()) if iters.numel() else 0,
-            residual_norm=rnorm,
-            task_status=statuses,
-            task_iterations=iters,
-        )
-    return LinearSolveResult(x=x, status=statuses[0], iterations=int(iters.reshape(-1)[0]), residual_norm=rnorm.reshape(()))
+        return cls(x=x, status=overall_status(statuses), iterations=int(iters.max()) if iters.numel() else 0,
+                   task_status=statuses, task_iterations=iters, **fields)
+    fields = {k: v.reshape(()) if isinstance(v, Tensor) and v.numel() == 1 else v for k, v in fields.items()}
+    return cls(x=x, status=statuses[0], iterations=int(iters.reshape(-1)[0]), **fields)
 
 
-def solver_result(
-    x: Any,
-    codes: Tensor,
-    iters: Tensor,
-    grad_norm: Tensor | None,
-    val: Tensor | None,
-    batched: bool,
-    n_fun: int,
-    n_grad: int,
-    n_hvp: int = 0,
-    message: str = "",
-) -> SolverResult:
-    """The :class:`SolverResult` of an inner solve, from per-task integer status codes and
-    iteration counts (:meth:`bilevel._iterate.Tally.codes`); one host sync."""
-    statuses = status_from_codes(codes)
-    if batched:
-        return SolverResult(
-            x=x,
-            status=overall_status(statuses),
-            iterations=int(iters.max()) if iters.numel() else 0,
-            grad_norm=grad_norm,
-            value=val,
-            n_fun=n_fun,
-            n_grad=n_grad,
-            n_hvp=n_hvp,
-            task_status=statuses,
-            task_iterations=iters,
-            message=message,
-        )
-    return SolverResult(
-        x=x,
-        status=statuses[0],
-        iterations=int(iters.reshape(-1)[0]),
-        grad_norm=None if grad_norm is None else grad_norm.reshape(()),
-        value=None if val is None else val.reshape(()),
-        n_fun=n_fun,
-        n_grad=n_grad,
-        n_hvp=n_hvp,
-        message=message,
-    )
-
-
-def _stack(ts: list[Tensor | None]) -> Tensor | None:
-    if any(t is None for t in ts):
-        return None
+def stack_results(results: Sequence[R], x: Any) -> R:
+    """Per-task results of unbatched solves as one batched result of the same type (``x``:
+    the stacked solution): statuses and iterations per task, per-task tensors stacked
+    (``None`` if any task lacks one), counts summed, messages joined with their task."""
     import torch
 
-    return torch.stack([t.reshape(()) for t in ts])  # type: ignore[union-attr]
-
-
-def stack_solver_results(results: list[SolverResult], x: Any) -> SolverResult:
-    """Per-task results of unbatched solves as one batched result (``x``: the stacked solution)."""
-    import torch
-
+    cls = type(results[0])
     statuses = tuple(r.status for r in results)
-    return SolverResult(
-        x=x,
-        status=overall_status(statuses),
-        iterations=max(r.iterations for r in results),
-        grad_norm=_stack([r.grad_norm for r in results]),
-        value=_stack([r.value for r in results]),
-        n_fun=sum(r.n_fun for r in results),
-        n_grad=sum(r.n_grad for r in results),
-        n_hvp=sum(r.n_hvp for r in results),
-        task_status=statuses,
-        task_iterations=torch.tensor([r.iterations for r in results]),
-        message="; ".join(f"task {i}: {r.message}" for i, r in enumerate(results) if r.message),
-        grad_norm_initial=_stack([r.grad_norm_initial for r in results]),
-        grad_norm_monotone=_stack([r.grad_norm_monotone for r in results]),
-        value_monotone=_stack([r.value_monotone for r in results]),
-    )
-
-
-def stack_linear_results(results: list[LinearSolveResult], x: Any) -> LinearSolveResult:
-    """Per-task results of unbatched linear solves as one batched result."""
-    import torch
-
-    statuses = tuple(r.status for r in results)
-    return LinearSolveResult(
-        x=x,
-        status=overall_status(statuses),
-        iterations=max(r.iterations for r in results),
-        residual_norm=torch.stack([r.residual_norm.reshape(()) for r in results]),
-        task_status=statuses,
-        task_iterations=torch.tensor([r.iterations for r in results]),
-    )
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in ("x", "status", "iterations", "task_status", "task_iterations"):
+            continue
+        vals = [getattr(r, f.name) for r in results]
+        if f.name == "raw":
+            fields[f.name] = None
+        elif f.name == "message":
+            fields[f.name] = "; ".join(f"task {i}: {m}" for i, m in enumerate(vals) if m)
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            fields[f.name] = sum(vals)
+        elif all(isinstance(v, Tensor) for v in vals):
+            fields[f.name] = torch.stack([v.reshape(()) for v in vals])
+        else:
+            fields[f.name] = None
+    return cls(x=x, status=overall_status(statuses), iterations=max(r.iterations for r in results),
+               task_status=statuses, task_iterations=torch.tensor([r.iterations for r in results]), **fields)
 
 
 def report(status_ok: bool, message: str, on_failure: str) -> None:

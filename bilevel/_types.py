@@ -29,8 +29,10 @@ class InnerSolver(Protocol):
     """``solver(objective, x0, *args, batched=False) -> SolverResult | tree``.
 
     Called under ``torch.no_grad()`` with detached arguments; it may be
-    non-differentiable or run outside PyTorch.  ``batched=True`` is only passed to a
-    solver whose ``supports_batched`` is true (the layers loop over tasks otherwise).
+    non-differentiable or run outside PyTorch.  A solver that cannot solve a batch of
+    tasks at once may say so with a class attribute ``supports_batched = False``: a layer
+    called with ``batched=True`` (``"auto"``) then runs it task by task (the ``"loop"``
+    strategy); ``batched="vmap"`` calls it with ``batched=True`` regardless.
     """
 
     def __call__(self, objective: Any, x0: Any, *args: Any, batched: bool = ...) -> Any: ...

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .._errors import BilevelTypeError, BilevelValueError, UnsupportedError
 from .._iterate import Tally, Verifier
-from .._result import LinearSolveResult, Status, linear_result, overall_status
+from .._result import LinearSolveResult, Status, overall_status, result_from_codes
 from .._transforms import is_vmapped
 from .._tree import (
     default_tol,
@@ -233,9 +233,9 @@ def finish(x: Any, rnorm: Tensor, tally: Tally, default: Status, batched: bool) 
         if mode == "tolerance":
             # No status can be reported from inside vmap: a slice that did not reach the
             # tolerance in maxiter iterations is made NaN (loud) rather than returned inexact.
-            x = tree_where(tally.stops["SUCCESS"], x, tree_map(lambda t: torch.full_like(t, float("nan")), x))
+            x = tree_where(tally.stops[Status.SUCCESS], x, tree_map(lambda t: torch.full_like(t, float("nan")), x))
         return LinearSolveResult(x=x, status=Status.COMPLETED, iterations=-1, residual_norm=rnorm)
-    return linear_result(x, rnorm, tally.codes(default), tally.iters, batched)
+    return result_from_codes(LinearSolveResult, x, tally.codes(default), tally.iters, batched, residual_norm=rnorm)
 
 
 def initial_guess(matvec: MatVec, b: Any, x0: Any) -> tuple[Any, Any]:
@@ -246,13 +246,13 @@ def initial_guess(matvec: MatVec, b: Any, x0: Any) -> tuple[Any, Any]:
     return x, tree_sub(b, matvec(x))
 
 
-def start_tally(rnorm: Tensor, thresh: Tensor, statuses: tuple[str, ...]) -> Tally:
+def start_tally(rnorm: Tensor, thresh: Tensor, statuses: tuple[Status, ...]) -> Tally:
     """The driver's masks at the starting iterate: converged where ``rnorm <= thresh``,
     ``NONFINITE`` where the residual is not finite.
 
     An infinite ``b`` gives an infinite threshold: finiteness is part of convergence.
     """
-    return Tally(rnorm, statuses, {"SUCCESS": torch.isfinite(rnorm) & (rnorm <= thresh), "NONFINITE": ~torch.isfinite(rnorm)})
+    return Tally(rnorm, statuses, {Status.SUCCESS: torch.isfinite(rnorm) & (rnorm <= thresh), Status.NONFINITE: ~torch.isfinite(rnorm)})
 
 
 def residual_verifier(

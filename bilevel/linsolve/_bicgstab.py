@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._iterate import Outcome, iterate
-from .._result import LinearSolveResult
+from .._result import LinearSolveResult, Status
 from .._tree import tree_axpy, tree_norm, tree_vdot, tree_where, tree_zeros_like
 from ._base import (
     LinearSolver,
@@ -69,7 +69,7 @@ class BiCGSTAB(LinearSolver):
         x, r0 = initial_guess(matvec, b, x0)
         rnorm = tree_norm(r0, batched)
         # SUCCESS is only ever set from a *true* residual (initial or verified).
-        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE", "BREAKDOWN"))
+        tally = start_tally(rnorm, thresh, (Status.SUCCESS, Status.NONFINITE, Status.BREAKDOWN))
         state = {"x": x, "rnorm": rnorm, **_start(r0, rnorm, zeros)}
 
         def restart(st: dict[str, Any], again: Tensor) -> dict[str, Any]:
@@ -127,7 +127,7 @@ class BiCGSTAB(LinearSolver):
                 "omega": torch.where(s2, omega_new, omega),
             }
             out = Outcome(
-                moved=s1, stopped={"NONFINITE": bad1 | bad2 | bad3, "BREAKDOWN": brk1 | brk2}, claimed=moving & (rn <= thresh)
+                moved=s1, stopped={Status.NONFINITE: bad1 | bad2 | bad3, Status.BREAKDOWN: brk1 | brk2}, claimed=moving & (rn <= thresh)
             )
             return new, out
 

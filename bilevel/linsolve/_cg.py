@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._errors import BilevelTypeError, BilevelValueError, NonFiniteError
 from .._iterate import Outcome, iterate
-from .._result import LinearSolveResult
+from .._result import LinearSolveResult, Status
 from .._tree import tree_axpy, tree_flatten, tree_norm, tree_vdot, tree_where
 from ._base import LinearSolver, MatVec, finish, initial_guess, start_tally
 
@@ -60,7 +60,7 @@ class CG(LinearSolver):
         z = precond(r)
         rnorm = tree_norm(r, batched)
         state = {"x": x, "r": r, "p": z, "rz": tree_vdot(r, z, batched), "rnorm": rnorm}
-        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE", "NEGATIVE_CURVATURE"))
+        tally = start_tally(rnorm, thresh, (Status.SUCCESS, Status.NONFINITE, Status.NEGATIVE_CURVATURE))
 
         def step(st: dict[str, Any], active: Tensor) -> tuple[dict[str, Any], Outcome]:
             p, rz = st["p"], st["rz"]
@@ -79,9 +79,9 @@ class CG(LinearSolver):
             beta = torch.where(move, rz_new / torch.where(rz == 0, torch.ones_like(rz), rz), torch.zeros_like(rz))
             new = {"x": x, "r": r, "p": tree_axpy(beta, p, z, batched), "rz": torch.where(move, rz_new, rz), "rnorm": rnorm}
             stopped = {
-                "NONFINITE": bad | (move & ~torch.isfinite(rnorm)),
-                "NEGATIVE_CURVATURE": neg,
-                "SUCCESS": move & (rnorm <= thresh),
+                Status.NONFINITE: bad | (move & ~torch.isfinite(rnorm)),
+                Status.NEGATIVE_CURVATURE: neg,
+                Status.SUCCESS: move & (rnorm <= thresh),
             }
             return new, Outcome(moved=move, stopped=stopped)
 

@@ -68,7 +68,7 @@ class Dense(LinearSolver):
         bnorm = torch.linalg.vector_norm(bf, dim=1)
         zero_b = bnorm == 0
         if bool(zero_b.all()):  # A x = 0 is solved by x = 0 whatever A is: no matvec needed
-            tally = Tally(bnorm, ("SUCCESS",), {"SUCCESS": zero_b})
+            tally = Tally(bnorm, (Status.SUCCESS,), {Status.SUCCESS: zero_b})
             return finish(tree_of(torch.zeros_like(bf)), bnorm, tally, Status.MAX_ITERATIONS, batched)
 
         # Column i of every task's matrix is A e_i (the matvec is block-diagonal over tasks).
@@ -96,5 +96,5 @@ class Dense(LinearSolver):
         x = torch.where(zero_b[:, None], torch.zeros_like(bf), torch.where(success[:, None], xs, fallback))
         rnorm = torch.linalg.vector_norm(bf - (A @ x.unsqueeze(-1)).squeeze(-1), dim=1)
         # Not iterative: the driver's tally only carries the direct solve's per-task outcome.
-        tally = Tally(bnorm, ("SUCCESS", "NONFINITE", "BREAKDOWN"), {"SUCCESS": success, "NONFINITE": nonfinite, "BREAKDOWN": breakdown})
+        tally = Tally(bnorm, (Status.SUCCESS, Status.NONFINITE, Status.BREAKDOWN), {Status.SUCCESS: success, Status.NONFINITE: nonfinite, Status.BREAKDOWN: breakdown})
         return finish(tree_of(x), rnorm, tally, Status.MAX_ITERATIONS, batched)

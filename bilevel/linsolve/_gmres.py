@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._iterate import Outcome, iterate
-from .._result import LinearSolveResult
+from .._result import LinearSolveResult, Status
 from .._tree import (
     tree_axpy,
     tree_dtype,
@@ -92,7 +92,7 @@ class GMRES(LinearSolver):
         zeros = tree_zeros_like(b)
         x, r = initial_guess(matvec, b, x0)
         rnorm = norm(r)
-        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE", "BREAKDOWN"))
+        tally = start_tally(rnorm, thresh, (Status.SUCCESS, Status.NONFINITE, Status.BREAKDOWN))
         # ``total``: Arnoldi steps taken by the batch as a whole (bounded by maxiter).
         state: dict[str, Any] = {"x": x, "r": r, "rnorm": rnorm, "total": 0}
 
@@ -175,9 +175,9 @@ class GMRES(LinearSolver):
             r = tree_sub(b, matvec(x))
             rtrue = norm(r)
             stopped = {
-                "NONFINITE": nonfinite | (active & ~torch.isfinite(rtrue)),
-                "BREAKDOWN": breakdown,
-                "SUCCESS": active & (rtrue <= thresh),
+                Status.NONFINITE: nonfinite | (active & ~torch.isfinite(rtrue)),
+                Status.BREAKDOWN: breakdown,
+                Status.SUCCESS: active & (rtrue <= thresh),
             }
             new = {"x": x, "r": r, "rnorm": torch.where(active, rtrue, rnorm), "total": total}
             return new, Outcome(moved=ncol, stopped=stopped, exhausted=total >= maxiter)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._iterate import Outcome, iterate
-from .._result import LinearSolveResult
+from .._result import LinearSolveResult, Status
 from .._tree import (
     tree_axpy,
     tree_norm,
@@ -83,7 +83,7 @@ class MINRES(LinearSolver):
         rnorm = tree_norm(r0, batched)
         # SUCCESS is only ever set from a *true* residual (initial or verified): a step's
         # estimate only makes a claim, which the driver verifies.
-        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE", "BREAKDOWN"))
+        tally = start_tally(rnorm, thresh, (Status.SUCCESS, Status.NONFINITE, Status.BREAKDOWN))
         state = {"x": x, "rnorm": rnorm, **_start(r0, rnorm, zeros)}
 
         def restart(st: dict[str, Any], again: Tensor) -> dict[str, Any]:
@@ -152,7 +152,7 @@ class MINRES(LinearSolver):
                 "cs": keep(cs_new, cs),
                 "sn": keep(sn_new, sn),
             }
-            return new, Outcome(moved=move, stopped={"NONFINITE": bad, "BREAKDOWN": brk}, claimed=move & (est <= thresh))
+            return new, Outcome(moved=move, stopped={Status.NONFINITE: bad, Status.BREAKDOWN: brk}, claimed=move & (est <= thresh))
 
         # With a fixed budget a claim (a zero residual estimate: the Krylov space is
         # exhausted, x solves the system in exact arithmetic) is accepted unverified.

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._iterate import Outcome, iterate
-from .._result import LinearSolveResult
+from .._result import LinearSolveResult, Status
 from .._tree import tree_axpy, tree_norm, tree_where
 from .._validate import check_real
 from ._base import LinearSolver, MatVec, finish, initial_guess, start_tally
@@ -78,7 +78,7 @@ class Neumann(LinearSolver):
         thresh = torch.clamp(self._tol(b) * tree_norm(b, batched), min=atol)
         x, r = initial_guess(matvec, b, x0)
         rnorm = tree_norm(r, batched)
-        tally = start_tally(rnorm, thresh, ("SUCCESS", "NONFINITE"))
+        tally = start_tally(rnorm, thresh, (Status.SUCCESS, Status.NONFINITE))
 
         def step(st: dict[str, Any], active: Tensor) -> tuple[dict[str, Any], Outcome]:
             x, r = st["x"], st["r"]
@@ -92,7 +92,7 @@ class Neumann(LinearSolver):
             move = active & ~bad
             # A task whose next term overflowed keeps its last finite iterate and residual.
             new = {"x": tree_where(move, x_new, x), "r": tree_where(move, r_new, r), "rnorm": torch.where(move, rn, st["rnorm"])}
-            return new, Outcome(moved=move, stopped={"NONFINITE": bad, "SUCCESS": move & (rn <= thresh)})
+            return new, Outcome(moved=move, stopped={Status.NONFINITE: bad, Status.SUCCESS: move & (rn <= thresh)})
 
         state = iterate(step, {"x": x, "r": r, "rnorm": rnorm}, tally, maxiter=self._maxiter(b, batched), fixed=self._syncless)
         return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._autodiff import Objective
 from .._errors import BilevelValueError
 from .._iterate import Outcome, iterate
 from .._result import SolverResult
@@ -21,12 +22,11 @@ from .._tree import (
     tree_zeros_like,
 )
 from .._validate import check_bool, check_real, normalise_budget
-from .._autodiff import Objective
 from ._base import Solver
 from ._checks import with_minimum_check
+from ._compiled import check_compile, compiled_step, value_sum_start
 from ._lean import LeanLoop, health_copy, health_start, health_update
 from ._tracker import GradientTracker
-from ._compiled import check_compile, compiled_step, value_sum_start
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,12 +40,11 @@ def gradient_tol(dtype: torch.dtype) -> float:
     about ``||g||^2 / (2 L)``, which drops below the rounding of ``f`` once ``||g||`` is
     about ``sqrt(2 L eps |f|)`` -- ``eps**0.5`` at unit scale.  The rounding allowance of
     the line searches (module docstring) lets Newton-CG go further, but L-BFGS's curvature
-    pairs ``(s, y)`` are then dominated by rounding too: measured on a float64 quadratic
-    with condition number 1e3, L-BFGS (ours, and equally scipy's L-BFGS-B and
-    ``torch.optim.LBFGS`` with exact textbook line searches) stalls between 1e-10 and 1e-7
-    in the gradient norm.  ``eps**0.5`` is reached in all our test problems in float32 and
-    float64 and leaves implicit gradients accurate to about ``rtol / lambda_min(H)``; pass
-    a smaller ``rtol`` explicitly for more (Newton-CG reaches ~1e-12 in float64).
+    pairs ``(s, y)`` are then dominated by rounding too, and L-BFGS (ours, and equally
+    scipy's L-BFGS-B and ``torch.optim.LBFGS``) stalls short of ``eps**0.75`` on an
+    ill-conditioned quadratic.  ``eps**0.5`` is reached in all our test problems in float32
+    and float64 and leaves implicit gradients accurate to about ``rtol / lambda_min(H)``;
+    pass a smaller ``rtol`` explicitly for more (Newton-CG goes further).
     """
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
     return float(eps**0.5)

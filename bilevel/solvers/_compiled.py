@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from .._errors import BilevelValueError
-from .._tree import tree_flatten
 from .._autodiff import Objective
 from .._autodiff import total as _total
+from .._errors import BilevelValueError
+from .._tree import tree_flatten
 
 #: objective -> {key: compiled step}.  Keyed weakly: a compiled step lives as long as its objective.
 _CACHE: weakref.WeakKeyDictionary[Callable[..., Any], dict[Hashable, Callable[..., Any]]] = weakref.WeakKeyDictionary()

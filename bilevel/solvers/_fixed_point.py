@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._errors import BilevelValueError
 from .._iterate import Outcome, Tally, iterate
-from .._result import SolverResult, Status, solver_result
+from .._result import SolverResult, Status, result_from_codes
 from .._tree import (
     default_tol,
     tree_detach,
@@ -111,7 +111,7 @@ class FixedPointIteration(Solver):
 
         res = tree_norm(tree_sub(fx, x), batched)
         bad0 = ~torch.isfinite(res)
-        tally = Tally(res, ("SUCCESS", "NONFINITE"), {"SUCCESS": ~bad0 & converged(res, x), "NONFINITE": bad0})
+        tally = Tally(res, (Status.SUCCESS, Status.NONFINITE), {Status.SUCCESS: ~bad0 & converged(res, x), Status.NONFINITE: bad0})
 
         def step(st: tuple[Any, Any, Tensor], active: Tensor) -> tuple[tuple[Any, Any, Tensor], Outcome]:
             x, fx, res = st
@@ -124,8 +124,9 @@ class FixedPointIteration(Solver):
             x = tree_where(moved, x_new, x)
             fx = tree_where(moved, fx_new, fx)
             res = torch.where(moved, res_new, res)
-            return (x, fx, res), Outcome(moved=moved, stopped={"NONFINITE": bad, "SUCCESS": moved & converged(res, x)})
+            return (x, fx, res), Outcome(moved=moved, stopped={Status.NONFINITE: bad, Status.SUCCESS: moved & converged(res, x)})
 
         # One host sync per iteration (the stopping test).
         x, _, res = iterate(step, (x, fx, res), tally, maxiter=self.maxiter)
-        return solver_result(x, tally.codes(Status.MAX_ITERATIONS), tally.iters, res, None, batched, n_fun=counts["fun"], n_grad=0)
+        return result_from_codes(SolverResult, x, tally.codes(Status.MAX_ITERATIONS), tally.iters, batched,
+                                 grad_norm=res, n_fun=counts["fun"], n_grad=0)

@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._autodiff import Objective, value_and_grad
 from .._errors import BilevelValueError
 from .._iterate import Outcome, Tally, iterate
-from .._result import SolverResult, Status, solver_result
+from .._result import SolverResult, Status, result_from_codes
 from .._tree import (
     tree_axpy,
     tree_detach,
@@ -22,7 +23,6 @@ from .._tree import (
     tree_vdot,
 )
 from .._validate import check_int, check_real, check_tol
-from .._autodiff import Objective, value_and_grad
 from ._base import Solver
 from ._checks import checked_grad_norm, gradient_tol
 from ._linesearch import StrongWolfe
@@ -91,7 +91,7 @@ class LBFGS(Solver):
         pairs: collections.deque = collections.deque(maxlen=self.history)  # (s, y, 1 / s^T y)
         eps = torch.finfo(gnorm.dtype).eps
 
-        tally = Tally(gnorm, ("SUCCESS", "LINESEARCH_FAILED"), {"SUCCESS": gnorm <= thresh})
+        tally = Tally(gnorm, (Status.SUCCESS, Status.LINESEARCH_FAILED), {Status.SUCCESS: gnorm <= thresh})
         counts = {"fun": 1, "grad": 1}
         no = torch.zeros((), dtype=torch.bool, device=gnorm.device)
 
@@ -114,7 +114,7 @@ class LBFGS(Solver):
                 if bool(ls.success):
                     break
                 if not pairs:
-                    return st, Outcome(moved=no, stopped={"LINESEARCH_FAILED": ~no})
+                    return st, Outcome(moved=no, stopped={Status.LINESEARCH_FAILED: ~no})
                 # As L-BFGS-B does: stale or noise-dominated curvature pairs can give a
                 # poor direction; forget them and retry once from steepest descent.
                 pairs.clear()
@@ -124,13 +124,12 @@ class LBFGS(Solver):
             if sy > eps * float(tree_norm(s)) * float(tree_norm(y)):
                 pairs.append((s, y, 1.0 / sy))
             gnorm = checked_grad_norm(ls.value, ls.grad, int(tally.iters) + 1, name)
-            return (ls.x, ls.value, ls.grad, gnorm), Outcome(moved=~no, stopped={"SUCCESS": gnorm <= thresh})
+            return (ls.x, ls.value, ls.grad, gnorm), Outcome(moved=~no, stopped={Status.SUCCESS: gnorm <= thresh})
 
         # Unbatched, with host-side control flow anyway (the line search): one sync per step.
         x, f, g, gnorm = iterate(step, (x, f, g, gnorm), tally, maxiter=self.maxiter)
-        return solver_result(
-            x, tally.codes(Status.MAX_ITERATIONS), tally.iters, gnorm, f, False, n_fun=counts["fun"], n_grad=counts["grad"]
-        )
+        return result_from_codes(SolverResult, x, tally.codes(Status.MAX_ITERATIONS), tally.iters, False,
+                                 grad_norm=gnorm, value=f, n_fun=counts["fun"], n_grad=counts["grad"])
 
     @staticmethod
     def _direction(g: Any, pairs: collections.deque) -> Any:

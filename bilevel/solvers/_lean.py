@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._autodiff import Objective, inside_transform, value_and_grad, value_and_grad_leaves
-from .._result import SolverResult, Status, code, solver_result
+from .._autodiff import (
+    Objective,
+    inside_transform,
+    value_and_grad,
+    value_and_grad_leaves,
+)
+from .._result import SolverResult, Status, code, result_from_codes
 from .._tree import tree_flatten, tree_norm, tree_unflatten
-
 
 Health = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -111,7 +114,7 @@ class LeanLoop:
         iters = torch.full((n,), steps, dtype=torch.long, device=leaves[0].device)
         codes = torch.full((n,), code(Status.COMPLETED), dtype=torch.long, device=leaves[0].device)
         if self.health is None:
-            return solver_result(x, codes, iters, None, None, batched, n_fun=self.n_eval, n_grad=self.n_eval)
+            return result_from_codes(SolverResult, x, codes, iters, batched, n_fun=self.n_eval, n_grad=self.n_eval)
         f, gn, gn0, mono, desc = self.health
-        res = solver_result(x, codes, iters, gn, f, batched, n_fun=self.n_eval, n_grad=self.n_eval)
-        return dataclasses.replace(res, grad_norm_initial=gn0, grad_norm_monotone=mono, value_monotone=desc)
+        return result_from_codes(SolverResult, x, codes, iters, batched, grad_norm=gn, value=f, n_fun=self.n_eval,
+                                 n_grad=self.n_eval, grad_norm_initial=gn0, grad_norm_monotone=mono, value_monotone=desc)

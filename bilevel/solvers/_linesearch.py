@@ -8,11 +8,11 @@ points whose value is NaN/Inf are treated as "step too long" (the usual behaviou
 backtracking), never as an error: only *accepted* points must be finite.
 
 Rounding: near a minimiser the true change of ``f`` along a step falls below the
-rounding noise of ``f`` and the exact tests become coin flips (measured: the value of an
-ill-conditioned float64 quadratic moves by up to ~40 ``eps |f|`` under perturbations far
-too small to change it).  Both searches therefore tolerate an increase up to
-``eps_f = noise * eps * |f(x)|`` (``eps`` of the dtype; default ``noise=100``, above the
-~40 measured): the relaxed Armijo condition of Berahas, Byrd & Nocedal (SIAM J. Optim.
+rounding noise of ``f`` and the exact tests become coin flips (the value of an
+ill-conditioned quadratic moves by tens of ``eps |f|`` under perturbations far too small
+to change it).  Both searches therefore tolerate an increase up to
+``eps_f = noise * eps * |f(x)|`` (``eps`` of the dtype; default ``noise=100``, above that
+noise): the relaxed Armijo condition of Berahas, Byrd & Nocedal (SIAM J. Optim.
 29(2), 2019) for backtracking, and the approximate Wolfe conditions of Hager & Zhang
 (SIAM J. Optim. 16(1), 2005) for the Wolfe search, which also demand the derivative form
 of sufficient decrease ``phi'(a) <= (2 c1 - 1) phi'(0)`` and treat values within
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._autodiff import Objective, value, value_and_grad
 from .._errors import BilevelValueError, UnsupportedError
 from .._tree import tree_axpy, tree_vdot
 from .._validate import check_int, check_real
-from .._autodiff import Objective, value, value_and_grad
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._autodiff import Objective, hvp, value_and_grad
+from .._curvature import has_negative_curvature
 from .._errors import BilevelValueError, NonFiniteError
 from .._iterate import Outcome, Tally, iterate
-from .._result import SolverResult, Status, solver_result
+from .._result import SolverResult, Status, result_from_codes
 from .._tree import (
     tree_axpy,
     tree_detach,
@@ -22,13 +24,16 @@ from .._tree import (
     tree_where,
     tree_zeros_like,
 )
-from .._validate import check_int, check_real, check_tol
-from .._autodiff import Objective, hvp, value_and_grad
-from .._curvature import has_negative_curvature
+from .._validate import check_int, check_real, check_tol, warn_renamed
 from ..linsolve import CG
-from .._validate import warn_renamed
 from ._base import Solver
-from ._checks import MINIMUM_CHECK_ITERS, check_finite_grad, check_finite_value, checked_grad_norm, gradient_tol
+from ._checks import (
+    MINIMUM_CHECK_ITERS,
+    check_finite_grad,
+    check_finite_value,
+    checked_grad_norm,
+    gradient_tol,
+)
 from ._linesearch import BacktrackingArmijo
 
 
@@ -137,7 +142,7 @@ class NewtonCG(Solver):
         counts = {"fun": 1, "grad": 1, "hvp": 0, "iter": 0}
         gnorm = checked_grad_norm(f, g, 0, name, batched)
         thresh = torch.clamp(tol * torch.clamp(gnorm, min=1.0), min=self.atol)
-        tally = Tally(gnorm, ("NOT_A_MINIMUM", "SUCCESS", "LINESEARCH_FAILED"), {"SUCCESS": gnorm <= thresh})
+        tally = Tally(gnorm, (Status.NOT_A_MINIMUM, Status.SUCCESS, Status.LINESEARCH_FAILED), {Status.SUCCESS: gnorm <= thresh})
 
         def step(st: tuple[Any, Tensor, Any, Tensor], active: Tensor) -> tuple[tuple[Any, Tensor, Any, Tensor], Outcome]:
             x, f, g, gnorm = st
@@ -157,7 +162,7 @@ class NewtonCG(Solver):
             g = tree_where(moved, g_new, g)
             gnorm = torch.where(moved, tree_norm(g_new, batched), gnorm)
             check_finite_grad(gnorm, k, name)
-            out = Outcome(moved=moved, stopped={"LINESEARCH_FAILED": ls_failed, "SUCCESS": moved & (gnorm <= thresh)})
+            out = Outcome(moved=moved, stopped={Status.LINESEARCH_FAILED: ls_failed, Status.SUCCESS: moved & (gnorm <= thresh)})
             return (x, f, g, gnorm), out
 
         # One host sync per Newton iteration (the stopping test).
@@ -166,10 +171,10 @@ class NewtonCG(Solver):
         # A zero gradient is a minimum, a saddle or a maximum: never claim a minimum where
         # the Hessian has negative curvature (e.g. started exactly at a maximum, where
         # Newton-CG takes no step at all).
-        tally.mark("NOT_A_MINIMUM", tally.stops["SUCCESS"] & has_negative_curvature(objective, x, args, batched, MINIMUM_CHECK_ITERS))
+        tally.mark(Status.NOT_A_MINIMUM, tally.stops[Status.SUCCESS] & has_negative_curvature(objective, x, args, batched, MINIMUM_CHECK_ITERS))
         counts["hvp"] += max(1, min(MINIMUM_CHECK_ITERS, tree_size(x, batched)))
-        return solver_result(
-            x, tally.codes(Status.MAX_ITERATIONS), tally.iters, gnorm, f, batched,
+        return result_from_codes(
+            SolverResult, x, tally.codes(Status.MAX_ITERATIONS), tally.iters, batched, grad_norm=gnorm, value=f,
             n_fun=counts["fun"], n_grad=counts["grad"], n_hvp=counts["hvp"],
         )
 

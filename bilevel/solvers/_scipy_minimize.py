@@ -12,12 +12,12 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from .._autodiff import Objective, hvp, value, value_and_grad
+from .._autodiff import total as _total
 from .._errors import BilevelValueError
 from .._result import SolverResult, Status
 from .._tree import tree_detach, tree_dtype, tree_ravel, tree_unravel
 from .._validate import check_real
-from .._autodiff import Objective, hvp, value, value_and_grad
-from .._autodiff import total as _total
 from ._base import Solver
 
 # Method names as scipy spells them; matched case-insensitively, as scipy does.

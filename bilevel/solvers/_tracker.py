@@ -12,7 +12,7 @@ from torch import Tensor
 from .._autodiff import Objective, value_and_grad
 from .._errors import NonFiniteError
 from .._iterate import Outcome, Tally
-from .._result import SolverResult, Status, solver_result
+from .._result import SolverResult, Status, result_from_codes
 from .._tree import tree_norm, tree_where
 from ._checks import checked_grad_norm
 
@@ -72,7 +72,7 @@ class GradientTracker:
         gnorm = checked_grad_norm(f, g, 0, solver, batched)
         use_tol = rtol is not None or atol > 0
         thresh = torch.clamp((rtol if rtol is not None else 0.0) * torch.clamp(gnorm, min=1.0), min=atol)
-        tally = Tally(gnorm, ("SUCCESS", "NONFINITE"), {"SUCCESS": gnorm <= thresh} if use_tol else None)
+        tally = Tally(gnorm, (Status.SUCCESS, Status.NONFINITE), {Status.SUCCESS: gnorm <= thresh} if use_tol else None)
         tracker = cls(
             f=f,
             g=g,
@@ -105,9 +105,9 @@ class GradientTracker:
         self.f = torch.where(moved, f_new, self.f)
         self.g = tree_where(moved, g_new, self.g)
         self.gnorm = torch.where(moved, gn_new, self.gnorm)
-        stopped = {"NONFINITE": bad}
+        stopped = {Status.NONFINITE: bad}
         if self.use_tol:
-            stopped["SUCCESS"] = moved & (self.gnorm <= self.thresh)
+            stopped[Status.SUCCESS] = moved & (self.gnorm <= self.thresh)
         return Outcome(moved=moved, stopped=stopped)
 
     def raise_if_nonfinite(self, solver: str) -> None:
@@ -128,6 +128,6 @@ class GradientTracker:
         """
         self.raise_if_nonfinite(solver)
         default = Status.MAX_ITERATIONS if self.use_tol else Status.COMPLETED
-        res = solver_result(x, tally.codes(default), tally.iters, self.gnorm, self.f, batched, n_fun=self.n_eval, n_grad=self.n_eval)
-        return dataclasses.replace(res, grad_norm_initial=self.gnorm0, grad_norm_monotone=self.monotone,
-                                   value_monotone=self.descent)
+        return result_from_codes(SolverResult, x, tally.codes(default), tally.iters, batched, grad_norm=self.gnorm,
+                                 value=self.f, n_fun=self.n_eval, n_grad=self.n_eval, grad_norm_initial=self.gnorm0,
+                                 grad_norm_monotone=self.monotone, value_monotone=self.descent)

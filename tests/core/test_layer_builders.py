@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bilevel
-from bilevel._implicit import Problem
+from bilevel._problem import RootProblem
 
 
 def _layers():
@@ -30,9 +30,9 @@ def test_builtin_layers_are_implicit_layers_without_bypassed_methods(layer) -> N
 
 @pytest.mark.parametrize("layer", _layers(), ids=lambda layer: type(layer).__name__)
 def test_each_call_hands_one_frozen_problem_to_the_core(monkeypatch: pytest.MonkeyPatch, layer) -> None:
-    import bilevel._layers as layers_mod
+    import bilevel._layer_base as layers_mod
 
-    seen: list[Problem] = []
+    seen: list[RootProblem] = []
     real = layers_mod.implicit_apply
 
     def spy(problem, **config):

@@ -1,0 +1,201 @@
+"""The argmin layer: ``x*(args) = argmin_x objective(x, *args)``, and the objective wrappers it builds."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._batching import (
+    InDims,
+    arg_dims,
+    measure_strategies,
+    shape_key,
+    strategy_of,
+    task_count,
+)
+from ._errors import BilevelTypeError, BilevelValueError
+from ._layer_base import _Layer
+from ._problem import ClosedBt, RootProblem, task_slice
+from ._result import SolverResult, stack_results
+from ._transforms import any_wrapped
+from ._tree import batch_size, is_tree, tree_flatten, tree_map
+from ._types import BackwardDtype, Batched, HvpMode, OnFailure
+
+
+def _solution_tree(result: Any) -> Any:
+    return result.x if hasattr(result, "x") and not isinstance(result, Tensor) else result
+
+
+def _scalar_objective(objective: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
+    @functools.wraps(objective)
+    def f(x: Any, *args: Any) -> Tensor:
+        v = objective(x, *args)
+        if not isinstance(v, Tensor):
+            raise BilevelTypeError(f"{name}: the objective must return a tensor, got {type(v).__name__}")
+        if v.dim() != 0:
+            raise BilevelValueError(
+                f"{name}: the objective must return a scalar (0-d tensor) per task, got shape {tuple(v.shape)}"
+            )
+        return v
+
+    return f
+
+
+def _sum_grad(objective: Callable[..., Tensor]) -> Callable[..., Any]:
+    """Optimality map ``x -> grad_x sum(objective(x, ...))`` (block-diagonal over tasks)."""
+
+    def F(x: Any, *args: Any) -> Any:
+        return torch.func.grad(lambda y: objective(y, *args).sum())(x)
+
+    return F
+
+
+def _damped(optimality: Callable[..., Any], damping: float) -> Callable[..., Any]:
+    """``F(x, *args) + δ (x − stop_gradient(x))``: the same value and the same ``∂F/∂args``,
+    but ``∂F/∂x + δI``.  The backward therefore solves ``(A + δI) u = v`` while the VJP
+    with respect to the arguments, ``−Bᵀu``, is unchanged (Tikhonov damping of the
+    adjoint system only; the inner solver never sees the term)."""
+
+    def F(x: Any, *args: Any) -> Any:
+        return tree_map(lambda g, xi: g + damping * (xi - xi.detach()), optimality(x, *args), x)
+
+    return F
+
+
+class Argmin(_Layer):
+    """x*(args) = argmin_x objective(x, *args), differentiable w.r.t. ``args``.
+
+    The optimality condition is ``grad_x objective = 0``; its Jacobian is the Hessian,
+    symmetric, so the backward solves ``H u = v`` with CG by default (positive definite
+    when the objective is strongly convex at x*; use ``MINRES`` otherwise).
+
+    Args:
+        objective: ``objective(x, *args) -> scalar tensor`` for one task.
+        solver: an inner solver from :mod:`bilevel.solvers` (default ``NewtonCG()``),
+            or any callable ``solver(objective, x0, *args, batched=...)`` returning a
+            result with ``.x``.
+        linsolve: backward linear solver (default ``CG()``).
+        on_failure, hvp: see :class:`ImplicitLayer`.
+
+    Call ``layer(x0, *args, batched=False, in_dims=0)``.  In batched mode the objective is
+    still written for one task; it is vmapped over the leading task dimension of ``x0``
+    and of the arguments whose ``in_dims`` entry is 0 (``None`` marks a shared argument).
+    """
+
+    symmetric = True
+
+    def __init__(
+        self,
+        objective: Callable[..., Tensor],
+        solver: Any = None,
+        linsolve: Any = None,
+        *,
+        on_failure: OnFailure = "warn",
+        hvp: HvpMode = "reverse",
+        backward_dtype: BackwardDtype = "auto",
+    ) -> None:
+        super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
+        if not callable(objective):
+            raise BilevelTypeError("objective must be callable")
+        if solver is None:
+            from .solvers import NewtonCG
+
+            solver = NewtonCG()
+        if not callable(solver):
+            raise BilevelTypeError(f"solver must be callable, got {type(solver).__name__}")
+        self.objective = objective
+        self.solver = solver
+
+    def _objectives(self, objective: Callable[..., Tensor], strategy: str | None, dims: tuple) -> tuple[Any, Any]:
+        """``(one, obj)``: the checked objective of one task and the one the solver gets
+        (vmapped over tasks for ``strategy="vmap"``).
+
+        Built once per objective, strategy and task dims, and reused by later calls: a
+        solver that caches work per objective function (``GradientDescent(compile=True)``'s
+        compiled step) must see the same function object on every call.
+        """
+        cache: dict[tuple, tuple[Any, Any]] = self.__dict__.setdefault("_objective_cache", {})
+        key = (objective, strategy, dims)
+        if key not in cache:
+            one = _scalar_objective(objective, self._name)
+            cache[key] = (one, torch.func.vmap(one, in_dims=(0, *dims)) if strategy == "vmap" else one)
+        return cache[key]
+
+    def _resolve(self, strategy: str | None, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple) -> str | None:
+        """The strategy of this call: ``"auto"`` becomes ``"vmap"`` or ``"loop"``, measured on
+        the first call of each shape (:func:`_measure_strategies`) and remembered; the
+        diagnostics say which ran and, when measured, the times behind the choice.
+
+        Why measured: which is faster depends on the net, the task size and the device
+        (``benchmarks/metastep.py``; README "Performance"): a fixed rule on the examples per
+        task, measured on one conv net, picked the slower strategy on another.
+        Not measured (``"vmap"``): inside a ``torch.func`` transform, on meta tensors, or for
+        a single task; a solver declaring ``supports_batched = False`` gets ``"loop"``.
+        """
+        diag = self.diagnostics
+        if strategy != "auto":
+            diag.strategy, diag.strategy_seconds = strategy, None
+            return strategy
+        if getattr(self.solver, "supports_batched", True) is False:
+            diag.strategy, diag.strategy_seconds = "loop", None
+            return "loop"
+        leaves = [*tree_flatten(x0)[0], *(t for a in args if is_tree(a) for t in tree_flatten(a)[0])]
+        if batch_size(x0) < 2 or any_wrapped(leaves) or any(t.device.type == "meta" for t in leaves):
+            diag.strategy, diag.strategy_seconds = "vmap", None
+            return "vmap"
+        cache: dict[tuple, dict[str, float]] = self.__dict__.setdefault("_strategy_cache", {})
+        key = shape_key(x0, args, dims)
+        if key not in cache:
+            cache[key] = measure_strategies(_scalar_objective(objective, self._name), x0, args, dims)
+        seconds = cache[key]
+        diag.strategy, diag.strategy_seconds = min(seconds, key=seconds.__getitem__), dict(seconds)
+        return diag.strategy
+
+    def _problem(
+        self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, strategy: str | None,
+        damping: float = 0.0, closed_bt: ClosedBt | None = None,
+    ) -> RootProblem:
+        """The ``(solve, optimality)`` pair of one call.  ``strategy``: None (one task),
+        ``"vmap"`` or ``"loop"`` (a batch of tasks)."""
+        one, obj = self._objectives(objective, strategy, dims)
+        if strategy == "loop":
+            optimality_one = _sum_grad(one)
+            if damping:
+                optimality_one = _damped(optimality_one, damping)
+
+            def solve_loop(x0_: Any, *a: Any) -> Any:
+                results = []
+                for b in range(batch_size(x0_)):
+                    x0_b = tree_map(lambda t, b=b: t[b], x0_)
+                    results.append(self.solver(one, x0_b, *task_slice(a, dims, b)))
+                xs = [_solution_tree(r) for r in results]
+                x = tree_map(lambda *ls: torch.stack(ls), *xs)
+                if all(isinstance(r, SolverResult) for r in results):
+                    return stack_results(results, x)
+                return x
+
+            # The backward uses task_optimality task by task (the batched optimality is unused then).
+            return RootProblem(solve_loop, optimality_one, x0, args, True, True, task_optimality=optimality_one,
+                           task_dims=dims, closed_bt=closed_bt)
+
+        def solve(x0_: Any, *a: Any) -> Any:
+            return self.solver(obj, x0_, *a, batched=True) if strategy else self.solver(obj, x0_, *a)
+
+        optimality = _sum_grad(obj)
+        if damping:
+            optimality = _damped(optimality, damping)
+        return RootProblem(solve, optimality, x0, args, True, strategy is not None, closed_bt=closed_bt)
+
+    def __call__(self, x0: Any, *args: Any, batched: Batched = False, in_dims: InDims = 0) -> Any:
+        strategy = strategy_of(batched, x0, self._name)
+        dims = arg_dims(args, in_dims) if strategy else ()
+        if strategy:
+            n = batch_size(x0)
+            if any(d is not None for d in dims) and task_count(args, dims) != n:
+                raise BilevelValueError(f"x0 has {n} tasks but the task data has {task_count(args, dims)}")
+        strategy = self._resolve(strategy, self.objective, x0, args, dims)
+        return self._apply(self._problem(self.objective, x0, args, dims, strategy))

@@ -1,0 +1,135 @@
+"""What every layer shares (the backward's configuration, validated once) and the abstract :class:`ImplicitLayer`."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+
+from ._diagnostics import Diagnostics
+from ._errors import BilevelTypeError, BilevelValueError
+from ._function import HVP_MODES, ON_FAILURE, implicit_apply
+from ._problem import RootProblem
+from ._types import BackwardDtype, HvpMode, OnFailure
+
+
+class _Layer:
+    """What every layer shares: the backward's configuration, diagnostics, and :meth:`_apply`.
+
+    Configuration is validated here, once, at construction.
+    """
+
+    symmetric: ClassVar[bool] = False
+
+    def __init__(
+        self, linsolve: Any = None, *, on_failure: OnFailure = "warn", hvp: HvpMode = "reverse",
+        backward_dtype: BackwardDtype = "auto", symmetric: bool | None = None,
+    ) -> None:
+        from . import linsolve as _ls
+
+        sym = self.symmetric if symmetric is None else symmetric
+        if linsolve is None:
+            linsolve = _ls.CG() if sym else _ls.GMRES()
+        if not isinstance(linsolve, _ls.LinearSolver) and not callable(linsolve):
+            raise BilevelTypeError(f"linsolve must be a bilevel.linsolve solver, got {type(linsolve).__name__}")
+        if getattr(linsolve, "requires_symmetric", False) and not sym:
+            raise BilevelValueError(
+                f"{type(linsolve).__name__} needs a symmetric operator but {type(self).__name__}'s Jacobian is not "
+                "symmetric; use GMRES, BiCGSTAB, Neumann or Dense"
+            )
+        self.linsolve = linsolve
+        if on_failure not in ON_FAILURE:
+            raise BilevelValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        self.on_failure: OnFailure = on_failure
+        if hvp not in HVP_MODES:
+            raise BilevelValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+        self.hvp: HvpMode = hvp
+        if not (backward_dtype in ("auto", None) or (isinstance(backward_dtype, torch.dtype) and backward_dtype.is_floating_point)):
+            raise BilevelValueError(f"backward_dtype must be 'auto', None or a floating torch.dtype, got {backward_dtype!r}")
+        self.backward_dtype = backward_dtype
+        self.diagnostics = Diagnostics()
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _apply(self, problem: RootProblem) -> Any:
+        """Solve ``problem`` and return x*, differentiable w.r.t. the tensor trees in its args."""
+        return implicit_apply(
+            problem,
+            linsolve=self.linsolve,
+            diagnostics=self.diagnostics,
+            on_failure=self.on_failure,
+            hvp=self.hvp,
+            backward_dtype=self.backward_dtype,
+            name=self._name,
+        )
+
+
+class ImplicitLayer(_Layer, abc.ABC):
+    """Abstract base: a black-box ``solve`` made differentiable through ``optimality``.
+
+    Subclass and implement:
+
+    * ``solve(x0, *args)`` — any algorithm (it runs under ``torch.no_grad()`` and may be
+      non-differentiable or external); returns the solution tree or a result with ``.x``.
+    * ``optimality(x, *args)`` — differentiable torch code returning a tree shaped like
+      ``x`` that is zero at the solution.
+
+    Calling ``layer(x0, *args)`` returns x*, differentiable with respect to every tensor
+    (or tensor tree) in ``args`` by the implicit function theorem; the initial point gets
+    no gradient (x* does not depend on it).  If the outer parameters enter only through
+    ``x0`` and not through ``optimality``, their implicit gradient is zero: that is why
+    :class:`Proximal` puts θ into the optimality condition through its proximal term.
+
+    The built-in layers (:class:`Argmin`, :class:`Proximal`, :class:`FixedPoint`,
+    :func:`custom_root`) are registered as implicit layers too (``isinstance`` holds);
+    they build their ``(solve, optimality)`` pair per call instead of defining methods.
+
+    Args:
+        linsolve: linear solver for the backward system (default: ``CG`` when the
+            Jacobian is symmetric, else ``GMRES``).
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when the forward or
+            the backward solve does not converge.
+        hvp: how symmetric Jacobian-vector products are computed in the backward:
+            ``"reverse"`` (default: reverse-over-reverse on a graph of the optimality map
+            built once per backward and reused by every product; faster than forward mode
+            in eager PyTorch, ``benchmarks/backward_cost.py`` measures both)
+            or ``"forward"`` (forward-over-reverse, ``torch.func.jvp`` of the optimality
+            map, vmap-friendly, falling back to reverse mode for operations without a
+            forward-mode rule).
+        backward_dtype: the precision of the backward (the Jacobian products, the linear
+            solve and its reductions, the argument VJP).  ``"auto"`` (default): float32
+            when the solution or an argument is float16/bfloat16 (the inner solver may run
+            in half precision; the adjoint system, a sum of many products, should not),
+            else the inputs' own dtype.  ``None``: always the inputs' dtype; a dtype: that
+            one.  Gradients are returned in each input's dtype.
+
+    Attributes:
+        symmetric: class attribute; ``True`` when ``dF/dx`` is symmetric (an argmin).
+        diagnostics: :class:`~bilevel.Diagnostics` of the last forward and backward.
+    """
+
+    def __init__(
+        self, linsolve: Any = None, *, on_failure: OnFailure = "warn", hvp: HvpMode = "reverse",
+        backward_dtype: BackwardDtype = "auto",
+    ) -> None:
+        super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
+
+    @abc.abstractmethod
+    def solve(self, x0: Any, *args: Any) -> Any:
+        """Black-box inner solve (no gradients flow through it)."""
+
+    @abc.abstractmethod
+    def optimality(self, x: Any, *args: Any) -> Any:
+        """Differentiable residual, zero at the solution, shaped like ``x``."""
+
+    def __call__(self, x0: Any, *args: Any, batched: bool = False) -> Any:
+        """Solve and return x*, differentiable w.r.t. the tensors in ``args``.
+
+        With ``batched=True`` every leaf of ``x0`` has a leading task dimension, and
+        ``optimality`` must be block-diagonal over tasks (task ``b`` depends only on slice
+        ``b`` of ``x``); the linear solver then runs batched with per-task convergence.
+        """
+        return self._apply(RootProblem(self.solve, self.optimality, x0, args, self.symmetric, batched))

@@ -1,0 +1,135 @@
+"""Root layers: :class:`FixedPoint` (``x = fn(x, *args)``) and the :func:`custom_root` decorator."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._argmin import Argmin
+from ._batching import InDims, arg_dims
+from ._errors import BilevelTypeError
+from ._layer_base import ImplicitLayer, _Layer
+from ._problem import RootProblem
+from ._tree import tree_map
+from ._types import BackwardDtype, HvpMode, OnFailure
+
+
+class FixedPoint(_Layer):
+    """x* = fn(x*, *args), differentiable w.r.t. ``args``.
+
+    The optimality condition is ``F(x) = x − fn(x)``; its Jacobian ``I − J`` is not
+    symmetric in general, so the backward solves ``(I − J)^T u = v`` with GMRES by
+    default.  Valid where ``I − J`` is invertible at x* (e.g. ``fn`` a contraction, when
+    ``Neumann(alpha=1)`` also converges: its series is then ``Σ (J^T)^k v``).
+
+    Args:
+        fn: ``fn(x, *args) -> tree shaped like x`` for one task.
+        solver: default ``FixedPointIteration()``; any callable ``solver(fn, x0, *args,
+            batched=...)`` returning a result with ``.x``.
+        linsolve: default ``GMRES()``.
+        on_failure, hvp: see :class:`ImplicitLayer`.
+    """
+
+    symmetric = False
+
+    def __init__(
+        self, fn: Callable[..., Any], solver: Any = None, linsolve: Any = None, *, on_failure: OnFailure = "warn",
+        backward_dtype: BackwardDtype = "auto",
+    ) -> None:
+        super().__init__(linsolve, on_failure=on_failure, backward_dtype=backward_dtype)
+        if not callable(fn):
+            raise BilevelTypeError("fn must be callable")
+        if solver is None:
+            from .solvers import FixedPointIteration
+
+            solver = FixedPointIteration()
+        self.fn = fn
+        self.solver = solver
+
+    def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:
+        fn = self.fn
+        if batched:
+            dims = arg_dims(args, in_dims)
+            fn = torch.func.vmap(self.fn, in_dims=(0, *dims))
+
+        def solve(x0_: Any, *a: Any) -> Any:
+            return self.solver(fn, x0_, *a, batched=True) if batched else self.solver(fn, x0_, *a)
+
+        def optimality(x: Any, *a: Any) -> Any:
+            # x − fn(x), not fn(x) − x: same root and gradient, but I − J has its spectrum
+            # near +1 for a contraction, which Neumann and positive-definite-leaning solvers need.
+            return tree_map(torch.sub, x, fn(x, *a))
+
+        return self._apply(RootProblem(solve, optimality, x0, args, False, batched))
+
+
+class _CustomRoot(_Layer):
+    """The layer :func:`custom_root` returns: ``solve_fn`` made differentiable through ``optimality_fn``."""
+
+    def __init__(
+        self,
+        solve_fn: Callable[..., Any],
+        optimality_fn: Callable[..., Any],
+        symmetric: bool,
+        linsolve: Any,
+        on_failure: OnFailure,
+        hvp: HvpMode,
+        backward_dtype: BackwardDtype = "auto",
+    ) -> None:
+        super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype, symmetric=symmetric)
+        self.symmetric = symmetric  # type: ignore[misc]  # per instance: declared by the decorator's caller
+        self._solve_fn = solve_fn
+        self._optimality_fn = optimality_fn
+
+    @property
+    def _name(self) -> str:
+        return getattr(self._solve_fn, "__name__", "custom_root")
+
+    def __call__(self, x0: Any, *args: Any, batched: bool = False) -> Any:
+        return self._apply(RootProblem(self._solve_fn, self._optimality_fn, x0, args, self.symmetric, batched))
+
+
+def custom_root(
+    optimality_fn: Callable[..., Any],
+    linsolve: Any = None,
+    *,
+    symmetric: bool = False,
+    on_failure: OnFailure = "warn",
+    hvp: HvpMode = "reverse",
+    backward_dtype: BackwardDtype = "auto",
+) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator: make ``solve(x0, *args)`` differentiable through ``optimality_fn``.
+
+    ``optimality_fn(x, *args)`` returns a tree shaped like x, zero at the solution.  The
+    decorated function becomes differentiable w.r.t. every tensor tree in ``args`` (x0
+    gets no gradient); its ``.diagnostics`` holds the last solves' statistics.
+
+    Args:
+        optimality_fn: the root condition F(x, *args).
+        linsolve: backward linear solver (default ``CG()`` if ``symmetric`` else ``GMRES()``).
+        symmetric: declare ``dF/dx`` symmetric (e.g. F is a gradient), enabling CG/MINRES.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence.
+        hvp: ``"forward"`` or ``"reverse"`` (symmetric case; see :class:`ImplicitLayer`).
+
+    Example::
+
+        @bilevel.custom_root(lambda x, a: x**2 - a, symmetric=True)
+        def sqrt(x0, a):
+            return newton(x0, a)   # any algorithm, even outside torch
+    """
+
+    def deco(solve_fn: Callable[..., Any]) -> Any:
+        layer = _CustomRoot(solve_fn, optimality_fn, symmetric, linsolve, on_failure, hvp, backward_dtype)
+        functools.update_wrapper(layer, solve_fn)  # type: ignore[arg-type]
+        return layer
+
+    return deco
+
+
+# The built-in layers are builders, not subclasses that implement solve/optimality; they
+# are implicit layers all the same (isinstance(layer, ImplicitLayer) holds).
+for _cls in (Argmin, FixedPoint, _CustomRoot):
+    ImplicitLayer.register(_cls)
