@@ -5,7 +5,7 @@
   differences along random directions (re-solving the inner problem) and, optionally,
   with an unrolled gradient; returns a :class:`GradCheckReport` (or raises
   :class:`GradCheckError`).  Needs only torch.
-* Hypothesis strategies of :class:`Problem` — :func:`quadratic_problems` (chosen condition
+* Hypothesis strategies of :class:`BilevelProblem` — :func:`quadratic_problems` (chosen condition
   number), :func:`ridge_problems`, :func:`logistic_problems`, :func:`softmax_problems`,
   :func:`mlp_proximal_problems` and :func:`problems` (any of them); parameters as a
   Tensor, a tuple or a dict, in float32 or float64.  They need ``hypothesis`` (the
@@ -15,6 +15,9 @@ See the README's section "Testing your own implicit layer" for a walk-through.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 from ._gradcheck import (
     GradCheckEntry,
@@ -27,8 +30,8 @@ from ._problems import (
     DTYPES,
     PARAM_KINDS,
     PROBLEM_NAMES,
+    BilevelProblem,
     Layout,
-    Problem,
     logistic_problems,
     make_logistic,
     make_mlp,
@@ -46,11 +49,11 @@ __all__ = [
     "DTYPES",
     "PARAM_KINDS",
     "PROBLEM_NAMES",
+    "BilevelProblem",
     "GradCheckEntry",
     "GradCheckError",
     "GradCheckReport",
     "Layout",
-    "Problem",
     "check_implicit_grad",
     "default_tolerances",
     "logistic_problems",
@@ -65,3 +68,13 @@ __all__ = [
     "ridge_problems",
     "softmax_problems",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``Problem`` was renamed ``BilevelProblem`` (the library has other problem classes);
+    # the old name works, with a warning, for one release.
+    if name == "Problem":
+        msg = "bilevel.testing.Problem is deprecated: use bilevel.testing.BilevelProblem"
+        warnings.warn(msg, DeprecationWarning, stacklevel=2)
+        return BilevelProblem
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

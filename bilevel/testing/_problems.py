@@ -5,14 +5,14 @@ structure of the outer parameters ``theta`` (a Tensor, a tuple or a dict), an ou
 ``outer(x)``, and a proximal weight ``lam``.  It is used two ways:
 
 * proximal (implicit MAML): ``phi*(theta) = argmin_phi L(phi) + lam/2 ||phi - theta||^2``
-  (:meth:`Problem.proximal_layer`);
+  (:meth:`BilevelProblem.proximal_layer`);
 * argmin (hyper-parameter learning): ``x*(theta) = argmin_x L(x) + 1/2 sum w(theta) x^2``
   with per-coordinate weight decay ``w(theta) = lam * (1/2 + sigmoid(theta))``, in
-  ``(lam/2, 3 lam/2)`` (:meth:`Problem.argmin_layer`).
+  ``(lam/2, 3 lam/2)`` (:meth:`BilevelProblem.argmin_layer`).
 
 Invariant (what "well-posed" means here): the Hessian of both objectives is positive
 definite at the solution and everywhere the solvers go, with eigenvalues within the
-documented bounds (:attr:`Problem.mu`, :attr:`Problem.L` bound the Hessian of the inner
+documented bounds (:attr:`BilevelProblem.mu`, :attr:`BilevelProblem.L` bound the Hessian of the inner
 loss; add ``lam`` resp. ``[lam/2, 3 lam/2]``).  For the MLP the inner loss is non-convex;
 ``lam`` is then chosen (and verified at the solutions) so that both objectives are
 strongly convex.
@@ -34,8 +34,9 @@ from torch import Tensor
 
 from .. import linsolve as _ls
 from .. import solvers as _solvers
+from .._argmin import Argmin
 from .._errors import BilevelValueError
-from .._layers import Argmin, Proximal
+from .._proximal import Proximal
 from .._tree import default_tol, tree_axpy, tree_flatten, tree_unflatten
 
 PARAM_KINDS: tuple[str, ...] = ("tensor", "tuple", "dict")
@@ -104,7 +105,7 @@ def _tree_cast(tree: Any, dtype: torch.dtype) -> Any:
 # the problem
 # --------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, repr=False)
-class Problem:
+class BilevelProblem:
     """A small well-posed bilevel problem (see the module docstring for the invariants).
 
     Attributes:
@@ -147,7 +148,7 @@ class Problem:
     def __repr__(self) -> str:
         extra = f", {self.info}" if self.info else ""
         return (
-            f"Problem({self.name}, n={self.dim}, {self.param_kind}, {str(self.dtype).replace('torch.', '')}, "
+            f"BilevelProblem({self.name}, n={self.dim}, {self.param_kind}, {str(self.dtype).replace('torch.', '')}, "
             f"lam={self.lam:.3g}, mu={self.mu:.3g}, L={self.L:.3g}{extra}, seed={self.seed})"
         )
 
@@ -335,7 +336,7 @@ def _finish(
     seed: int,
     info: str = "",
     quadratic: tuple[Tensor, Tensor] | None = None,
-) -> Problem:
+) -> BilevelProblem:
     """Wrap flat float64 functions into tree-valued ones in ``dtype``."""
     data_t = tuple(d.to(dtype) if d.dtype.is_floating_point else d for d in data)
 
@@ -348,7 +349,7 @@ def _finish(
         return flat_outer(layout.flat(x))
 
     outer.__qualname__ = outer.__name__ = f"{name}_outer"
-    return Problem(
+    return BilevelProblem(
         name=name,
         inner=inner,
         outer=outer,
@@ -375,7 +376,7 @@ def _log_uniform(g: torch.Generator, lo: float, hi: float) -> float:
 # --------------------------------------------------------------------------------------
 # builders (deterministic given their arguments; the strategies only draw the arguments)
 # --------------------------------------------------------------------------------------
-def make_quadratic(dim: int, condition: float, dtype: torch.dtype, param_kind: str, seed: int) -> Problem:
+def make_quadratic(dim: int, condition: float, dtype: torch.dtype, param_kind: str, seed: int) -> BilevelProblem:
     """``L(z) = 1/2 z^T A z - b^T z`` with ``A`` SPD of condition number ``condition``.
 
     The eigenvalues of ``A`` are geometrically spaced in ``[condition^-1/2, condition^1/2]``
@@ -450,12 +451,12 @@ def _regression_draws(dim: int, seed: int) -> tuple[int, Tensor, Tensor, float, 
     return m, Xa, sa, alpha, lam, theta, x0
 
 
-def make_ridge(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> Problem:
+def make_ridge(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> BilevelProblem:
     """Ridge regression ``1/2 mean (X z - y)^2 + alpha/2 ||z||^2`` (last feature = bias).
 
     ``2 dim + 4`` training and as many validation samples (the outer loss is the
     validation squared error); ``alpha`` log-uniform in ``[0.01, 1]``, ``lam`` in
-    ``[0.1, 10]``.  Closed form available (:meth:`Problem.exact_proximal`).
+    ``[0.1, 10]``.  Closed form available (:meth:`BilevelProblem.exact_proximal`).
     """
     m, Xa, ya, alpha, lam, theta, x0 = _regression_draws(dim, seed)
     X, y, Xv, yv = Xa[:m], ya[:m], Xa[m:], ya[m:]
@@ -488,7 +489,7 @@ def make_ridge(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> Prob
     )
 
 
-def make_logistic(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> Problem:
+def make_logistic(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> BilevelProblem:
     """L2-regularised logistic regression ``mean softplus(-y X z) + alpha/2 ||z||^2``, y = +-1.
 
     Hessian bounds: ``alpha <= H <= alpha + ||X||_2^2 / (4 m)``.  The outer loss is the
@@ -523,7 +524,7 @@ def make_logistic(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> P
     )
 
 
-def make_softmax(features: int, classes: int, dtype: torch.dtype, param_kind: str, seed: int) -> Problem:
+def make_softmax(features: int, classes: int, dtype: torch.dtype, param_kind: str, seed: int) -> BilevelProblem:
     """L2-regularised softmax regression: weight ``(features, classes)`` and bias ``(classes,)``.
 
     The data are ``(X, Y)`` with ``Y`` one-hot (floating, so that it follows the dtype).
@@ -588,7 +589,7 @@ def make_softmax(features: int, classes: int, dtype: torch.dtype, param_kind: st
     )
 
 
-def make_mlp(inputs: int, hidden: int, dtype: torch.dtype, param_kind: str, seed: int) -> Problem:
+def make_mlp(inputs: int, hidden: int, dtype: torch.dtype, param_kind: str, seed: int) -> BilevelProblem:
     """A one-hidden-layer tanh MLP regressing ``y = sin(X v)``; parameters ``w1 (hidden,
     inputs), b1 (hidden,), w2 (hidden,), b2 ()``.
 
@@ -713,7 +714,7 @@ def _seeds() -> Any:
     return _st().integers(0, 2**31 - 1)
 
 
-def _builds(make: Callable[..., Problem], dtype: DtypeSpec, param_kind: KindSpec, **sizes: Any) -> Any:
+def _builds(make: Callable[..., BilevelProblem], dtype: DtypeSpec, param_kind: KindSpec, **sizes: Any) -> Any:
     """Strategy of ``make(**sizes, dtype=..., param_kind=..., seed=...)`` over drawn arguments.
 
     ``sizes`` are strategies (e.g. from :func:`_ints`); ``dtype`` and ``param_kind`` are
@@ -745,7 +746,7 @@ def quadratic_problems(
         param_kind: ``"tensor"``, ``"tuple"``, ``"dict"`` or a sequence of them.
 
     Returns:
-        a hypothesis strategy of :class:`Problem`.
+        a hypothesis strategy of :class:`BilevelProblem`.
     """
     st = _st()
     if isinstance(condition, (int, float)):

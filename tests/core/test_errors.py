@@ -10,7 +10,7 @@ import torch
 import bilevel
 from bilevel import Argmin, ClosedOverTensorWarning, ConvergenceError, ConvergenceWarning, NonFiniteError, Proximal, custom_root
 from bilevel.linsolve import CG
-from core_helpers import DenseNewton, PlainGD
+from tests.core.core_helpers import DenseNewton, PlainGD
 
 DT = torch.float64
 

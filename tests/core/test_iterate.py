@@ -8,8 +8,9 @@ import importlib
 import pytest
 import torch
 
-from bilevel import Status, linsolve, solvers
+from bilevel import Status, solvers
 from bilevel._iterate import Outcome, Tally, Verifier, iterate
+from tests import registry
 
 
 def countdown_step(stop_at: torch.Tensor):
@@ -17,14 +18,14 @@ def countdown_step(stop_at: torch.Tensor):
 
     def step(state: torch.Tensor, active: torch.Tensor):
         new = torch.where(active, state + 1, state)
-        return new, Outcome(moved=active, stopped={"SUCCESS": active & (new >= stop_at)})
+        return new, Outcome(moved=active, stopped={Status.SUCCESS: active & (new >= stop_at)})
 
     return step
 
 
 def test_per_task_masks_and_iterations() -> None:
     stop_at = torch.tensor([1, 3, 10])
-    tally = Tally(stop_at, ("SUCCESS", "NONFINITE"))
+    tally = Tally(stop_at, (Status.SUCCESS, Status.NONFINITE))
     state = iterate(countdown_step(stop_at), torch.zeros(3, dtype=torch.long), tally, maxiter=5)
     assert state.tolist() == [1, 3, 5]
     assert tally.iters.tolist() == [1, 3, 5]
@@ -41,7 +42,7 @@ def test_stops_early_when_no_task_is_active() -> None:
         calls.append(active.clone())
         return inner(state, active)
 
-    iterate(step, torch.zeros(2, dtype=torch.long), Tally(stop_at, ("SUCCESS",)), maxiter=100)
+    iterate(step, torch.zeros(2, dtype=torch.long), Tally(stop_at, (Status.SUCCESS,)), maxiter=100)
     assert len(calls) == 2
 
 
@@ -54,7 +55,7 @@ def test_fixed_budget_runs_every_step_without_reading_the_host(monkeypatch: pyte
         return real_bool(self)
 
     stop_at = torch.tensor([1, 2])
-    tally = Tally(stop_at, ("SUCCESS",))
+    tally = Tally(stop_at, (Status.SUCCESS,))
     calls = []
     inner = countdown_step(stop_at)
 
@@ -75,7 +76,7 @@ def test_claims_are_verified_and_false_claims_restart() -> None:
     # the counter reaches 3.  A failed claim restarts the task (here: counter kept, a
     # restart count incremented).
     like = torch.zeros(2)
-    tally = Tally(like, ("SUCCESS", "NONFINITE"))
+    tally = Tally(like, (Status.SUCCESS, Status.NONFINITE))
     restarts = torch.zeros(2, dtype=torch.long)
 
     def step(state, active):
@@ -92,11 +93,11 @@ def test_claims_are_verified_and_false_claims_restart() -> None:
     state = iterate(step, torch.zeros(2, dtype=torch.long), tally, maxiter=10, verifier=Verifier(check, restart))
     assert state.tolist() == [3, 3]
     assert restarts.tolist() == [2, 2]  # claims at 1 and 2 failed
-    assert tally.stops["SUCCESS"].tolist() == [True, True]
+    assert tally.stops[Status.SUCCESS].tolist() == [True, True]
 
 
 def test_a_claim_on_the_last_step_is_settled_and_a_false_one_is_not_success() -> None:
-    tally = Tally(torch.zeros(1), ("SUCCESS", "NONFINITE"))
+    tally = Tally(torch.zeros(1), (Status.SUCCESS, Status.NONFINITE))
 
     def step(state, active):
         return state + 1, Outcome(moved=active, claimed=active.clone())
@@ -110,7 +111,7 @@ def test_a_claim_on_the_last_step_is_settled_and_a_false_one_is_not_success() ->
 
 
 def test_exhausted_ends_the_loop() -> None:
-    tally = Tally(torch.zeros(1), ("SUCCESS",))
+    tally = Tally(torch.zeros(1), (Status.SUCCESS,))
     state = iterate(lambda s, a: (s + 1, Outcome(moved=a, exhausted=s + 1 >= 4)), 0, tally, maxiter=None)
     assert state == 4
 
@@ -123,7 +124,7 @@ def test_without_a_tally_only_a_fixed_budget_runs() -> None:
 
 def test_unknown_initial_status_is_refused() -> None:
     with pytest.raises(KeyError, match="BREAKDOWN"):
-        Tally(torch.zeros(1), ("SUCCESS",), {"BREAKDOWN": torch.zeros(1, dtype=torch.bool)})
+        Tally(torch.zeros(1), (Status.SUCCESS,), {Status.BREAKDOWN: torch.zeros(1, dtype=torch.bool)})
 
 
 # -- every iterative solver runs on the driver ----------------------------------------------
@@ -133,26 +134,32 @@ def _spd(n: int = 6) -> torch.Tensor:
     return m @ m.T + n * torch.eye(n, dtype=torch.float64)
 
 
-LINEAR = [
-    ("bilevel.linsolve._cg", linsolve.CG()),
-    ("bilevel.linsolve._cg", linsolve.CG(steps=3)),
-    ("bilevel.linsolve._minres", linsolve.MINRES()),
-    ("bilevel.linsolve._gmres", linsolve.GMRES(restart=3)),
-    ("bilevel.linsolve._bicgstab", linsolve.BiCGSTAB()),
-    ("bilevel.linsolve._neumann", linsolve.Neumann(alpha=0.05, maxiter=400)),
-]
+# Every default configuration of an iterative linear solver, fixed budgets and restarts,
+# and a Neumann step for the test operator (eigenvalues >= 6: alpha * lambda_max < 2).
+LINEAR = registry.solvers("linear", tags={"driver", "default"}, exclude={"contraction"}) + registry.solvers(
+    ids=["CG-steps3", "GMRES-restart3", "Neumann-maxiter400-alpha0.05"]
+)
+# The minimisers (FixedPointIteration has its own test below): defaults, and first-order
+# solvers with a fixed budget, a tolerance and the monitored loop, at a step for the test
+# quadratic.
+INNER = registry.solvers("inner", tags={"driver", "default"}, exclude={"fixed_point"}) + registry.solvers(
+    ids=[
+        "GradientDescent-lr0.05-steps5",
+        "GradientDescent-lr0.05-rtol1e-06-maxiter500",
+        "Adam-lr0.05-steps5",
+        "Adam-lr0.05-steps5-monitor",
+    ]
+)
 
-INNER = [
-    ("bilevel.solvers._gradient_descent", solvers.GradientDescent(lr=0.05, steps=5)),
-    ("bilevel.solvers._gradient_descent", solvers.GradientDescent(lr=0.05, maxiter=500, rtol=1e-6)),
-    ("bilevel.solvers._adam", solvers.Adam(lr=0.05, steps=5)),
-    ("bilevel.solvers._adam", solvers.Adam(lr=0.05, steps=5, monitor=True)),
-    ("bilevel.solvers._newton_cg", solvers.NewtonCG()),
-    ("bilevel.solvers._lbfgs", solvers.LBFGS()),
-]
+
+def test_every_solver_on_the_driver_is_tested_here() -> None:
+    """A solver class registered as running on the driver has a configuration above."""
+    tested = {type(p.values[0]) for p in LINEAR + INNER} | {solvers.FixedPointIteration}
+    assert tested == {type(e.solver) for e in registry.entries(tags={"driver"})}
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch, module: str) -> list[int]:
+    """Count the calls of ``iterate`` from ``module`` (where the solver class is defined)."""
     mod = importlib.import_module(module)
     calls: list[int] = []
     real = mod.iterate
@@ -165,9 +172,9 @@ def _counting(monkeypatch: pytest.MonkeyPatch, module: str) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(("module", "solver"), LINEAR, ids=lambda v: type(v).__name__ if not isinstance(v, str) else v)
-def test_linear_solvers_run_on_the_driver(monkeypatch: pytest.MonkeyPatch, module: str, solver) -> None:
-    calls = _counting(monkeypatch, module)
+@pytest.mark.parametrize("solver", LINEAR)
+def test_linear_solvers_run_on_the_driver(monkeypatch: pytest.MonkeyPatch, solver) -> None:
+    calls = _counting(monkeypatch, type(solver).__module__)
     A = _spd()
     b = torch.ones(6, dtype=torch.float64)
     res = solver(lambda v: A @ v, b)
@@ -177,9 +184,9 @@ def test_linear_solvers_run_on_the_driver(monkeypatch: pytest.MonkeyPatch, modul
         torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize(("module", "solver"), INNER, ids=lambda v: type(v).__name__ if not isinstance(v, str) else v)
-def test_inner_solvers_run_on_the_driver(monkeypatch: pytest.MonkeyPatch, module: str, solver) -> None:
-    calls = _counting(monkeypatch, module)
+@pytest.mark.parametrize("solver", INNER)
+def test_inner_solvers_run_on_the_driver(monkeypatch: pytest.MonkeyPatch, solver) -> None:
+    calls = _counting(monkeypatch, type(solver).__module__)
     A = _spd()
     b = torch.ones(6, dtype=torch.float64)
     res = solver(lambda x: 0.5 * x @ A @ x - b @ x, torch.zeros(6, dtype=torch.float64))

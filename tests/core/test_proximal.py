@@ -9,7 +9,7 @@ import bilevel
 from bilevel import Proximal
 from bilevel.linsolve import CG
 import bilevel.linsolve as ls_mod
-from core_helpers import DenseNewton, PlainGD
+from tests.core.core_helpers import DenseNewton, PlainGD
 
 DT = torch.float64
 

@@ -8,7 +8,7 @@ import torch
 
 from bilevel import Proximal
 from bilevel.linsolve import CG, MINRES
-from core_helpers import DenseNewton
+from tests.core.core_helpers import DenseNewton
 
 DT = torch.float64
 

@@ -7,39 +7,22 @@ import torch
 
 from bilevel import Status
 from bilevel._tree import default_tol
-from bilevel.linsolve import CG, MINRES, GMRES, BiCGSTAB, Dense, Neumann
+from bilevel.linsolve import Dense
+from tests import registry
 
-# (solver, system) pairs where the solver applies: CG needs SPD, MINRES symmetric,
-# GMRES / BiCGSTAB / Dense anything non-singular, Neumann a contraction I - A.
-CASES = [
-    (CG(), "spd"),
-    (MINRES(), "spd"),
-    (MINRES(), "indefinite"),
-    (GMRES(), "spd"),
-    (GMRES(), "indefinite"),
-    (GMRES(), "nonsymmetric"),
-    (GMRES(restart=5), "nonsymmetric"),
-    (BiCGSTAB(), "spd"),
-    (BiCGSTAB(), "indefinite"),
-    (BiCGSTAB(), "nonsymmetric"),
-    (Dense(), "spd"),
-    (Dense(), "indefinite"),
-    (Dense(), "nonsymmetric"),
-    (Neumann(), "neumann-symmetric"),
-    (Neumann(), "neumann-nonsymmetric"),
-]
-IDS = [f"{type(s).__name__}{'-r5' if getattr(s, 'restart', 20) != 20 else ''}-{k}" for s, k in CASES]
+# (solver, system) pairs where the solver applies (registry.families): CG needs SPD, MINRES
+# symmetric, GMRES / BiCGSTAB / Dense anything non-singular, Neumann a contraction I - A;
+# and GMRES restarted below n on a non-symmetric system.
+CASES = registry.all_cases("linear", tags={"default"}) + registry.cases(("GMRES-restart5", "nonsymmetric"))
 
 
 def _matrix(systems, system: str) -> torch.Tensor:
-    if system.startswith("neumann"):
-        return systems.neumann(radius=0.4, symmetric=system.endswith("-symmetric"))
-    return systems.system(system, cond=10.0)
+    return systems.system(system, cond=10.0, radius=0.4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", ["tensor", "dict"])
-@pytest.mark.parametrize("solver, system", CASES, ids=IDS)
+@pytest.mark.parametrize("solver, system", CASES)
 def test_matches_torch_linalg_solve(systems, trees, solver, system, kind, dtype):
     a64 = _matrix(systems, system)
     b64 = systems.randn(systems.n)
@@ -80,7 +63,8 @@ def test_iterative_solvers_agree_with_each_other_on_spd(systems, dtype):
     """All solvers that apply to an SPD system return the same solution (mutual check)."""
     a = systems.spd(cond=50.0).to(dtype)
     b = systems.randn(systems.n).to(dtype)
-    xs = [s(lambda v: a @ v, b) for s in (CG(), MINRES(), GMRES(), BiCGSTAB(), Dense())]
+    iterative = [e.solver for e in registry.entries("linear", tags={"default", "driver"}) if "spd" in registry.families(e.solver)]
+    xs = [s(lambda v: a @ v, b) for s in (*iterative, Dense())]  # Dense last: the reference
     assert all(r.status is Status.SUCCESS for r in xs)
     ref = xs[-1].x.double()
     for r in xs[:-1]:

@@ -8,28 +8,32 @@ import pytest
 import torch
 
 from bilevel import Status
-from bilevel.linsolve import CG, MINRES, GMRES, BiCGSTAB, Dense, Neumann
+from bilevel.linsolve import Dense
+from tests import registry
 
 B = 3
 
 # Three tasks of different difficulty, so that they converge at different iterations:
 # condition numbers for the Krylov solvers, contraction radii for the Neumann series.
-CASES = [
-    (CG(), "spd"),
-    (MINRES(), "indefinite"),
-    (MINRES(), "spd"),
-    (GMRES(), "nonsymmetric"),
-    (GMRES(restart=8), "nonsymmetric"),
-    (BiCGSTAB(), "nonsymmetric"),
-    (BiCGSTAB(), "indefinite"),
-    (Neumann(), "neumann"),
-    (Dense(), "nonsymmetric"),
-]
-IDS = [f"{type(s).__name__}{'-r8' if getattr(s, 'restart', 20) != 20 else ''}-{k}" for s, k in CASES]
+CASES = registry.cases(
+    ("CG", "spd"),
+    ("MINRES", "indefinite"),
+    ("MINRES", "spd"),
+    ("GMRES", "nonsymmetric"),
+    ("GMRES-restart8", "nonsymmetric"),
+    ("BiCGSTAB", "nonsymmetric"),
+    ("BiCGSTAB", "indefinite"),
+    ("Neumann", "neumann-nonsymmetric"),
+    ("Dense", "nonsymmetric"),
+)
+
+
+def test_every_batched_linear_solver_has_a_case() -> None:
+    assert {type(c.values[0]) for c in CASES} == {type(e.solver) for e in registry.entries("linear", tags={"batched"})}
 
 
 def _task_matrices(systems, system: str) -> torch.Tensor:
-    if system == "neumann":
+    if system == "neumann-nonsymmetric":
         return torch.stack([systems.neumann(radius=r) for r in (0.05, 0.3, 0.7)])
     if system == "nonsymmetric":
         # Task 0 is nearly a multiple of I (clustered spectrum: a few GMRES steps), task 2
@@ -51,7 +55,7 @@ def _looped_matvec(trees, a, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", ["tensor", "dict"])
-@pytest.mark.parametrize("solver, system", CASES, ids=IDS)
+@pytest.mark.parametrize("solver, system", CASES)
 def test_batched_equals_per_task(systems, trees, solver, system, kind, dtype):
     a64 = _task_matrices(systems, system)
     b64 = systems.randn(B, systems.n)
@@ -100,7 +104,7 @@ def test_batched_equals_per_task(systems, trees, solver, system, kind, dtype):
     assert (rel <= systems.rtol[dtype]).all(), rel
 
 
-@pytest.mark.parametrize("solver, system", CASES, ids=IDS)
+@pytest.mark.parametrize("solver, system", CASES)
 def test_converged_task_stops_moving(systems, trees, solver, system):
     """A task with b = 0 is solved at iteration 0 and stays exactly 0 while others iterate."""
     a = _task_matrices(systems, system)
@@ -115,11 +119,10 @@ def test_converged_task_stops_moving(systems, trees, solver, system):
         assert res.task_iterations[0] > 0 and res.task_iterations[2] > 0
 
 
-ITERATIVE_CASES = [c for c in CASES if not isinstance(c[0], Dense)]
-ITERATIVE_IDS = [i for i, c in zip(IDS, CASES) if not isinstance(c[0], Dense)]
+ITERATIVE_CASES = [c for c in CASES if "direct" not in registry.capabilities(c.values[0])]
 
 
-@pytest.mark.parametrize("solver, system", ITERATIVE_CASES, ids=ITERATIVE_IDS)
+@pytest.mark.parametrize("solver, system", ITERATIVE_CASES)
 def test_batched_maxiter_is_per_task(systems, solver, system):
     """With a cap between the tasks' needs, easy tasks succeed and the hard one reports
     MAX_ITERATIONS after exactly maxiter iterations -- with the true residual."""

@@ -10,20 +10,20 @@ import torch
 
 from bilevel import LinearSolveResult, Status
 from bilevel.linsolve import CG, MINRES, GMRES, BiCGSTAB, Dense, LinearSolver, Neumann
+from tests import registry
 
-ITERATIVE = [CG(), MINRES(), GMRES(), GMRES(restart=2), BiCGSTAB(), Neumann()]
-ALL = ITERATIVE + [Dense()]
-
-
-def _id(s: LinearSolver) -> str:
-    return type(s).__name__ + ("-r2" if getattr(s, "restart", 20) == 2 else "")
+# Every linear solver at its defaults, and GMRES restarted below n.
+ALL = registry.solvers("linear", tags={"default"}) + registry.solvers(ids=["GMRES-restart2"])
+ITERATIVE = [p for p in ALL if "direct" not in registry.capabilities(p.values[0])]
 
 
 def _system_for(systems, solver: LinearSolver, **kw) -> torch.Tensor:
-    """A system the solver is valid for (Neumann: a contraction; CG/MINRES: SPD)."""
-    if isinstance(solver, Neumann):
+    """A system the solver is valid for (its registry families): a contraction for the
+    Neumann series, SPD for the symmetric solvers, else non-symmetric."""
+    families = registry.families(solver)
+    if "neumann-nonsymmetric" in families:
         return systems.neumann(radius=kw.get("radius", 0.7))
-    if isinstance(solver, (CG, MINRES)):
+    if "nonsymmetric" not in families:
         return systems.spd(cond=kw.get("cond", 100.0))
     return systems.nonsymmetric(cond=kw.get("cond", 100.0))
 
@@ -50,20 +50,20 @@ def test_exports():
     assert not GMRES.requires_symmetric and not BiCGSTAB.requires_symmetric
 
 
-@pytest.mark.parametrize("solver", ALL, ids=_id)
+@pytest.mark.parametrize("solver", ALL)
 def test_frozen(solver):
     with pytest.raises(dataclasses.FrozenInstanceError):
         solver.rtol = 1e-3  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("solver", ITERATIVE, ids=_id)
+@pytest.mark.parametrize("solver", ITERATIVE)
 @pytest.mark.parametrize("batched", [False, True])
 def test_maxiter_reached(systems, solver, batched):
     """Too few iterations: MAX_ITERATIONS, exactly maxiter iterations, honest residual."""
     maxiter = 3
     a = _system_for(systems, solver)
     if batched:
-        a = torch.stack([a, a.T.contiguous() if not isinstance(solver, (CG, MINRES)) else a])
+        a = torch.stack([a, a.T.contiguous() if "symmetric" not in registry.capabilities(solver) else a])
         b = systems.randn(2, systems.n)
     else:
         b = systems.randn(systems.n)
@@ -84,7 +84,7 @@ def test_maxiter_reached(systems, solver, batched):
     assert (true_res < b.norm(dim=-1)).all()
 
 
-@pytest.mark.parametrize("solver", ALL, ids=_id)
+@pytest.mark.parametrize("solver", ALL)
 @pytest.mark.parametrize("kind", ["tensor", "dict"])
 @pytest.mark.parametrize("batched", [False, True])
 def test_zero_rhs(systems, trees, solver, kind, batched):
@@ -108,7 +108,7 @@ def test_zero_rhs(systems, trees, solver, kind, batched):
         assert res.task_iterations.tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("solver", ITERATIVE, ids=_id)
+@pytest.mark.parametrize("solver", ITERATIVE)
 @pytest.mark.parametrize("kind", ["tensor", "dict"])
 def test_x0_at_the_solution_converges_immediately(systems, trees, solver, kind):
     a = _system_for(systems, solver, cond=10.0, radius=0.4)
@@ -125,7 +125,7 @@ def test_x0_at_the_solution_converges_immediately(systems, trees, solver, kind):
     assert torch.equal(trees.from_tree(x0, kind), trees.from_tree(x0_copy, kind))
 
 
-@pytest.mark.parametrize("solver", ITERATIVE, ids=_id)
+@pytest.mark.parametrize("solver", ITERATIVE)
 def test_x0_is_used(systems, solver):
     """The solve starts from x0: with one iteration allowed, a start next to the solution
     ends far closer to it than a start from 0 (and the residual is measured from x0)."""
@@ -143,7 +143,7 @@ def test_x0_is_used(systems, solver):
     assert (full.x - x_star).norm() <= 1e-8 * x_star.norm()
 
 
-@pytest.mark.parametrize("solver", ALL, ids=_id)
+@pytest.mark.parametrize("solver", ALL)
 @pytest.mark.parametrize("shape", [(1,), ()], ids=["n1", "0d"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_scalar_problem(solver, shape, dtype):
@@ -158,7 +158,7 @@ def test_scalar_problem(solver, shape, dtype):
         assert res.iterations >= 1
 
 
-@pytest.mark.parametrize("solver", ALL, ids=_id)
+@pytest.mark.parametrize("solver", ALL)
 def test_scalar_problems_batched(solver):
     """B scalar tasks (leaves of shape (B,)): per-task a_i x_i = b_i."""
     a = torch.tensor([3.0, 0.5, 1.25], dtype=torch.float64)
@@ -171,7 +171,7 @@ def test_scalar_problems_batched(solver):
     assert res.x[2] == 0 and res.task_iterations[2] == 0
 
 
-@pytest.mark.parametrize("solver", ALL, ids=_id)
+@pytest.mark.parametrize("solver", ALL)
 @pytest.mark.parametrize("batched", [False, True])
 def test_nonfinite_operator(systems, solver, batched):
     """A NaN from the operator is reported as NONFINITE, never as success; in batched mode
@@ -283,7 +283,7 @@ def test_success_only_when_the_true_residual_meets_the_tolerance(systems, solver
         assert mv.calls >= per_iteration * res.iterations + 2
 
 
-@pytest.mark.parametrize("solver", [s for s in ALL if not isinstance(s, CG)], ids=_id)
+@pytest.mark.parametrize("solver", [p for p in ALL if not isinstance(p.values[0], CG)])
 @pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
 def test_nonfinite_rhs(solver, bad):
     """An infinite b makes the threshold tol * ||b|| infinite too: it must still not pass

@@ -5,13 +5,15 @@ same iterates as a tolerance run that never stops early, and no host sync inside
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import dataclasses
+from typing import Any, Iterator
 
 import pytest
 import torch
 
 from bilevel import Status
-from bilevel.linsolve import CG, GMRES, MINRES, BiCGSTAB, Neumann
+from bilevel.linsolve import CG
+from tests import registry
 
 DT = torch.float64
 N = 12
@@ -23,27 +25,35 @@ def _spd(seed: int = 0, n: int = N) -> torch.Tensor:
     return q @ torch.diag(torch.linspace(1.0, 30.0, n, dtype=DT)) @ q.T
 
 
-FIXED = {
-    "cg": (lambda m: CG(steps=m), lambda m: CG(rtol=1e-300, maxiter=m)),
-    "minres": (lambda m: MINRES(steps=m), lambda m: MINRES(rtol=1e-300, maxiter=m)),
-    "neumann": (lambda m: Neumann(alpha=1 / 30, steps=m), lambda m: Neumann(alpha=1 / 30, rtol=1e-300, maxiter=m)),
-    "gmres": (lambda m: GMRES(steps=m), lambda m: GMRES(rtol=1e-300, maxiter=m)),
-    "bicgstab": (lambda m: BiCGSTAB(steps=m), lambda m: BiCGSTAB(rtol=1e-300, maxiter=m)),
-}
+# Every fixed-budget configuration (the test operator's eigenvalues lie in [1, 30]).
+FIXED = registry.solvers("linear", tags={"fixed_budget"})
 
 
-@pytest.mark.parametrize("name", list(FIXED))
+def fixed(solver: Any, m: int) -> Any:
+    """``solver`` with a budget of ``m`` steps."""
+    return dataclasses.replace(solver, steps=m)
+
+
+def capped(solver: Any, m: int) -> Any:
+    """Its tolerance twin that never stops early: ``rtol=1e-300, maxiter=m``."""
+    return dataclasses.replace(solver, steps=None, rtol=1e-300, maxiter=m)
+
+
+def test_every_iterative_linear_solver_has_a_fixed_budget() -> None:
+    assert {type(p.values[0]) for p in FIXED} == {type(e.solver) for e in registry.entries("linear", exclude={"direct"})}
+
+
+@pytest.mark.parametrize("solver", FIXED)
 @pytest.mark.parametrize("batched", [False, True])
-def test_fixed_budget_runs_exactly_m_steps_and_completes(name: str, batched: bool) -> None:
-    fixed, capped = FIXED[name]
+def test_fixed_budget_runs_exactly_m_steps_and_completes(solver: Any, batched: bool) -> None:
     a = _spd()
     b = torch.randn(3, N, dtype=DT, generator=torch.Generator().manual_seed(1))
     if not batched:
         b = b[0]
     mv = (lambda v: v @ a.T)
     m = 4
-    res = fixed(m)(mv, b, batched=batched)
-    ref = capped(m)(mv, b, batched=batched)
+    res = fixed(solver, m)(mv, b, batched=batched)
+    ref = capped(solver, m)(mv, b, batched=batched)
     assert res.status is Status.COMPLETED and res.success
     assert ref.status is Status.MAX_ITERATIONS and not ref.success
     assert res.iterations == m
@@ -99,21 +109,20 @@ def _count_host_reads() -> Iterator[dict[str, int]]:
             setattr(torch.Tensor, k, fn)
 
 
-@pytest.mark.parametrize("name", ["cg", "minres", "neumann"])
+@pytest.mark.parametrize("solver", registry.solvers("linear", tags={"fixed_budget", "device_loop"}))
 @pytest.mark.parametrize("batched", [False, True])
-def test_fixed_budget_has_no_host_sync_in_the_loop(name: str, batched: bool) -> None:
+def test_fixed_budget_has_no_host_sync_in_the_loop(solver: Any, batched: bool) -> None:
     a = _spd(n=40)
     b = torch.randn(2, 40, dtype=DT, generator=torch.Generator().manual_seed(2))
     if not batched:
         b = b[0]
     reads = {}
     for m in (2, 9):
-        solver = FIXED[name][0](m)
         with _count_host_reads() as c:
-            solver(lambda v: v @ a.T, b, batched=batched)
+            fixed(solver, m)(lambda v: v @ a.T, b, batched=batched)
         reads[m] = c["n"]
     assert reads[2] == reads[9], reads  # a constant number of reads, to build the result
     # ... whereas a tolerance run reads once per iteration at least.
     with _count_host_reads() as c:
-        FIXED[name][1](9)(lambda v: v @ a.T, b, batched=batched)
+        capped(solver, 9)(lambda v: v @ a.T, b, batched=batched)
     assert c["n"] >= reads[9] + 7

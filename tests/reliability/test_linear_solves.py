@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from bilevel import NonFiniteError, Proximal, Status
-from bilevel.linsolve import CG, GMRES, MINRES, BiCGSTAB, Dense, Neumann
+from bilevel.linsolve import CG
 from bilevel.solvers import GradientDescent
+from tests import registry
 
-ALL = [CG(), MINRES(), GMRES(), BiCGSTAB(), Neumann(alpha=0.3), Dense(), CG(steps=4), MINRES(steps=4)]
-
-
-def _id(s) -> str:
-    return repr(s)
+# Every linear solver at its defaults (Neumann with a step for the test operators, whose
+# eigenvalues reach 5), and fixed budgets.
+ALL = registry.solvers("linear", tags={"default"}, exclude={"contraction"}) + registry.solvers(
+    ids=["Neumann-alpha0.3", "CG-steps4", "MINRES-steps4"]
+)
 
 
 # -- item 3: a NaN/Inf cotangent -----------------------------------------------------------
@@ -36,7 +37,7 @@ def test_nonfinite_cotangent_raises_whatever_on_failure_says(on_failure: str, ba
     assert theta.grad is None  # nothing was accumulated: no silent zero gradient
 
 
-@pytest.mark.parametrize("solver", ALL, ids=_id)
+@pytest.mark.parametrize("solver", ALL)
 def test_solver_reports_nonfinite_rhs_per_task_and_solves_the_others(solver) -> None:
     b = torch.tensor([[1.0, 2.0, 3.0], [1.0, float("nan"), 0.0]], dtype=torch.float64)
     res = solver(lambda v: 2.0 * v, b, batched=True)
@@ -76,7 +77,7 @@ def test_a_good_preconditioner_still_works() -> None:
 
 
 # -- item 5: huge and tiny right-hand sides in float32 --------------------------------------
-@pytest.mark.parametrize("solver", ALL, ids=_id)
+@pytest.mark.parametrize("solver", ALL)
 @pytest.mark.parametrize("magnitude", [1e25, 1e-30])
 def test_float32_extreme_rhs_is_solved(solver, magnitude: float) -> None:
     # ||b||² overflows (1e50) or underflows (1e-60) float32, though b and x are representable.

@@ -7,7 +7,7 @@ import torch
 
 from bilevel import Status
 from bilevel.solvers import Adam, FixedPointIteration, GradientDescent, NewtonCG
-from solvers_problems import logistic_problem, logistic_torch, quadratic, spd_matrix
+from tests.problems import logistic_problem, logistic_torch, quadratic, spd_matrix
 
 CONDS = (1.0, 10.0, 300.0)  # three tasks with different conditioning
 

@@ -11,7 +11,8 @@ import torch
 import bilevel
 import bilevel.solvers._compiled as compiled_mod
 from bilevel import BilevelValueError, NonFiniteError
-from bilevel.solvers import Adam, GradientDescent
+from bilevel.solvers import GradientDescent
+from tests import registry
 
 DT = torch.float64
 
@@ -31,15 +32,11 @@ def _ridge(seed: int = 0):
     return loss, th, A, b
 
 
-SOLVERS = [
-    GradientDescent(lr=0.1, steps=12),
-    GradientDescent(lr=0.05, steps=12, momentum=0.9),
-    GradientDescent(lr=0.05, steps=12, momentum=0.9, nesterov=True),
-    Adam(lr=0.05, steps=12),
-]
+SOLVERS = registry.solvers("inner", tags={"compile"})
+CLASSES = registry.classes("inner", tags={"compile"})
 
 
-@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: f"{type(s).__name__}-{getattr(s, 'momentum', '')}-{getattr(s, 'nesterov', '')}")
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_compiled_iterates_equal_the_eager_ones(solver) -> None:
     loss, th, A, b = _ridge()
     fast = dataclasses.replace(solver, compile=True)
@@ -49,7 +46,7 @@ def test_compiled_iterates_equal_the_eager_ones(solver) -> None:
     assert c.status is e.status and c.n_grad == e.n_grad == solver.steps
 
 
-@pytest.mark.parametrize("cls", [GradientDescent, Adam])
+@pytest.mark.parametrize("cls", CLASSES)
 def test_compiled_batched_tasks_equal_the_eager_ones(cls) -> None:
     loss, th, A, b = _ridge()
     vl = torch.func.vmap(loss, in_dims=(0, None, 0, 0))
@@ -96,7 +93,7 @@ def test_a_non_finite_compiled_step_is_named_by_the_monitored_replay() -> None:
         GradientDescent(lr=1.0, steps=10, compile=True)(blows_up, torch.ones(3, dtype=DT))
 
 
-@pytest.mark.parametrize("cls", [GradientDescent, Adam])
+@pytest.mark.parametrize("cls", CLASSES)
 def test_compile_is_only_for_the_lean_loop_and_takes_a_bool_or_a_mode(cls) -> None:
     kw = {"lr": 0.1, "steps": 3}
     with pytest.raises(BilevelValueError, match="lean fixed-step loop"):
@@ -108,7 +105,7 @@ def test_compile_is_only_for_the_lean_loop_and_takes_a_bool_or_a_mode(cls) -> No
     assert cls(**kw, compile="reduce-overhead").compile == "reduce-overhead"
 
 
-@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: f"{type(s).__name__}-{getattr(s, 'momentum', '')}-{getattr(s, 'nesterov', '')}")
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("batched", [False, True])
 def test_compiled_health_statistics_equal_the_monitored_path(solver, batched: bool) -> None:
     # The health statistics computed inside the compiled step (issue 17) equal those of the

@@ -18,7 +18,7 @@ from bilevel.solvers import (
     Solver,
     StrongWolfe,
 )
-from solvers_problems import quadratic, quadratic_problem
+from tests.problems import quadratic, quadratic_problem
 
 
 def _linear_until_zero(x: torch.Tensor) -> torch.Tensor:

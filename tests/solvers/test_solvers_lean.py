@@ -7,11 +7,14 @@ iteration and the tasks, once at the end.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from bilevel import NonFiniteError, Status
-from bilevel.solvers import Adam, GradientDescent
+from bilevel.solvers import GradientDescent
+from tests import registry
 
 DT = torch.float64
 
@@ -31,47 +34,43 @@ def _problem(d: int = 6, seed: int = 0):
     return h, torch.randn(d, generator=g, dtype=DT)
 
 
-SOLVERS = {
-    "gd": dict(cls=GradientDescent, kw=dict(lr=0.5, steps=9)),
-    "gd_momentum": dict(cls=GradientDescent, kw=dict(lr=0.5, steps=9, momentum=0.7)),
-    "gd_nesterov": dict(cls=GradientDescent, kw=dict(lr=0.5, steps=9, momentum=0.7, nesterov=True)),
-    "adam": dict(cls=Adam, kw=dict(lr=0.1, steps=9)),
-}
+# Every configuration of the lean loop (the test problems' curvature is at most 1).
+SOLVERS = registry.solvers("inner", tags={"lean"})
+CLASSES = registry.classes("inner", tags={"lean"})
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
-def test_lean_takes_the_monitored_iterates(name: str) -> None:
-    cls, kw = SOLVERS[name]["cls"], SOLVERS[name]["kw"]
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lean_takes_the_monitored_iterates(solver) -> None:
+    steps = solver.steps
     h, b = _problem()
     x0 = {"a": torch.randn(2, dtype=DT), "b": torch.randn(2, 2, dtype=DT)}
     keep = {k: v.clone() for k, v in x0.items()}
-    lean = cls(**kw)(_tree_quad, x0, h, b)
-    full = cls(**kw, monitor=True)(_tree_quad, x0, h, b)
+    lean = solver(_tree_quad, x0, h, b)
+    full = dataclasses.replace(solver, monitor=True)(_tree_quad, x0, h, b)
     for k in x0:
         torch.testing.assert_close(lean.x[k], full.x[k], rtol=1e-14, atol=1e-14)
         assert torch.equal(x0[k], keep[k])  # the initial point is never written
-    assert lean.status is Status.COMPLETED and lean.iterations == kw["steps"]
+    assert lean.status is Status.COMPLETED and lean.iterations == steps
     # Lean: steps gradients, nothing at the returned point; monitored: one more.
-    assert lean.n_grad == kw["steps"] and full.n_grad == kw["steps"] + 1
+    assert lean.n_grad == steps and full.n_grad == steps + 1
     assert lean.grad_norm is None and lean.value is None and lean.value_monotone is None
     assert full.grad_norm is not None and full.value_monotone is not None
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
-def test_lean_batched_equals_single_tasks(name: str) -> None:
-    cls, kw = SOLVERS[name]["cls"], SOLVERS[name]["kw"]
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lean_batched_equals_single_tasks(solver) -> None:
     probs = [_problem(seed=s) for s in range(3)]
     hs, bs = torch.stack([p[0] for p in probs]), torch.stack([p[1] for p in probs])
     x0 = torch.randn(3, 6, dtype=DT, generator=torch.Generator().manual_seed(9))
     batched = torch.func.vmap(_quad)
-    res = cls(**kw)(batched, x0, hs, bs, batched=True)
-    assert res.task_status == (Status.COMPLETED,) * 3 and res.task_iterations.tolist() == [kw["steps"]] * 3
+    res = solver(batched, x0, hs, bs, batched=True)
+    assert res.task_status == (Status.COMPLETED,) * 3 and res.task_iterations.tolist() == [solver.steps] * 3
     for i in range(3):
-        one = cls(**kw)(_quad, x0[i], hs[i], bs[i])
+        one = solver(_quad, x0[i], hs[i], bs[i])
         torch.testing.assert_close(res.x[i], one.x, rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.parametrize("cls", [GradientDescent, Adam])
+@pytest.mark.parametrize("cls", CLASSES)
 def test_lean_nonfinite_gradient_named_once_at_the_end(cls) -> None:
     # sqrt is finite at 0 but its gradient is not: the first gradient (iteration 0) is bad.
     with pytest.raises(NonFiniteError, match=r"gradient became non-finite at iteration 0"):
@@ -95,7 +94,7 @@ def test_monitor_must_be_bool() -> None:
         GradientDescent(lr=0.1, steps=1, monitor=1)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("cls", [GradientDescent, Adam])
+@pytest.mark.parametrize("cls", CLASSES)
 def test_lean_has_no_host_sync_per_step(cls) -> None:
     # Each tensor-to-Python read is a device sync on an accelerator: the lean loop makes a
     # constant number of them (at the end), whatever the number of steps.

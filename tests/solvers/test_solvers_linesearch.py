@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from bilevel._tree import tree_axpy, tree_vdot
 from bilevel.solvers import BacktrackingArmijo, StrongWolfe
 from bilevel._autodiff import value_and_grad
-from solvers_problems import logistic_problem, logistic_torch, quadratic, spd_matrix
+from tests.problems import logistic_problem, logistic_torch, quadratic, spd_matrix
 
 # Hypothesis's failure reporting touches a deprecated mypy_extensions API; with warnings as
 # errors that would turn a failing example into a pytest INTERNALERROR instead of a report.

@@ -13,7 +13,7 @@ import torch
 
 from bilevel import Status
 from bilevel.solvers import LBFGS, Adam, GradientDescent, NewtonCG, ScipyMinimize
-from solvers_problems import (
+from tests.problems import (
     LAM,
     logistic_dict,
     logistic_problem,
@@ -23,6 +23,7 @@ from solvers_problems import (
     quadratic,
     quadratic_problem,
 )
+from tests import registry
 
 REF_ERR = 1e-10 / LAM  # bound on the reference's own error (see logistic_reference)
 
@@ -53,6 +54,11 @@ def _solvers_logistic(a: torch.Tensor):
         "scipy_lbfgsb": ScipyMinimize("L-BFGS-B", options={"gtol": 1e-11, "ftol": 0.0}),
         "scipy_newton_cg": ScipyMinimize("Newton-CG", options={"xtol": 1e-12}),
     }
+
+
+def test_every_minimiser_reaches_the_logistic_minimiser() -> None:
+    tested = {type(s) for s in _solvers_logistic(logistic_problem()[0]).values()}
+    assert tested == {type(e.solver) for e in registry.entries("inner", exclude={"fixed_point"})}
 
 
 @pytest.mark.parametrize("name", list(_solvers_logistic(logistic_problem()[0])))

@@ -18,6 +18,7 @@ form one input, so that direction moves both.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import pytest
@@ -25,9 +26,10 @@ import torch
 
 import bilevel
 from bilevel import ConvergenceWarning, FixedPoint, custom_root
-from bilevel.linsolve import CG, GMRES, MINRES, BiCGSTAB, Dense, Neumann
+from bilevel.linsolve import Neumann
 from bilevel.solvers import LBFGS, Adam, FixedPointIteration, GradientDescent, NewtonCG, ScipyMinimize
-from bilevel.testing import Problem, check_implicit_grad, make_logistic
+from bilevel.testing import BilevelProblem, check_implicit_grad, make_logistic
+from tests import registry
 
 DT = torch.float64
 TOL = 1e-12
@@ -35,7 +37,7 @@ TOL = 1e-12
 
 
 # One small, non-quadratic, tree-valued problem (logistic regression, θ = {'w', 'b'}).
-PROBLEM: Problem = make_logistic(3, DT, "dict", 21)
+PROBLEM: BilevelProblem = make_logistic(3, DT, "dict", 21)
 
 INNER_SOLVERS: dict[str, Callable[[float], Any]] = {
     # Each gets the objective's L (for a step size) and is configured tightly.
@@ -45,13 +47,22 @@ INNER_SOLVERS: dict[str, Callable[[float], Any]] = {
     "NewtonCG": lambda L: NewtonCG(rtol=1e-11, maxiter=100),
     "ScipyMinimize(L-BFGS-B)": lambda L: ScipyMinimize("L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-16, "maxiter": 2000}),
 }
+
+
+def _tight(solver: Any, **neumann: Any) -> Any:
+    """A linear solver of the registry at ``rtol=TOL`` (Dense has no tolerance); the
+    Neumann series with the step and cap ``neumann``."""
+    caps = registry.capabilities(solver)
+    if "direct" in caps:
+        return solver
+    return dataclasses.replace(solver, rtol=TOL, **(neumann if "contraction" in caps else {}))
+
+
+# Every linear solver at its defaults: all of them solve the SPD systems of the symmetric
+# layers (Neumann with alpha = 1/L_obj).
 SYMMETRIC_LINSOLVES: dict[str, Callable[[float], Any]] = {
-    "CG": lambda L: CG(rtol=TOL),
-    "MINRES": lambda L: MINRES(rtol=TOL),
-    "Dense": lambda L: Dense(),
-    "GMRES": lambda L: GMRES(rtol=TOL),
-    "BiCGSTAB": lambda L: BiCGSTAB(rtol=TOL),
-    "Neumann": lambda L: Neumann(alpha=1.0 / L, rtol=TOL, maxiter=5000),
+    e.id: (lambda L, s=e.solver: _tight(s, alpha=1.0 / L, maxiter=5000))
+    for e in registry.entries("linear", tags={"default"})
 }
 
 
@@ -105,11 +116,11 @@ FP_SOLVERS: dict[str, Any] = {
     "FixedPointIteration": FixedPointIteration(rtol=1e-13, maxiter=2000),
     "FixedPointIteration(relaxation=0.5)": FixedPointIteration(rtol=1e-13, maxiter=4000, relaxation=0.5),
 }
+# The linear solvers for non-symmetric systems, and the Neumann series with alpha = 1.
 FP_LINSOLVES: dict[str, Any] = {
-    "GMRES": GMRES(rtol=TOL),
-    "BiCGSTAB": BiCGSTAB(rtol=TOL),
-    "Dense": Dense(),
-    "Neumann": Neumann(alpha=1.0, rtol=TOL, maxiter=500),
+    e.id: _tight(e.solver, alpha=1.0, maxiter=500)
+    for e in registry.entries("linear", tags={"default"})
+    if e.tags & {"nonsymmetric", "contraction"}
 }
 
 
@@ -125,15 +136,7 @@ def _check_fixed_point(layer: Any) -> None:
     assert report.ok
 
 
-@pytest.mark.parametrize(
-    "linsolve",
-    [
-        "GMRES",
-        "BiCGSTAB",
-        "Dense",
-        "Neumann",
-    ],
-)
+@pytest.mark.parametrize("linsolve", list(FP_LINSOLVES))
 @pytest.mark.parametrize("solver", list(FP_SOLVERS))
 def test_fixed_point_combination_passes(solver: str, linsolve: str) -> None:
     layer = FixedPoint(_fp_fn, FP_SOLVERS[solver], FP_LINSOLVES[linsolve])
@@ -167,3 +170,10 @@ def test_neumann_alpha_outside_its_range_is_reported_not_silent() -> None:
         torch.autograd.grad(p.outer(phi), list(theta.values()))
     assert not layer.diagnostics.backward.success
     assert isinstance(bilevel.linsolve.Neumann(alpha=1.0), bilevel.linsolve.LinearSolver)
+
+
+def test_every_inner_solver_is_combined() -> None:
+    minimisers = {type(e.solver).__name__ for e in registry.entries("inner", exclude={"fixed_point"})}
+    assert {name.split("(")[0] for name in INNER_SOLVERS} == minimisers
+    fixed_point = {type(e.solver) for e in registry.entries("inner", tags={"fixed_point"})}
+    assert {type(s) for s in FP_SOLVERS.values()} == fixed_point

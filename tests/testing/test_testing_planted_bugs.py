@@ -25,7 +25,14 @@ from bilevel import Argmin, ClosedOverTensorWarning, ImplicitLayer, LinearSolveR
 from bilevel._tree import tree_axpy, tree_flatten, tree_map, tree_norm, tree_vdot, tree_zeros_like
 from bilevel.linsolve import CG, LinearSolver
 from bilevel.solvers import GradientDescent
-from bilevel.testing import GradCheckError, Problem, check_implicit_grad, make_logistic, make_quadratic, make_ridge
+from bilevel.testing import (
+    BilevelProblem,
+    GradCheckError,
+    check_implicit_grad,
+    make_logistic,
+    make_quadratic,
+    make_ridge,
+)
 
 DT = torch.float64
 
@@ -41,7 +48,7 @@ class HandProximal(ImplicitLayer):
 
     symmetric = True
 
-    def __init__(self, problem: Problem, cx: float = 1.0, ctheta: float = 1.0, linsolve: Any = None) -> None:
+    def __init__(self, problem: BilevelProblem, cx: float = 1.0, ctheta: float = 1.0, linsolve: Any = None) -> None:
         super().__init__(linsolve or problem.linsolve, on_failure="raise")
         self.problem = problem
         self.cx = cx
@@ -60,7 +67,7 @@ class HandProximal(ImplicitLayer):
         return tree_map(lambda gi, xi, ti: gi + lam * (self.cx * xi - self.ctheta * ti), g, x, theta)
 
 
-def _hand_fn(problem: Problem, layer: HandProximal) -> Any:
+def _hand_fn(problem: BilevelProblem, layer: HandProximal) -> Any:
     def fn(theta: Any, lam: torch.Tensor) -> torch.Tensor:
         x0 = tree_map(lambda t: t.detach(), theta)
         return problem.outer(layer(x0, theta, lam, *problem.data))
@@ -68,7 +75,7 @@ def _hand_fn(problem: Problem, layer: HandProximal) -> Any:
     return fn
 
 
-def _inputs(problem: Problem) -> tuple[Any, torch.Tensor]:
+def _inputs(problem: BilevelProblem) -> tuple[Any, torch.Tensor]:
     return problem.theta_leaf(), torch.tensor(problem.lam, dtype=problem.dtype, requires_grad=True)
 
 

@@ -32,15 +32,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bilevel._tree import tree_flatten, tree_map, tree_norm
-from bilevel.solvers import LBFGS, Adam, GradientDescent, ScipyMinimize
+from bilevel.solvers import LBFGS, Adam, GradientDescent, NewtonCG, ScipyMinimize
 from bilevel.testing import (
-    Problem,
+    BilevelProblem,
     logistic_problems,
+    make_logistic,
     mlp_proximal_problems,
     quadratic_problems,
     ridge_problems,
     softmax_problems,
 )
+from tests import registry
 
 DT = torch.float64
 
@@ -65,7 +67,7 @@ SMALL_F64 = st.one_of(
 )
 
 
-def _solvers(p: Problem, L: float) -> dict[str, Any]:
+def _solvers(p: BilevelProblem, L: float) -> dict[str, Any]:
     f64 = p.dtype == DT
     tol = 1e-10 if f64 else 1e-4
     return {
@@ -86,7 +88,7 @@ def _nelder_mead() -> dict[str, Any]:
     }
 
 
-def _meta_gradient(p: Problem, mode: str, solver: Any) -> tuple[torch.Tensor, float]:
+def _meta_gradient(p: BilevelProblem, mode: str, solver: Any) -> tuple[torch.Tensor, float]:
     """(flat meta-gradient in float64, achieved inner gradient norm)."""
     # on_failure="ignore": a solver that stops short (e.g. scipy's line search in float32)
     # is judged by the gradient norm it achieved, which sets the tolerance below.
@@ -115,7 +117,7 @@ def _meta_gradient(p: Problem, mode: str, solver: Any) -> tuple[torch.Tensor, fl
     return torch.cat([g.reshape(-1) for g in grads]).to(DT), gn
 
 
-def _check_agnostic(p: Problem, mode: str, solvers: dict[str, Any]) -> None:
+def _check_agnostic(p: BilevelProblem, mode: str, solvers: dict[str, Any]) -> None:
     mu, L = p.proximal_curvature if mode == "proximal" else p.argmin_curvature
     ref, gn_ref = _meta_gradient(p, mode, p.solver)
     G = max(1.0, float(ref.norm()))
@@ -131,17 +133,17 @@ def _check_agnostic(p: Problem, mode: str, solvers: dict[str, Any]) -> None:
 
 
 @given(problem=PROBLEMS)
-def test_proximal_meta_gradient_is_solver_agnostic(problem: Problem) -> None:
+def test_proximal_meta_gradient_is_solver_agnostic(problem: BilevelProblem) -> None:
     _check_agnostic(problem, "proximal", _solvers(problem, problem.proximal_curvature[1]))
 
 
 @given(problem=PROBLEMS)
-def test_argmin_meta_gradient_is_solver_agnostic(problem: Problem) -> None:
+def test_argmin_meta_gradient_is_solver_agnostic(problem: BilevelProblem) -> None:
     _check_agnostic(problem, "argmin", _solvers(problem, problem.argmin_curvature[1]))
 
 
 @given(problem=SMALL_F64, mode=st.sampled_from(["proximal", "argmin"]))
-def test_nelder_mead_agrees_on_small_problems(problem: Problem, mode: str) -> None:
+def test_nelder_mead_agrees_on_small_problems(problem: BilevelProblem, mode: str) -> None:
     """Derivative-free Nelder-Mead (only on <= 3 unknowns, float64, tight xatol/fatol)."""
     assert problem.dim <= 3
     _check_agnostic(problem, mode, _nelder_mead())
@@ -160,3 +162,11 @@ def test_tolerance_is_not_vacuous() -> None:
     floor = (L / mu) * G * (10 * p.linsolve_tol + math.sqrt(torch.finfo(DT).eps))
     assert float((g - ref).norm()) > 10 * floor  # the dtype floor alone would not excuse it
     assert gn > 1e-6  # ... and the sanity bound would have flagged the unconverged solve
+
+
+def test_every_minimiser_is_compared() -> None:
+    """Every minimiser of the registry meets the Newton-CG reference (the problems' own solver)."""
+    p = make_logistic(3, DT, "tensor", 0)
+    tested = {type(s) for s in _solvers(p, 1.0).values()} | {type(p.solver)}
+    assert type(p.solver) is NewtonCG
+    assert tested == {type(e.solver) for e in registry.entries("inner", exclude={"fixed_point"})}

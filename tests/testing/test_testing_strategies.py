@@ -21,7 +21,7 @@ from bilevel.solvers import NewtonCG
 from bilevel.testing import (
     DTYPES,
     PARAM_KINDS,
-    Problem,
+    BilevelProblem,
     logistic_problems,
     make_logistic,
     make_mlp,
@@ -49,11 +49,11 @@ def _cast(tree: Any, dtype: torch.dtype) -> Any:
     return tree_unflatten(d, [t.detach().to(dtype) for t in leaves])
 
 
-def _data64(p: Problem) -> tuple:
+def _data64(p: BilevelProblem) -> tuple:
     return tuple(d.to(DT) if d.dtype.is_floating_point else d for d in p.data)
 
 
-def _hessian_eigs(p: Problem, objective: Any, x: Any, *args: Any) -> torch.Tensor:
+def _hessian_eigs(p: BilevelProblem, objective: Any, x: Any, *args: Any) -> torch.Tensor:
     """Eigenvalues of the Hessian of ``objective`` in the flat coordinates, in float64."""
     z = p.layout.flat(x)
 
@@ -63,7 +63,7 @@ def _hessian_eigs(p: Problem, objective: Any, x: Any, *args: Any) -> torch.Tenso
     return torch.linalg.eigvalsh(torch.func.hessian(f)(z))
 
 
-def _check_structure(p: Problem) -> None:
+def _check_structure(p: BilevelProblem) -> None:
     leaves, _ = tree_flatten(p.theta)
     assert all(t.dtype == p.dtype and not t.requires_grad and bool(torch.isfinite(t).all()) for t in leaves)
     if p.param_kind == "tensor":
@@ -79,10 +79,10 @@ def _check_structure(p: Problem) -> None:
     o = p.outer(p.theta)
     assert o.dim() == 0 and o.dtype == p.dtype
     assert p.lam > 0 and p.L >= p.mu
-    assert repr(p).startswith(f"Problem({p.name}") and f"seed={p.seed}" in repr(p)
+    assert repr(p).startswith(f"BilevelProblem({p.name}") and f"seed={p.seed}" in repr(p)
 
 
-def _check_well_posed(p: Problem) -> None:
+def _check_well_posed(p: BilevelProblem) -> None:
     """Both objectives strongly convex at their (float64) solutions, within the bounds."""
     theta, x0, data = _cast(p.theta, DT), _cast(p.x0, DT), _data64(p)
     solver = NewtonCG(rtol=1e-10, maxiter=100)
@@ -110,26 +110,26 @@ def _check_well_posed(p: Problem) -> None:
 
 
 @given(problem=problems())
-def test_any_problem_is_well_posed(problem: Problem) -> None:
+def test_any_problem_is_well_posed(problem: BilevelProblem) -> None:
     _check_structure(problem)
     _check_well_posed(problem)
 
 
 @given(problem=mlp_proximal_problems(dtype=DT))
-def test_mlp_problems_are_convex_at_their_solutions(problem: Problem) -> None:
+def test_mlp_problems_are_convex_at_their_solutions(problem: BilevelProblem) -> None:
     _check_structure(problem)
     _check_well_posed(problem)
 
 
 @given(problem=softmax_problems(dtype=torch.float32))
-def test_softmax_problems_structure(problem: Problem) -> None:
+def test_softmax_problems_structure(problem: BilevelProblem) -> None:
     _check_structure(problem)
     y = problem.data[1]
     assert y.dtype == torch.float32 and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all())
 
 
 @given(problem=quadratic_problems(condition=(3.0, 1e4), dtype=DT))
-def test_quadratic_condition_number_in_range(problem: Problem) -> None:
+def test_quadratic_condition_number_in_range(problem: BilevelProblem) -> None:
     A, _ = problem.quadratic  # type: ignore[misc]
     e = torch.linalg.eigvalsh(A)
     kappa = float(e.max() / e.min())
@@ -152,7 +152,7 @@ def test_quadratic_chosen_condition(kappa: float) -> None:
         logistic_problems(dim=3, dtype=torch.float32, param_kind="dict"),
     )
 )
-def test_dtype_kind_and_dim_are_honoured(problem: Problem) -> None:
+def test_dtype_kind_and_dim_are_honoured(problem: BilevelProblem) -> None:
     assert problem.dtype == torch.float32 and problem.param_kind == "dict" and problem.dim == 3
     assert set(problem.theta) == {"w", "b"} and problem.theta["b"].shape == ()
 
@@ -193,7 +193,7 @@ def test_reproducible_from_the_seed(dtype: torch.dtype) -> None:
 
 
 @given(problem=problems(max_dim=5, dtype=DT, param_kind="tensor"))
-def test_problems_max_dim(problem: Problem) -> None:
+def test_problems_max_dim(problem: BilevelProblem) -> None:
     assert problem.dim <= 5 and problem.dtype == DT and isinstance(problem.theta, torch.Tensor)
 
 
@@ -225,3 +225,12 @@ def test_hypothesis_profile_follows_the_environment() -> None:
     ci, thorough = settings.get_profile("ci"), settings.get_profile("thorough")
     assert ci.max_examples < thorough.max_examples
     assert ci.deadline is None and thorough.deadline is None  # each example solves problems
+
+
+def test_problem_is_a_deprecated_alias_of_bilevel_problem() -> None:
+    import bilevel.testing
+
+    with pytest.warns(DeprecationWarning, match="use bilevel.testing.BilevelProblem"):
+        assert bilevel.testing.Problem is BilevelProblem
+    with pytest.raises(AttributeError, match="NoSuchName"):
+        bilevel.testing.NoSuchName  # noqa: B018
