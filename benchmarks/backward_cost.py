@@ -86,7 +86,7 @@ def make_solver(lr: float, steps: int) -> tuple[Any, str]:
 # --------------------------------------------------------------------------------------
 # the problem
 # --------------------------------------------------------------------------------------
-class Problem:
+class MLPRegression:
     """MLP regression on a synthetic data set, parameters as a dict (functional_call)."""
 
     def __init__(self, n: int, d_in: int, hidden: int, lam: float, device: torch.device, dtype: torch.dtype) -> None:
@@ -171,7 +171,7 @@ def _no_setup() -> None:
     return None
 
 
-def time_backward(prob: Problem, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def time_backward(prob: MLPRegression, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     solver, _ = make_solver(args.lr, args.inner_steps)
     theta = prob.theta()
     layer0 = prob.layer(solver)
@@ -359,7 +359,7 @@ class SavedTensorMeter:
         }
 
 
-def saved_implicit(prob: Problem, steps: int, lr: float) -> dict[str, int]:
+def saved_implicit(prob: MLPRegression, steps: int, lr: float) -> dict[str, int]:
     solver, _ = make_solver(lr, steps)
     theta = prob.theta()
     with SavedTensorMeter() as meter:
@@ -370,7 +370,7 @@ def saved_implicit(prob: Problem, steps: int, lr: float) -> dict[str, int]:
     return out
 
 
-def saved_unrolled(prob: Problem, steps: int, lr: float) -> dict[str, int]:
+def saved_unrolled(prob: MLPRegression, steps: int, lr: float) -> dict[str, int]:
     theta = prob.theta()
     with SavedTensorMeter() as meter:
         phi = dict(theta)
@@ -383,7 +383,7 @@ def saved_unrolled(prob: Problem, steps: int, lr: float) -> dict[str, int]:
     return out
 
 
-def measure_memory(prob: Problem, args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure_memory(prob: MLPRegression, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for steps in args.steps:
         imp = saved_implicit(prob, steps, args.lr)
@@ -584,7 +584,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
-    prob = Problem(args.n, args.d_in, args.hidden, args.lam, device, dtype)
+    prob = MLPRegression(args.n, args.d_in, args.hidden, args.lam, device, dtype)
     _, solver_name = make_solver(args.lr, 1)
     config = {
         "n": args.n,

@@ -15,8 +15,9 @@ filters, batch norm on batch statistics, ReLU, 2×2 max-pooling; linear head), 5
 * ``maml``   — K steps of gradient descent (lr 0.1) on the support loss, unrolled with
   ``torch.autograd.grad(..., create_graph=True)``; meta-gradient by reverse mode through them.
 * ``fomaml`` — the same K steps without a graph; meta-gradient = the query gradient there.
-* ``imaml``  — ``bilevel.Proximal`` (λ = 2, ``GradientDescent(lr=0.1, steps=K)`` on the
-  proximal objective, ``CG(maxiter=5)``); meta-gradient by ``torch.autograd.grad``.
+* ``imaml``  — ``bilevel.Proximal`` built by ``metastep.make_layer`` (λ = 2,
+  ``GradientDescent(lr=0.1, steps=K)`` on the proximal objective, ``CG(steps=5)``: a fixed
+  budget of 5 iterations); meta-gradient by ``torch.autograd.grad``.
 
 With ``--meta-batch B > 1`` every method takes the tasks one at a time (one backward per
 task, gradients summed), so that the memory columns compare the methods, not batching
@@ -28,9 +29,10 @@ timing; medians over ``--rounds`` and max/min (flagged ``!`` above 1.5).  *Memor
 subprocess per (method, K) (glibc ``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors return
 to the OS): ``steady`` = peak RSS during ``--mem-steps`` meta-steps after a warm-up step,
 over the resident size just before them (peak reset with ``/proc/self/clear_refs``);
-``1st step`` = the same for the warm-up step itself (includes one-off costs: in torch 2.13
-the first ``torch.func`` transform of a process imports ~800 modules, about 80 MiB, which
-iMAML pays through ``bilevel`` and the MAMLs, written with ``torch.autograd``, do not).  The
+``1st step`` = the same for the warm-up step itself (includes one-off costs: the first
+``torch.func`` transform of a process imports a large part of torch, which iMAML pays
+through ``bilevel`` and the MAMLs, written with ``torch.autograd``, do not; its size:
+``benchmarks/README.md``).  The
 summary gives iMAML's steady memory max/min over K (the target: flat within 5 %) and
 MAML's growth.  Writes ``fig2b.csv`` and ``fig2b.png`` (time and memory against K) to
 ``--out`` (default ``benchmarks/results``).
@@ -55,59 +57,34 @@ if __package__ in (None, ""):  # run as a file (or loaded by path): make the rep
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call
 
-
-from benchmarks.metastep import add_run_options, make_layer, paper_net, parse_run_args, run_memory_child, step_memory
+from benchmarks.metastep import (
+    SETTINGS, FewShotProblem, add_run_options, make_layer, parse_run_args, run_memory_child, step_memory,
+)
 
 METHODS = ("maml", "fomaml", "imaml")
 KS = (1, 5, 10, 25, 50, 100)
 LAM, INNER_LR, CG_STEPS = 2.0, 0.1, 5
-WAYS, SHOTS, QUERIES = 5, 1, 15
+WAYS, SHOTS, QUERIES = SETTINGS["5w1s"]
 NOISY = 1.5
 FLAT = 1.05  # iMAML's memory max/min target
 
 QUICK = {"filters": 8, "ks": [1, 4], "rounds": 2, "warmup": 1, "mem_steps": 1, "mem_methods": ["imaml"], "jobs": 2}
 
-Params = dict[str, Tensor]
 Step = Callable[[], list[Tensor]]
 
 
 # --------------------------------------------------------------------------------------
-# problem (the learner, the net and the memory probe are metastep.py's, so both measure the same thing)
+# problem (the problem, the learner, the net and the memory probe are metastep.py's, so both
+# measure the same thing)
 # --------------------------------------------------------------------------------------
-class Problem:
-    def __init__(self, filters: int, meta_batch: int, seed: int = 0) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.net = paper_net(WAYS, filters)
-        self.net.requires_grad_(False)
-        self.names = [k for k, _ in self.net.named_parameters()]
-        self.theta: Params = {k: v.detach().clone().requires_grad_(True) for k, v in self.net.named_parameters()}
-        self.B = meta_batch
-        g = torch.Generator().manual_seed(seed + 1)
-
-        def episode(per_class: int) -> tuple[Tensor, Tensor]:
-            x = torch.rand(meta_batch, WAYS * per_class, 1, 28, 28, generator=g)
-            return x, torch.arange(WAYS).repeat_interleave(per_class).expand(meta_batch, -1).clone()
-
-        self.xs, self.ys = episode(SHOTS)
-        self.xq, self.yq = episode(QUERIES)
-        self.n_params = sum(v.numel() for v in self.theta.values())
-
-    def loss(self, phi: Params, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(self.net, phi, (x,)), y)
-
-    def params(self, flat: Sequence[Tensor]) -> Params:
-        return dict(zip(self.names, flat))
-
-    def zeros(self) -> list[Tensor]:
-        return [torch.zeros_like(self.theta[k]) for k in self.names]
+def paper_problem(filters: int, meta_batch: int, seed: int = 0) -> FewShotProblem:
+    """The paper's Omniglot net, 5-way 1-shot with 15 query images per class, float32."""
+    return FewShotProblem("paper", "5w1s", meta_batch, filters, lam=LAM, lr=INNER_LR, cg_steps=CG_STEPS, seed=seed)
 
 
-def build(p: Problem, method: str, k: int) -> Step:
+def build(p: FewShotProblem, method: str, k: int) -> Step:
     th = [p.theta[n] for n in p.names]
 
     if method == "imaml":
@@ -164,7 +141,7 @@ def build(p: Problem, method: str, k: int) -> Step:
 def memory_child(cfg: dict) -> dict:
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    p = Problem(cfg["filters"], cfg["meta_batch"])
+    p = paper_problem(cfg["filters"], cfg["meta_batch"])
     return step_memory(build(p, cfg["method"], cfg["k"]), cfg["mem_steps"], cfg["threads"])
 
 
@@ -239,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _run(a: argparse.Namespace) -> list[dict]:
-    p = Problem(a.filters, a.meta_batch)
+    p = paper_problem(a.filters, a.meta_batch)
     print(f"paper net ({a.filters} filters, {p.n_params:,} parameters), {WAYS}-way {SHOTS}-shot, {QUERIES} query/class, "
           f"meta-batch {a.meta_batch}, λ={LAM}, lr={INNER_LR}, CG {CG_STEPS}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {platform.machine()}", flush=True)

@@ -13,14 +13,15 @@ problem is the paper's (Rajeswaran et al. 2019, Omniglot)::
     φ*_b(θ) = argmin_φ  CE(net_φ(x_support,b), y_support,b) + λ/2 ‖φ − θ‖²,   λ = 2,
 
 K = 16 gradient-descent steps of 0.1 on that proximal objective started at θ, then 5 CG
-iterations on ``(H + λI) w = v`` (H the support-loss Hessian at φ*, v the query gradient),
+iterations on ``(H + λI) w = v`` (a fixed budget: CG stops earlier only on non-positive curvature) (H the support-loss Hessian at φ*, v the query gradient),
 meta-gradient ``λ w`` (= the paper's ``(I + H/λ)^{-1} v``).  Data are random
 Omniglot-shaped episodes (1×28×28 images in [0, 1), balanced labels, fixed seed), so no
 data set is needed.
 
 Methods (``--methods``, all by default):
 
-* ``bilevel``       — :class:`bilevel.Proximal` (``GradientDescent``, ``CG(maxiter=5)``),
+* ``bilevel``       — :class:`bilevel.Proximal` built by :func:`make_layer` (``GradientDescent(lr,
+  steps=16)``, ``CG(steps=5)``: exactly 5 iterations unless the curvature turns non-positive),
   called once for the whole meta-batch with ``batched=True`` (``"auto"``: the faster of vmap
   and the per-task loop, measured by the layer on its first call; the info line says which).
 * ``bilevel-vmap``  — the same layer with ``batched="vmap"`` (one vmapped computation).
@@ -46,7 +47,8 @@ Methods (``--methods``, all by default):
   query gradient at the adapted parameters (per task).
 * ``maml``          — MAML: the 16 steps unrolled with ``create_graph=True`` (per task).
 * ``bilevel-compiled`` — ``bilevel`` with ``GradientDescent(compile=True)`` (only when
-  named in ``--methods``: it first compiles for 10-60 s, in the warm-up rounds).
+  named in ``--methods``: it first compiles, in the warm-up rounds, which takes a while;
+  ``benchmarks/README.md``).
 
 Nets (``--nets``):
 
@@ -70,9 +72,9 @@ above 1.5) and the ratios to ``hand-written`` and to ``fomaml``.  *Memory*: a fr
 subprocess per (net, setting, method) builds the problem and the method, then runs one
 warm-up meta-step and ``--mem-steps`` more.  Two numbers (Linux ``/proc/self/status``):
 ``1st step`` = peak RSS during the first meta-step over the resident size just before it
-(includes one-off costs: in torch 2.13 the first ``torch.func`` transform of a process
-imports ~800 modules, about 80 MiB, which ``bilevel`` and TorchOpt pay and the
-plain-autograd methods do not); ``steady`` = peak RSS
+(includes one-off costs: the first ``torch.func`` transform of a process imports a large
+part of torch, which ``bilevel`` and TorchOpt pay and the plain-autograd methods do not;
+its size: ``benchmarks/README.md``); ``steady`` = peak RSS
 during the later steps over the resident size just before them (the peak is reset with
 ``/proc/self/clear_refs``).  The children run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536``,
 so freed tensors go back to the OS and "resident before the step" is the live state, not
@@ -86,7 +88,7 @@ stop there and TorchOpt's CG does not, so TorchOpt then differs.  The inner GD o
 batch-norm ReLU nets can also amplify float32 rounding: the vmapped and per-task kernels
 round differently, and one task's trajectory may part from the other's at an iterate where
 the float32 gradient is ill-conditioned; ``--dtype float64`` tells that apart from a real
-mismatch (seen on ``app`` 5w1s, 64 filters: 2e-1 in float32, 2e-15 in float64).
+mismatch (an example: ``benchmarks/README.md``).
 
 Writes ``metastep.csv`` and ``metastep.png`` to ``--out`` (default ``benchmarks/results``).
 """
@@ -121,6 +123,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import bilevel
+from bilevel.tree import tree_relative_error
 
 LAM = 2.0  # the paper's λ for Omniglot
 INNER_LR = 0.1
@@ -130,7 +133,7 @@ CG_STEPS = 5
 SETTINGS = {"5w1s": (5, 1, 15), "20w5s": (20, 5, 5)}  # ways, shots, query images per class
 NETS = ("paper", "app")
 METHODS = ("bilevel", "bilevel-vmap", "bilevel-loop", "bilevel-outer-per-task", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc", "fomaml", "maml")
-#: Run only when named in --methods: the compiled inner loop compiles for 10-60 s first.
+#: Run only when named in --methods: the compiled inner loop compiles first (benchmarks/README.md).
 EXTRA_METHODS = ("bilevel-compiled",)
 IMPLICIT = ("bilevel", "bilevel-vmap", "bilevel-loop", "bilevel-outer-per-task", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc",
             "bilevel-compiled")  # same meta-gradient (doc: ≈)
@@ -145,12 +148,14 @@ Params = dict[str, Tensor]
 
 
 # --------------------------------------------------------------------------------------
-# the one place where the learner is built
+# the one place where the learner is built (fig2b.py and small_problem.py import it)
 # --------------------------------------------------------------------------------------
 def make_layer(
     inner_loss: Callable[..., Tensor], lam: float, steps: int, lr: float, cg_steps: int, compile: bool = False
 ) -> bilevel.Proximal:
-    # The paper's protocol: K GD steps and a fixed budget of CG steps (COMPLETED, no warning).
+    """``bilevel.Proximal`` with the paper's protocol: ``steps`` GD steps of ``lr`` (compiled
+    with ``compile``) and a fixed budget of ``cg_steps`` CG iterations, as the hand-written
+    loops (both fixed budgets end ``COMPLETED``, no warning)."""
     solver = bilevel.solvers.GradientDescent(lr=lr, steps=steps, **({"compile": True} if compile else {}))
     return bilevel.Proximal(inner_loss, lam, solver=solver,
                             linsolve=bilevel.linsolve.CG(steps=cg_steps),
@@ -184,8 +189,9 @@ def build_net(name: str, ways: int, filters: int) -> nn.Module:
     raise ValueError(f"unknown net {name!r}")
 
 
-class Problem:
-    """A net used functionally, θ (a dict of leaf tensors), and one random meta-batch."""
+class FewShotProblem:
+    """A net used functionally, θ (a dict of leaf tensors), and one random meta-batch of
+    Omniglot-shaped episodes."""
 
     def __init__(self, net: str, setting: str, meta_batch: int, filters: int, *, lam: float = LAM, lr: float = INNER_LR,
                  steps: int = INNER_STEPS, cg_steps: int = CG_STEPS, dtype: str = "float32", seed: int = 0) -> None:
@@ -234,7 +240,7 @@ def _no_info() -> str:
     return ""
 
 
-def _bilevel(p: Problem, batched: Any, compile: bool = False) -> tuple[Step, Callable[[], str]]:
+def _bilevel(p: FewShotProblem, batched: Any, compile: bool = False) -> tuple[Step, Callable[[], str]]:
     layer = make_layer(p.loss, p.lam, p.steps, p.lr, p.cg_steps, compile=compile)
     th = [p.theta[k] for k in p.names]
 
@@ -257,7 +263,7 @@ def _bilevel(p: Problem, batched: Any, compile: bool = False) -> tuple[Step, Cal
     return step, info
 
 
-def _bilevel_outer_per_task(p: Problem) -> tuple[Step, Callable[[], str]]:
+def _bilevel_outer_per_task(p: FewShotProblem) -> tuple[Step, Callable[[], str]]:
     """One batched layer call; the query losses one task at a time (their graphs freed in
     turn), then one implicit backward with the stacked query gradients as cotangents."""
     layer = make_layer(p.loss, p.lam, p.steps, p.lr, p.cg_steps)
@@ -276,7 +282,7 @@ def _bilevel_outer_per_task(p: Problem) -> tuple[Step, Callable[[], str]]:
     return step, _no_info
 
 
-def _bilevel_per_task(p: Problem) -> tuple[Step, Callable[[], str]]:
+def _bilevel_per_task(p: FewShotProblem) -> tuple[Step, Callable[[], str]]:
     """One unbatched layer call and one backward per task, gradients accumulated: the way to
     use ``bilevel`` when memory binds (the outer graph of one task at a time, like the
     hand-written loop), at the price of B small computations instead of one batched one."""
@@ -294,7 +300,7 @@ def _bilevel_per_task(p: Problem) -> tuple[Step, Callable[[], str]]:
     return step, _no_info
 
 
-def _sgd_steps(p: Problem, phi: list[Tensor], x: Tensor, y: Tensor, prox: list[Tensor] | None) -> None:
+def _sgd_steps(p: FewShotProblem, phi: list[Tensor], x: Tensor, y: Tensor, prox: list[Tensor] | None) -> None:
     """K in-place GD steps on phi (leaves requiring grad), on the support loss (+ prox term)."""
     for _ in range(p.steps):
         obj = p.loss(p.params(phi), x, y)
@@ -330,7 +336,7 @@ def _cg(matvec: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], iters: 
     return x, False
 
 
-def _hand_written_task(p: Problem, th0: list[Tensor], b: int) -> tuple[list[Tensor], bool]:
+def _hand_written_task(p: FewShotProblem, th0: list[Tensor], b: int) -> tuple[list[Tensor], bool]:
     """One task: K GD steps, query gradient v, CG on (H + λI) w = v; returns (w, CG stopped early)."""
     phi = [t.clone().requires_grad_(True) for t in th0]
     _sgd_steps(p, phi, p.xs[b], p.ys[b], prox=th0)
@@ -344,7 +350,7 @@ def _hand_written_task(p: Problem, th0: list[Tensor], b: int) -> tuple[list[Tens
     return _cg(matvec, list(v), p.cg_steps)  # the graph of g dies with this frame
 
 
-def _hand_written(p: Problem) -> tuple[Step, Callable[[], str]]:
+def _hand_written(p: FewShotProblem) -> tuple[Step, Callable[[], str]]:
     th = [p.theta[k] for k in p.names]
     stopped = [False] * p.B
 
@@ -364,7 +370,7 @@ def _hand_written(p: Problem) -> tuple[Step, Callable[[], str]]:
     return step, info
 
 
-def _fomaml(p: Problem) -> tuple[Step, Callable[[], str]]:
+def _fomaml(p: FewShotProblem) -> tuple[Step, Callable[[], str]]:
     def step() -> list[Tensor]:
         total = p.zeros()
         for b in range(p.B):
@@ -377,7 +383,7 @@ def _fomaml(p: Problem) -> tuple[Step, Callable[[], str]]:
     return step, _no_info
 
 
-def _maml(p: Problem) -> tuple[Step, Callable[[], str]]:
+def _maml(p: FewShotProblem) -> tuple[Step, Callable[[], str]]:
     th = [p.theta[k] for k in p.names]
 
     def step() -> list[Tensor]:
@@ -415,7 +421,7 @@ def _quiet_torchopt(step: Step) -> Step:
     return quiet
 
 
-def _torchopt_cg(p: Problem) -> tuple[Step, Callable[[], str]]:
+def _torchopt_cg(p: FewShotProblem) -> tuple[Step, Callable[[], str]]:
     import torchopt
     from torchopt.diff.implicit import custom_root
 
@@ -446,7 +452,7 @@ def _torchopt_cg(p: Problem) -> tuple[Step, Callable[[], str]]:
     return _quiet_torchopt(step), _no_info
 
 
-def _torchopt_doc(p: Problem) -> tuple[Step, Callable[[], str]]:
+def _torchopt_doc(p: FewShotProblem) -> tuple[Step, Callable[[], str]]:
     """TorchOpt's documented iMAML pattern (examples/iMAML/imaml_omniglot.py), our net and λ."""
     import torchopt
     from torchopt.diff.implicit import ImplicitMetaGradientModule
@@ -506,7 +512,7 @@ def _torchopt_doc(p: Problem) -> tuple[Step, Callable[[], str]]:
     return _quiet_torchopt(step), _no_info
 
 
-BUILDERS: dict[str, Callable[[Problem], tuple[Step, Callable[[], str]]]] = {
+BUILDERS: dict[str, Callable[[FewShotProblem], tuple[Step, Callable[[], str]]]] = {
     "bilevel": lambda p: _bilevel(p, True),
     "bilevel-vmap": lambda p: _bilevel(p, "vmap"),
     "bilevel-loop": lambda p: _bilevel(p, "loop"),
@@ -522,9 +528,8 @@ BUILDERS: dict[str, Callable[[Problem], tuple[Step, Callable[[], str]]]] = {
 
 
 def rel_err(g: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
-    num = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(g, ref))
-    den = sum(float(b.double().square().sum()) for b in ref)
-    return (num / max(den, 1e-300)) ** 0.5
+    """``‖g − ref‖ / ‖ref‖`` over all the tensors, in float64."""
+    return float(tree_relative_error([t.double() for t in g], [t.double() for t in ref]))
 
 
 # --------------------------------------------------------------------------------------
@@ -595,7 +600,7 @@ def memory_child(cfg: dict) -> dict:
     """Child process body: build (net, setting, method), measure the first and later meta-steps."""
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    p = Problem(cfg["net"], cfg["setting"], cfg["meta_batch"], cfg["filters"], **cfg["hyper"])
+    p = FewShotProblem(cfg["net"], cfg["setting"], cfg["meta_batch"], cfg["filters"], **cfg["hyper"])
     step, _ = BUILDERS[cfg["method"]](p)
     return step_memory(step, cfg["mem_steps"], cfg["threads"])
 
@@ -614,7 +619,7 @@ def measure_memory(net: str, setting: str, method: str, a: argparse.Namespace) -
 # --------------------------------------------------------------------------------------
 # timing (one process, methods interleaved step by step)
 # --------------------------------------------------------------------------------------
-def time_methods(p: Problem, methods: Sequence[str], rounds: int, warmup: int) -> tuple[dict, dict, dict]:
+def time_methods(p: FewShotProblem, methods: Sequence[str], rounds: int, warmup: int) -> tuple[dict, dict, dict]:
     """Returns (times per method, meta-gradients of the first round, info strings)."""
     built = {m: BUILDERS[m](p) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -754,7 +759,7 @@ def _run(a: argparse.Namespace, methods: list[str], mem_methods: list[str]) -> t
     groups: dict[tuple[str, str], dict] = {}
     for net in a.nets:  # 1. timing and agreement, all in this process
         for setting in a.settings:
-            p = Problem(net, setting, a.meta_batch, a.filters, **hyper(a))
+            p = FewShotProblem(net, setting, a.meta_batch, a.filters, **hyper(a))
             ways, shots, queries = SETTINGS[setting]
             title = (f"net {net} ({p.n_params:,} parameters), {setting}: {ways}-way {shots}-shot, {queries} query/class, "
                      f"meta-batch {a.meta_batch}, λ={a.lam}, K={a.inner_steps}, lr={a.inner_lr}, CG {a.cg_steps}, {a.dtype}; {env}")

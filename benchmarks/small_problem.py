@@ -16,8 +16,8 @@ iterations from 0 on ``(AᵀA/n + λI) w = v``, ``v = ∂ℓ/∂φ`` at φ*, and
 meta-gradient ``λ w``:
 
 * ``bilevel``      — ``Proximal(inner_loss, λ, solver=GradientDescent(lr, steps=100),
-  linsolve=CG(steps=10))`` (a fixed budget of 10 iterations, as the hand loop; where
-  ``CG`` has no ``steps`` option, ``CG(maxiter=10)``) called unbatched, then
+  linsolve=CG(steps=10))`` (a fixed budget of 10 iterations, as the hand loop; the layer
+  of ``benchmarks/metastep.py``'s ``make_layer``) called unbatched, then
   ``torch.autograd.grad`` of ℓ.  Its gradients and Hessian-vector products are the
   library's (``torch.func``).
 * ``bilevel-forward`` — for the split: the same layer's forward alone (the 100 GD steps,
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import gc
 import os
 import platform
@@ -58,7 +57,8 @@ if __package__ in (None, ""):  # run as a file (or loaded by path): make the rep
 import torch
 from torch import Tensor
 
-import bilevel
+from benchmarks.metastep import make_layer
+from bilevel.tree import tree_relative_error
 
 #: "bilevel-forward": the inner solve alone; "bilevel-compiled": GradientDescent(compile=True).
 METHODS = ("bilevel", "bilevel-compiled", "plain-autograd", "hand-written", "bilevel-forward")
@@ -66,27 +66,9 @@ NOISY = 1.5
 QUICK = {"rounds": 20, "warmup": 3}
 
 
-# --------------------------------------------------------------------------------------
-# the one place where the learner is built
-# --------------------------------------------------------------------------------------
-def make_layer(
-    inner_loss: Callable[..., Tensor], lam: float, steps: int, lr: float, cg_steps: int, compile: bool = False
-) -> bilevel.Proximal:
-    solver = bilevel.solvers.GradientDescent(lr=lr, steps=steps, **({"compile": True} if compile else {}))
-    return bilevel.Proximal(inner_loss, lam, solver=solver, linsolve=_fixed_cg(cg_steps))
+class RidgeProblem:
+    """The ridge inner problem (support ``A, b``), the query ``A_q, b_q`` and the start θ₀."""
 
-
-def _fixed_cg(n: int) -> Any:
-    """CG that takes exactly ``n`` iterations, as the hand loop does: ``CG(steps=n)`` (a fixed
-    budget, no stopping test) where the library has it, else ``CG(maxiter=n)`` with its
-    default tolerance (it may then stop a little earlier: the iterations are printed)."""
-    cg = bilevel.linsolve.CG
-    if "steps" in {f.name for f in dataclasses.fields(cg)}:
-        return cg(steps=n)
-    return cg(maxiter=n)
-
-
-class Problem:
     def __init__(self, d: int, n: int, lam: float, dtype: torch.dtype, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(d, generator=g, dtype=dtype)
@@ -103,7 +85,7 @@ def inner_loss(phi: Tensor, A: Tensor, b: Tensor) -> Tensor:
     return 0.5 * (r * r).sum() / A.shape[0]
 
 
-def build(p: Problem, method: str, steps: int, lr: float, cg_steps: int) -> tuple[Callable[[], Tensor], Callable[[], str]]:
+def build(p: RidgeProblem, method: str, steps: int, lr: float, cg_steps: int) -> tuple[Callable[[], Tensor], Callable[[], str]]:
     if method in ("bilevel", "bilevel-compiled"):
         layer = make_layer(inner_loss, p.lam, steps, lr, cg_steps, compile=method == "bilevel-compiled")
         theta = p.theta0.clone().requires_grad_(True)
@@ -243,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _run(a: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, a.dtype)
-    p = Problem(a.d, a.n, a.lam, dtype)
+    p = RidgeProblem(a.d, a.n, a.lam, dtype)
     print(f"ridge inner problem d={a.d}, n={a.n}, λ={a.lam}, K={a.steps} GD steps of {a.lr}, {a.cg_steps} CG iterations, "
           f"{a.dtype}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}", flush=True)
     built = {m: build(p, m, a.steps, a.lr, a.cg_steps) for m in METHODS}
@@ -263,9 +245,8 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
             if r >= a.warmup:
                 times[m].append(dt)
     ref = grads["hand-written"].double()
-    err = float((grads["bilevel"].double() - ref).norm() / ref.norm())
-    err_plain = float((grads["plain-autograd"].double() - ref).norm() / ref.norm())
-    err_compiled = float((grads["bilevel-compiled"].double() - ref).norm() / ref.norm())
+    err, err_plain, err_compiled = (float(tree_relative_error(grads[m].double(), ref))
+                                    for m in ("bilevel", "plain-autograd", "bilevel-compiled"))
     info = built["bilevel"][1]()
     if info:
         print(info)

@@ -11,6 +11,9 @@ Rajeswaran, Finn, Kakade & Levine, *Meta-Learning with Implicit Gradients*, Neur
   unrolled inner procedure, against Krylov steps, solver, λ and damping, with the extreme
   eigenvalues of the support Hessian that decide whether the implicit gradient is well posed.
 
+Both compute their meta-gradients with :mod:`applications.meta_gradients`, the code the
+few-shot application (:mod:`applications.imaml`) trains with.
+
 Each experiment is a module with ``main(argv=None) -> int``, run as
 ``python -m applications.experiments.<name>``; results go to
 ``applications/experiments/results/`` (see ``README.md`` in this folder).

@@ -39,6 +39,10 @@ Set-up (a synthetic few-shot regression family, float64 throughout):
     black-box inner solver and ``CG(maxiter=n)`` in the backward, for n = 2, 5, 20
     (``--cg-steps``) conjugate-gradient steps on ``(H + λI) u = ∇ℓ_q(φ_K)``.
 
+  The three are the shared computations of :mod:`applications.meta_gradients` (the
+  few-shot application trains with the same code); the functions here only give them
+  this problem's losses and a θ per task, so that each task's meta-gradient is its own.
+
 * Error: ``‖g − g*‖ / ‖g*‖`` per task, mean and standard deviation over ``--tasks``
   (default 10) random tasks drawn from ``--seed``.
 
@@ -70,14 +74,16 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 import bilevel
+from applications import meta_gradients
 from bilevel.linsolve import CG
 from bilevel.solvers import GradientDescent
+from bilevel.tree import tree_relative_error
 
 DTYPE = torch.float64
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -160,13 +166,14 @@ def support_loss(phi: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return 0.5 * ((x @ phi - y) ** 2).sum() / x.shape[0]
 
 
-def _batch_loss(phi: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """Sum over tasks of ``½ ‖X_b φ_b − y_b‖² / n`` (``phi: (B, d)``): separable by task."""
-    return 0.5 * ((torch.einsum("bnd,bd->bn", x, phi) - y) ** 2).sum() / x.shape[1]
+def _query_objective(tasks: Tasks) -> Callable[[Tensor], Tensor]:
+    """``φ ↦ Σ_b ℓ_q,b(φ_b)`` (``φ: (B, d)``): separable by task, so its gradient with respect
+    to row b of a per-task θ is task b's own meta-gradient."""
+    return lambda phi: torch.vmap(support_loss)(phi, tasks.x_query, tasks.y_query).sum()
 
 
 def _query_grad(phi: Tensor, tasks: Tasks) -> Tensor:
-    """``∇ℓ_q(φ_b)`` for every task, ``(B, d)``."""
+    """``∇ℓ_q(φ_b)`` for every task, ``(B, d)`` (closed form, for the exact meta-gradient)."""
     xq = tasks.x_query
     r = torch.einsum("bnd,bd->bn", xq, phi) - tasks.y_query
     return torch.einsum("bnd,bn->bd", xq, r) / xq.shape[1]
@@ -214,21 +221,12 @@ def exact_meta_gradient(tasks: Tasks, lam: float) -> Tensor:
     return lam * torch.linalg.solve(a, _query_grad(exact_solution(tasks, lam), tasks))
 
 
-def _inner_objective(phi: Tensor, theta: Tensor, lam: float, tasks: Tasks) -> Tensor:
-    return _batch_loss(phi, tasks.x_support, tasks.y_support) + 0.5 * lam * ((phi - theta) ** 2).sum()
-
-
-def _per_task_theta(tasks: Tasks) -> Tensor:
-    # One copy of θ per task: the computation is separable by task, so the gradient of the
-    # summed query loss with respect to row b is task b's own meta-gradient.
-    return tasks.theta.detach().expand(len(tasks), -1).clone().requires_grad_(True)
-
-
 def maml_meta_gradient(tasks: Tasks, lam: float, lr: float, steps: int) -> Tensor:
     """MAML: reverse-mode differentiation through ``steps`` unrolled GD steps on ``G``.
 
-    The graph of every step is kept (``create_graph=True``), so memory grows with
-    ``steps`` and the backward costs one Hessian-vector product per step.
+    The graph of every step is kept, so memory grows with ``steps`` and the backward costs
+    one Hessian-vector product per step (:func:`applications.meta_gradients.maml_meta_gradient`
+    with one copy of θ per task).
 
     Args:
         tasks: the tasks and θ.
@@ -239,25 +237,24 @@ def maml_meta_gradient(tasks: Tasks, lam: float, lr: float, steps: int) -> Tenso
     Returns:
         ``d ℓ_q(φ_K,b(θ)) / dθ`` for every task, ``(B, d)``.
     """
-    theta = _per_task_theta(tasks)
-    phi = theta
-    for _ in range(steps):
-        (g,) = torch.autograd.grad(_inner_objective(phi, theta, lam, tasks), phi, create_graph=True)
-        phi = phi - lr * g
-    loss = _batch_loss(phi, tasks.x_query, tasks.y_query)
-    (grad,) = torch.autograd.grad(loss, theta)
-    return grad
+    return meta_gradients.maml_meta_gradient(
+        support_loss, _query_objective(tasks), _per_task_theta(tasks), (tasks.x_support, tasks.y_support),
+        lr=lr, steps=steps, lam=lam, theta_batched=True,
+    ).grads
 
 
 def fomaml_meta_gradient(tasks: Tasks, lam: float, lr: float, steps: int) -> Tensor:
     """First-order MAML: ``∇ℓ_q(φ_K)``, the Jacobian ``dφ_K/dθ`` replaced by the identity."""
-    theta = tasks.theta.detach()
-    phi = theta.expand(len(tasks), -1).clone()
-    for _ in range(steps):
-        phi = phi.requires_grad_(True)
-        (g,) = torch.autograd.grad(_inner_objective(phi, theta, lam, tasks), phi)
-        phi = (phi - lr * g).detach()
-    return _query_grad(phi, tasks)
+    return meta_gradients.fomaml_meta_gradient(
+        support_loss, _query_objective(tasks), _per_task_theta(tasks), (tasks.x_support, tasks.y_support),
+        lr=lr, steps=steps, lam=lam, theta_batched=True,
+    ).grads
+
+
+def _per_task_theta(tasks: Tasks) -> Tensor:
+    # One copy of θ per task: the computation is separable by task, so the gradient of the
+    # summed query loss with respect to row b is task b's own meta-gradient.
+    return meta_gradients.requiring_grad(tasks.theta.expand(len(tasks), -1))
 
 
 def imaml_meta_gradient(
@@ -271,15 +268,14 @@ def imaml_meta_gradient(
 ) -> Tensor:
     """iMAML: :class:`bilevel.Proximal` with K GD steps forward and n CG steps backward.
 
-    The forward runs ``GradientDescent(lr, steps)`` from θ under no grad, for all tasks
-    at once (``batched=True``); the backward solves ``(H_b + λI) u = ∇ℓ_q(φ_K,b)`` with
-    ``CG(maxiter=cg_steps)`` and returns ``λu`` (paper, Algorithm 2 and Eq. 7).  Both
-    are fixed budgets, so failures to converge are ignored by default: measuring what
-    they cost is the point of the figure.
+    The forward runs ``GradientDescent(lr, steps=K)`` from θ under no grad; the backward
+    solves ``(H_b + λI) u = ∇ℓ_q(φ_K,b)`` with ``CG(maxiter=cg_steps)`` and returns ``λu``
+    (paper, Algorithm 2 and Eq. 7).  Both are fixed budgets, so failures to converge are
+    ignored by default: measuring what they cost is the point of the figure.
 
-    The layer returns the meta-gradient summed over the meta-batch; the figure needs it
-    per task, so the backward is run once per task (batched CG with a zero right-hand
-    side for the other tasks, which stop at once: each task follows its own CG iterates).
+    The layer shares θ between the tasks of a batched call and returns the sum of their
+    meta-gradients; the figure needs them per task, so each task is one call of
+    :func:`applications.meta_gradients.imaml_meta_gradient`.
 
     Args:
         tasks: the tasks and θ.
@@ -287,7 +283,7 @@ def imaml_meta_gradient(
         lr: inner step size.
         steps: number of inner GD steps K.
         cg_steps: CG iteration cap n.
-        cg_tol: CG relative tolerance (``None``: the float64 default, ~2e-12).
+        cg_tol: CG relative tolerance (``None``: the float64 default).
         on_failure: passed to :class:`bilevel.Proximal` (``"raise"`` to demand convergence).
 
     Returns:
@@ -303,13 +299,17 @@ def imaml_meta_gradient(
         # in eager PyTorch than forward-over-reverse (see benchmarks/), and the same numbers.
         hvp="reverse",
     )
-    theta = tasks.theta.detach().clone().requires_grad_(True)
-    phi = layer(theta, tasks.x_support, tasks.y_support, batched=True)
-    grads = []
-    for b in range(len(tasks)):
-        loss = support_loss(phi[b], tasks.x_query[b], tasks.y_query[b])
-        grads.append(torch.autograd.grad(loss, theta, retain_graph=b + 1 < len(tasks))[0])
-    return torch.stack(grads)
+
+    def task_meta_gradient(b: int) -> Tensor:
+        def query_loss(phi: Tensor) -> Tensor:
+            return support_loss(phi, tasks.x_query[b], tasks.y_query[b])
+
+        return meta_gradients.imaml_meta_gradient(
+            layer, query_loss, meta_gradients.requiring_grad(tasks.theta), (tasks.x_support[b], tasks.y_support[b]),
+            batched=False,
+        ).grads
+
+    return torch.stack([task_meta_gradient(b) for b in range(len(tasks))])
 
 
 def step_grid(max_steps: int, per_octave: int = 2) -> list[int]:
@@ -346,7 +346,7 @@ def run(
     step = default_lr(tasks, lam) if lr is None else lr
 
     def row(method: str, n: int, k: int, g: Tensor, compute: int) -> Row:
-        err = torch.linalg.vector_norm(g - exact, dim=1) / torch.linalg.vector_norm(exact, dim=1)
+        err = tree_relative_error(g, exact, batched=True)
         std = float(err.std()) if len(err) > 1 else 0.0
         return Row(method, n, k, float(err.mean()), std, compute)
 

@@ -30,10 +30,14 @@ so that what it measures is the mathematics, not float32 rounding):
 * reference "unrolled": the true derivative of the K-step GD procedure (reverse mode
   through the unrolled steps with :mod:`torch.func`), i.e. what MAML would compute on
   the proximal objective;
-* the extreme eigenvalues of ``H`` at φ (Lanczos on Hessian-vector products):
+* the extreme eigenvalues of ``H`` at φ (:func:`bilevel.hessian_extremes`: Lanczos on
+  Hessian-vector products):
   ``λ_min(H) + λ > 0`` is the condition for the exact implicit gradient to be well
   posed and for CG to be valid; ``lr (λ_max(H) + λ) > 2`` means inner GD is unstable;
   ``‖∇inner(φ)‖ / ‖∇inner(θ)‖`` says whether the inner solve converged at all.
+
+The meta-gradients are those of :mod:`applications.meta_gradients`, the code the
+application trains with (the unrolled reference is its MAML on the proximal objective).
 
 Outputs: a CSV with one row per (λ, δ, linsolve, n) averaged over the tasks (cosine and
 relative error to both references, mean and worst case, and the per-λ curvature and
@@ -64,20 +68,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 import bilevel
+from applications import meta_gradients
+from bilevel import Status
 from bilevel.linsolve import CG, MINRES
+from bilevel.tree import tree_cosine, tree_detach, tree_norm, tree_relative_error
 
 __all__ = [
     "ImplicitGradient",
     "TaskRecord",
     "aggregate",
-    "cosine",
-    "flatten",
-    "hessian_extremes",
-    "hvp_operator",
     "implicit_meta_gradient",
     "main",
-    "proximal_gd",
-    "relative_error",
     "unrolled_meta_gradient",
 ]
 
@@ -96,156 +97,8 @@ DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # --------------------------------------------------------------------------------------
-# small pure helpers
-# --------------------------------------------------------------------------------------
-def flatten(tree: Mapping[str, Tensor] | Tensor) -> Tensor:
-    """Concatenate the leaves of a parameter dict (in its key order) into one vector."""
-    if isinstance(tree, Tensor):
-        return tree.reshape(-1)
-    return torch.cat([t.reshape(-1) for t in tree.values()])
-
-
-def _unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
-    out: Params = {}
-    i = 0
-    for k, t in like.items():
-        n = t.numel()
-        out[k] = vec[i : i + n].reshape(t.shape)
-        i += n
-    return out
-
-
-def cosine(a: Mapping[str, Tensor] | Tensor, b: Mapping[str, Tensor] | Tensor) -> float:
-    """Cosine similarity of two parameter trees (as flat vectors); NaN if one is zero."""
-    x, y = flatten(a), flatten(b)
-    den = float(x.norm() * y.norm())
-    return float(x @ y) / den if den > 0 else math.nan
-
-
-def relative_error(a: Mapping[str, Tensor] | Tensor, ref: Mapping[str, Tensor] | Tensor) -> float:
-    """``‖a − ref‖ / ‖ref‖`` of two parameter trees (NaN if ``ref`` is zero)."""
-    x, y = flatten(a), flatten(ref)
-    den = float(y.norm())
-    return float((x - y).norm()) / den if den > 0 else math.nan
-
-
-def _detached(params: Mapping[str, Tensor]) -> Params:
-    return {k: v.detach() for k, v in params.items()}
-
-
-def _sq_dist(phi: Mapping[str, Tensor], theta: Mapping[str, Tensor]) -> Tensor:
-    return sum(((phi[k] - theta[k]) ** 2).sum() for k in phi)  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------------------
-# curvature
-# --------------------------------------------------------------------------------------
-def hvp_operator(loss: Loss, params: Mapping[str, Tensor], *args: Any) -> Callable[[Tensor], Tensor]:
-    """Flat Hessian-vector product ``v ↦ ∇²loss(params) v`` (reverse over reverse).
-
-    The gradient graph is built once and reused by every product (``retain_graph``): in
-    eager PyTorch that is cheaper per product than forward-over-reverse, and a Lanczos
-    run makes many products at the same point.
-    """
-    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    leaves = list(p.values())
-    with torch.enable_grad():
-        g = torch.autograd.grad(loss(p, *args), leaves, create_graph=True)
-
-    def hvp(v: Tensor) -> Tensor:
-        vs = list(_unflatten(v, p).values())
-        with torch.enable_grad():
-            hv = torch.autograd.grad(g, leaves, grad_outputs=vs, retain_graph=True, allow_unused=True, materialize_grads=True)
-        return torch.cat([h.reshape(-1) for h in hv]).detach()
-
-    return hvp
-
-
-def hessian_extremes(
-    matvec: Callable[[Tensor], Tensor],
-    dim: int,
-    *,
-    iters: int = 30,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Smallest and largest eigenvalue of a symmetric operator by Lanczos.
-
-    ``iters`` Lanczos steps from a seeded random vector, with full re-orthogonalisation
-    (twice, "twice is enough"): without it the basis loses orthogonality as soon as a Ritz
-    value converges and ghost copies appear, which would not bias the extremes but would
-    waste iterations.  The extreme Ritz values converge first and from the inside, so
-    with ``iters < dim`` the returned ``λ_min`` is an upper bound of the true one and
-    ``λ_max`` a lower bound (they are exact when ``iters >= dim``).  Cost: ``iters``
-    products and ``iters`` stored vectors.
-
-    Args:
-        matvec: ``v ↦ A v`` on flat vectors of length ``dim``.
-        dim: size of the operator.
-        iters: number of Lanczos steps (capped at ``dim``).
-        dtype, device: of the start vector.
-        seed: seed of the start vector.
-
-    Returns:
-        ``(λ_min, λ_max)`` of the Lanczos tridiagonal matrix.
-    """
-    if dim < 1 or iters < 1:
-        raise ValueError(f"hessian_extremes needs dim >= 1 and iters >= 1, got dim={dim}, iters={iters}")
-    k = min(iters, dim)
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(dim, generator=gen, dtype=dtype).to(device)
-    q = q / q.norm()
-    basis = [q]
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    scale = 0.0
-    for j in range(k):
-        w = matvec(basis[-1])
-        alphas.append(w @ basis[-1])
-        Q = torch.stack(basis)
-        w = w - Q.T @ (Q @ w)
-        w = w - Q.T @ (Q @ w)
-        b = w.norm()
-        scale = max(scale, float(alphas[-1].abs()), float(b))
-        # b ≈ 0: the Krylov space is invariant, its Ritz values are exact eigenvalues.
-        if j == k - 1 or float(b) <= 1e-12 * max(scale, 1e-300):
-            break
-        betas.append(b)
-        basis.append(w / b)
-    T = torch.diag(torch.stack(alphas))
-    if betas:
-        off = torch.stack(betas)
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    ev = torch.linalg.eigvalsh(T)
-    return float(ev[0]), float(ev[-1])
-
-
-# --------------------------------------------------------------------------------------
 # meta-gradients
 # --------------------------------------------------------------------------------------
-def proximal_gd(
-    inner_loss: Loss, theta: Mapping[str, Tensor], lam: float, lr: float, steps: int, *args: Any
-) -> Params:
-    """``steps`` GD steps on ``inner_loss(φ, *args) + ½λ‖φ − θ‖²`` from ``φ = θ``.
-
-    Plain differentiable torch code (no ``no_grad``), so it can be differentiated through
-    (:func:`unrolled_meta_gradient`); the same iterates as
-    :class:`bilevel.solvers.GradientDescent` inside :class:`bilevel.Proximal`.
-    """
-    th = dict(theta)
-
-    def objective(phi: Params) -> Tensor:
-        return inner_loss(phi, *args) + 0.5 * lam * _sq_dist(phi, th)
-
-    g_fn = grad(objective)
-    phi = dict(th)
-    for _ in range(steps):
-        g = g_fn(phi)
-        phi = {k: phi[k] - lr * g[k] for k in phi}
-    return phi
-
-
 def unrolled_meta_gradient(
     inner_loss: Loss,
     outer_loss: Loss,
@@ -259,27 +112,25 @@ def unrolled_meta_gradient(
 ) -> Params:
     """The true derivative ``d outer_loss(φ_K(θ)) / dθ`` of K proximal GD steps.
 
-    Reverse mode through the unrolled loop (``torch.func.grad`` of a function that itself
-    takes ``torch.func.grad`` steps: second order, like MAML).  It is the gradient of the
+    MAML on the proximal objective (:func:`applications.meta_gradients.maml_meta_gradient`:
+    reverse mode through the unrolled loop, second order).  It is the gradient of the
     algorithm that is actually run, whereas the implicit gradient is that of the exact
     minimiser; the two agree when the K steps converge and ``H + λI`` is positive definite
     (Rajeswaran et al. 2019, Sec. 3: the implicit gradient is exact only at φ*).  For a
     quadratic ``L̂`` with Hessian ``H`` the Jacobian is
     ``M^K + λ (H + λI)^{-1} (I − M^K)`` with ``M = I − lr (H + λI)``.
     """
-
-    def meta_objective(th: Params) -> Tensor:
-        return outer_loss(proximal_gd(inner_loss, th, lam, lr, steps, *inner_args), *outer_args)
-
-    with torch.enable_grad():
-        return _detached(grad(meta_objective)(_detached(theta)))
+    return meta_gradients.maml_meta_gradient(
+        inner_loss, lambda phi: outer_loss(phi, *outer_args), meta_gradients.requiring_grad(dict(theta)),
+        tuple(inner_args), lr=lr, steps=steps, lam=lam, batched=False,
+    ).grads
 
 
 class _FixedSolution:
     """An "inner solver" that returns a precomputed φ.
 
     The implicit gradient depends on the inner solution only, never on the path of the
-    solver (DESIGN §1).  Re-running the deterministic K GD steps for every Krylov budget
+    solver (docs/design.md §1).  Re-running the deterministic K GD steps for every Krylov budget
     and linear solver would give the same φ at K times the cost, so the forward is done
     once and this stands in for it in every backward measured at that φ.
     """
@@ -287,7 +138,7 @@ class _FixedSolution:
     supports_batched = False
 
     def __init__(self, phi: Mapping[str, Tensor]) -> None:
-        self.phi = _detached(phi)
+        self.phi = tree_detach(dict(phi))
 
     def __call__(self, objective: Any, x0: Any, *args: Any, batched: bool = False) -> Params:
         if batched:
@@ -305,7 +156,7 @@ class ImplicitGradient:
         residual_norm: ``‖(H + λI + δI)u − v‖`` of the linear solve.
         relative_residual: ``residual_norm / ‖v‖``.
         iterations: Krylov iterations used.
-        status: the linear solver's status name (``SUCCESS``, ``MAX_ITERATIONS``,
+        status: the linear solver's status (``SUCCESS``, ``MAX_ITERATIONS``,
             ``NEGATIVE_CURVATURE``, ...).
     """
 
@@ -314,7 +165,7 @@ class ImplicitGradient:
     residual_norm: float
     relative_residual: float
     iterations: int
-    status: str
+    status: Status
 
 
 def implicit_meta_gradient(
@@ -363,35 +214,27 @@ def implicit_meta_gradient(
         on_failure="ignore",  # a fixed Krylov budget is the protocol; statuses are reported instead
         hvp=hvp,
     )
-    th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-    with torch.enable_grad():
-        phi_out = layer(th, *inner_args)
-        loss = outer_loss(phi_out, *outer_args)
-        gs = torch.autograd.grad(loss, list(th.values()), allow_unused=True, materialize_grads=True)
-    phi_d = _detached(phi_out)
-    v = grad(outer_loss)(phi_d, *outer_args)
+    step = meta_gradients.imaml_meta_gradient(
+        layer, lambda phi: outer_loss(phi, *outer_args), meta_gradients.requiring_grad(dict(theta)),
+        tuple(inner_args), batched=False,
+    )
     bwd = layer.diagnostics.backward
     assert bwd is not None
     rn = float(bwd.residual_norm)
-    vn = float(flatten(v).norm())
+    vn = float(tree_norm(step.rhs))
     return ImplicitGradient(
-        grad=dict(zip(th.keys(), (g.detach() for g in gs))),
-        phi=phi_d,
+        grad=tree_detach(step.grads),
+        phi=step.phi,
         residual_norm=rn,
         relative_residual=rn / vn if vn > 0 else math.nan,
         iterations=int(bwd.iterations),
-        status=bwd.status.name,
+        status=bwd.status,
     )
 
 
 # --------------------------------------------------------------------------------------
 # the measurement on one task
 # --------------------------------------------------------------------------------------
-# Statuses of a Krylov solve that mean it stopped before its budget for a reason other than
-# convergence (CG on an indefinite system stops at its first non-positive curvature).
-EARLY_STOPS = ("NEGATIVE_CURVATURE", "BREAKDOWN", "NONFINITE")
-
-
 @dataclasses.dataclass(frozen=True)
 class Point:
     """One approximate meta-gradient g_n compared with both references."""
@@ -401,7 +244,7 @@ class Point:
     cos_unrolled: float
     err_unrolled: float
     iterations: int
-    status: str
+    status: Status
 
 
 @dataclasses.dataclass
@@ -415,7 +258,7 @@ class TaskRecord:
     inner_grad_ratio: float
     gd_stability: float
     tight_relres: float
-    tight_status: str
+    tight_status: Status
     tight_iterations: int
     cos_unrolled_tight: float
     err_unrolled_tight: float
@@ -462,17 +305,14 @@ def measure_task(
     )
 
     # Curvature at φ: H + λI positive definite iff λ_min(H) > −λ.
-    hvp = hvp_operator(loss, phi, *support)
-    dim = sum(t.numel() for t in phi.values())
-    ref = next(iter(phi.values()))
-    hmin, hmax = hessian_extremes(hvp, dim, iters=s.lanczos_iters, dtype=ref.dtype, device=ref.device, seed=seed)
+    hmin, hmax = (float(e) for e in bilevel.hessian_extremes(loss, phi, *support, iters=s.lanczos_iters, seed=seed))
 
     # Did the inner solve converge?  Gradient of the proximal objective at φ vs at θ (where
     # the proximal term vanishes).
     g_phi = grad(loss)(phi, *support)
-    g_theta = grad(loss)(_detached(theta), *support)
+    g_theta = grad(loss)(tree_detach(theta), *support)
     prox = {k: g_phi[k] + lam * (phi[k] - theta[k].detach()) for k in phi}
-    ratio = float(flatten(prox).norm() / flatten(g_theta).norm())
+    ratio = float(tree_norm(prox) / tree_norm(g_theta))
 
     curves: dict[tuple[float, str, int], Point] = {}
     for delta in s.dampings:
@@ -483,10 +323,10 @@ def measure_task(
                     inner_args=support, outer_args=query, phi=phi, damping=delta,
                 )
                 curves[(delta, name, n)] = Point(
-                    cosine(r.grad, tight.grad),
-                    relative_error(r.grad, tight.grad),
-                    cosine(r.grad, unrolled),
-                    relative_error(r.grad, unrolled),
+                    float(tree_cosine(r.grad, tight.grad)),
+                    float(tree_relative_error(r.grad, tight.grad)),
+                    float(tree_cosine(r.grad, unrolled)),
+                    float(tree_relative_error(r.grad, unrolled)),
                     r.iterations,
                     r.status,
                 )
@@ -500,8 +340,8 @@ def measure_task(
         tight_relres=tight.relative_residual,
         tight_status=tight.status,
         tight_iterations=tight.iterations,
-        cos_unrolled_tight=cosine(unrolled, tight.grad),
-        err_unrolled_tight=relative_error(unrolled, tight.grad),
+        cos_unrolled_tight=float(tree_cosine(unrolled, tight.grad)),
+        err_unrolled_tight=float(tree_relative_error(unrolled, tight.grad)),
         curves=curves,
     )
 
@@ -558,7 +398,9 @@ def aggregate(records: Sequence[TaskRecord], settings: Settings) -> list[dict[st
                             "relerr_unrolled_mean": _mean([v.err_unrolled for v in vals]),
                             "relerr_unrolled_max": max(v.err_unrolled for v in vals),
                             "iterations_mean": _mean([float(v.iterations) for v in vals]),
-                            "early_stop_tasks": sum(v.status in EARLY_STOPS for v in vals),
+                            # stopped before the budget for a reason other than convergence
+                            # (CG on an indefinite system stops at its first non-positive curvature)
+                            "early_stop_tasks": sum(v.status.early_stop for v in vals),
                             **per_lam,
                         }
                     )
@@ -574,9 +416,9 @@ def task_rows(records: Sequence[TaskRecord]) -> list[dict[str, Any]]:
                 {
                     "task": r.task, "lam": r.lam, "damping": delta, "linsolve": name, "krylov": n,
                     "cos_tight": pt.cos_tight, "relerr_tight": pt.err_tight, "cos_unrolled": pt.cos_unrolled,
-                    "relerr_unrolled": pt.err_unrolled, "iterations": pt.iterations, "status": pt.status,
+                    "relerr_unrolled": pt.err_unrolled, "iterations": pt.iterations, "status": pt.status.name,
                     "hess_min": r.hess_min, "hess_max": r.hess_max, "inner_grad_ratio": r.inner_grad_ratio,
-                    "gd_stability": r.gd_stability, "tight_relres": r.tight_relres, "tight_status": r.tight_status,
+                    "gd_stability": r.gd_stability, "tight_relres": r.tight_relres, "tight_status": r.tight_status.name,
                     "tight_iterations": r.tight_iterations, "cos_unrolled_tight": r.cos_unrolled_tight,
                 }
             )
@@ -806,7 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rec = measure_task(loss, theta, support, query, lam, settings, task=b, seed=args.seed)
             records.append(rec)
             print(
-                f"  task {b} λ={lam:g}: λ(H) ∈ [{rec.hess_min:.3g}, {rec.hess_max:.3g}], tight {rec.tight_status} "
+                f"  task {b} λ={lam:g}: λ(H) ∈ [{rec.hess_min:.3g}, {rec.hess_max:.3g}], tight {rec.tight_status.name} "
                 f"rel.res {rec.tight_relres:.2g}, cos(unrolled, tight) {rec.cos_unrolled_tight:.3f} "
                 f"[{time.perf_counter() - t0:.0f}s]",
                 flush=True,

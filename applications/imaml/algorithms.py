@@ -37,11 +37,14 @@ loop (second order).  First-order MAML: the same adaptation without a graph; the
 meta-gradient is the query gradient at the adapted parameters.  Reptile (Nichol, Achiam &
 Schulman 2018): the same SGD adaptation; the meta-"gradient" is ``θ − mean_b φ_b``, which
 Adam then follows.
+
+The computations of MAML, first-order MAML and iMAML are those of
+:mod:`applications.meta_gradients` (shared with the experiments); the functions here give
+them the learner's losses, the meta-batch and the clock, and add the log's statistics.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, ContextManager, NamedTuple, Optional
@@ -54,7 +57,10 @@ from torch.func import functional_call, grad, vmap
 import bilevel
 from bilevel.linsolve import CG, MINRES
 from bilevel.solvers import Adam, GradientDescent, NewtonCG
+from bilevel.tree import tree_norm
 
+from .. import meta_gradients
+from ..meta_gradients import no_clock
 from .tasks import TaskBatch
 
 __all__ = [
@@ -96,9 +102,9 @@ class LearnerConfig:
         hf_cg_steps: CG iterations per Newton step of iMAML-HF's inner solver.
         linsolve: ``"cg"`` (the paper) or ``"minres"`` for the backward system
             ``(H + Λ) u = v``.  CG is only valid while ``H + Λ`` is positive definite; with
-            batch norm the support-loss Hessian has negative eigenvalues of a few units
-            (scale invariance of the conv weights), so with λ = 2 CG often stops early
-            on negative curvature (counted as ``cg_failures``).  MINRES needs only
+            batch norm the support-loss Hessian has negative eigenvalues (scale invariance
+            of the conv weights; README "Negative curvature"), so CG may stop early on
+            negative curvature (counted as ``cg_failures``).  MINRES needs only
             symmetry and, with the same budget, minimises the residual over the same
             Krylov space.
         recipe: ``"proximal"`` (default: the paper's algorithm as stated — GD on the proximal
@@ -111,13 +117,18 @@ class LearnerConfig:
             gradient only as δ, c → 0 *and* the inner loop converges to the proximal point.
         cg_damping: ``c`` of the imaml-dev recipe (default 1).
         lam_damping: ``δ`` of the imaml-dev recipe (default 10).
-        power_iters: with ``> 0``, after each inner solve, that many power iterations on
-            the support-loss Hessian at φ estimate ``inner_lr·(H_max + λ)`` (reported as
-            ``inner_lr_curvature``; above 2 the fixed-step inner GD is unstable).  Costs
-            ``power_iters`` Hessian-vector products per task.
+        power_iters: with ``> 0``, after each inner solve, an estimate of the largest
+            eigenvalue of the support-loss Hessian at φ, ``H_max``, gives
+            ``inner_lr·(H_max + λ)`` (reported as ``inner_lr_curvature``; above 2 the
+            fixed-step inner GD is unstable).  The estimate is Lanczos
+            (:func:`bilevel.hessian_extremes`) with that many steps — a lower bound of
+            ``H_max`` that tightens with the steps (the option kept its name from the power
+            iteration it replaced).  Costs ``power_iters`` Hessian-vector products per task.
         batching: how iMAML runs the meta-batch (``bilevel``'s ``batched=``): ``"auto"``
-            (= ``"vmap"``), ``"vmap"`` or ``"loop"`` (one task at a time: less memory, slower
-            with few examples per task; ``benchmarks/batching.py``).
+            (the layer times ``"vmap"`` and ``"loop"`` on its first call of each shape and
+            keeps the faster), ``"vmap"`` (one vmapped computation) or ``"loop"`` (one task at
+            a time: less memory; which is faster depends on the net and the device:
+            ``benchmarks/batching.py``).
         hvp: how the backward's Hessian-vector products are computed (``bilevel``'s
             ``hvp=``): ``"reverse"`` (default here: the support-loss gradient graph is
             built once per backward and reused; cheaper per product in eager PyTorch) or
@@ -219,11 +230,6 @@ class MetaGradient:
     stats: dict[str, float]
 
 
-def no_clock(phase: str) -> ContextManager[None]:
-    """The default :attr:`MetaLearner.clock`: times nothing (see :mod:`.phases`)."""
-    return contextlib.nullcontext()
-
-
 def _softplus_inv(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
@@ -250,6 +256,11 @@ class MetaLearner:
         #: ``{(query shape, grad mode): {"choice": "vmap" | "loop", "vmap_s": ..., "loop_s": ...}}``:
         #: the query strategies ``config.query_batching="auto"`` measured (:meth:`query_strategy`).
         self.query_choices: dict[tuple, dict[str, Any]] = {}
+        #: the strategy ``batched="auto"`` chose for the inner problems, per support shape.
+        #: With :attr:`query_choices` it is part of a run's state (the checkpoint keeps both),
+        #: so that a resumed run makes the choices the interrupted one made: vmap and the
+        #: per-task loop agree only to rounding, and a timing can come out the other way.
+        self.layer_choices: dict[tuple, str] = {}
 
     # -- per-task losses (written for ONE task; vmapped by the callers) ----------------
     def loss_and_metric(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,13 +298,21 @@ class MetaLearner:
     # -- adaptation ----------------------------------------------------------------------
     def sgd_adapt(self, theta: Params, xs: Tensor, ys: Tensor) -> Params:
         """``inner_steps`` SGD steps on one task's support loss (differentiable if θ is)."""
-        phi = theta
-        lr = self.config.inner_lr
-        g_fn = grad(self.support_loss)
-        for _ in range(self.config.inner_steps):
-            g = g_fn(phi, xs, ys)
-            phi = {k: phi[k] - lr * g[k] for k in phi}
-        return phi
+        return meta_gradients.gd_steps(self.support_loss, theta, xs, ys, lr=self.config.inner_lr,
+                                       steps=self.config.inner_steps)
+
+    def layer_batching(self, batch: TaskBatch) -> str:
+        """``batched=`` for the inner problems of ``batch``: ``config.batching``, or the choice
+        ``"auto"`` made before for this support shape (:attr:`layer_choices`)."""
+        if self.config.batching != "auto":
+            return self.config.batching
+        return self.layer_choices.get((tuple(batch.support_x.shape), tuple(batch.support_y.shape)), "auto")
+
+    def note_layer_choice(self, batch: TaskBatch) -> None:
+        """Remember the strategy the layer's last ``"auto"`` call chose for this support shape."""
+        strategy = self.layer.diagnostics.strategy if self.layer is not None else None
+        if self.config.batching == "auto" and strategy is not None:
+            self.layer_choices.setdefault((tuple(batch.support_x.shape), tuple(batch.support_y.shape)), strategy)
 
     def adapt(self, theta: Params, rho: Params, batch: TaskBatch) -> Params:
         """Task-specific parameters ``φ_b`` (leading dim B), without gradients (evaluation)."""
@@ -301,8 +320,20 @@ class MetaLearner:
         with torch.no_grad():
             if self.layer is not None and self.config.recipe != "imaml-dev":
                 lam = self.lam_value({k: r.detach() for k, r in rho.items()})
-                return self.layer(th, batch.support_x, batch.support_y, lam=lam, batched=self.config.batching)
+                phi = self.layer(th, batch.support_x, batch.support_y, lam=lam, batched=self.layer_batching(batch))
+                self.note_layer_choice(batch)
+                return phi
             return vmap(self.sgd_adapt, in_dims=(None, 0, 0))(th, batch.support_x, batch.support_y)
+
+    def query_objective(self, batch: TaskBatch) -> Callable[[Params], tuple[Tensor, Tensor]]:
+        """``outer(φ) -> (mean query loss, per-task metrics)`` of :mod:`applications.meta_gradients`
+        (``has_aux=True``): the query pass of :meth:`query`, looked up at call time."""
+
+        def outer(phi: Params) -> tuple[Tensor, Tensor]:
+            losses, metrics = self.query(phi, batch)
+            return losses.mean(), metrics
+
+        return outer
 
     def query(self, phi: Params, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Per-task query losses and metrics ``(B,)`` at the adapted parameters (with a graph
@@ -364,34 +395,14 @@ class MetaLearner:
         """Per-task norm of the support-loss gradient at ``φ_b`` (no graph)."""
         with torch.no_grad():
             g = vmap(grad(self.support_loss))({k: v.detach() for k, v in phi.items()}, batch.support_x, batch.support_y)
-            return torch.sqrt(sum(t.reshape(t.shape[0], -1).square().sum(1) for t in g.values()))
+            return tree_norm(g, batched=True)
 
     def hessian_max(self, phi: Params, batch: TaskBatch, iters: int) -> Tensor:
-        """Per-task estimate of the largest eigenvalue of the support-loss Hessian at ``φ_b``
-        (``iters`` power iterations on Hessian-vector products, forward-over-reverse)."""
-        p = {k: v.detach() for k, v in phi.items()}
-
-        def hvp(pp: Params, vv: Params, xs: Tensor, ys: Tensor) -> Params:
-            # Reverse-over-reverse: forward mode through F.mse_loss's backward fails in torch 2.13
-            # ("ZeroTensors are immutable").
-            def gv(q: Params) -> Tensor:
-                g = grad(self.support_loss)(q, xs, ys)
-                return sum((g[k] * vv[k]).sum() for k in g)  # type: ignore[return-value]
-
-            return grad(gv)(pp)
-
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for k, t in p.items()}
-        est = torch.zeros(next(iter(p.values())).shape[0], dtype=next(iter(p.values())).dtype)
-        with torch.no_grad():
-            for _ in range(max(1, iters)):
-                n = torch.sqrt(sum(t.reshape(t.shape[0], -1).square().sum(1) for t in v.values()))
-                v = {k: t / n.reshape(-1, *([1] * (t.dim() - 1))) for k, t in v.items()}
-                hv = vmap(hvp)(p, v, batch.support_x, batch.support_y)
-                # Rayleigh quotient: a signed estimate (the dominant eigenvalue by magnitude).
-                est = sum((hv[k] * v[k]).reshape(hv[k].shape[0], -1).sum(1) for k in v)
-                v = hv
-        return est
+        """Per-task estimate of the largest eigenvalue of the support-loss Hessian at ``φ_b``:
+        the largest Ritz value of ``iters`` Lanczos steps (:func:`bilevel.hessian_extremes`),
+        a lower bound of the true one."""
+        return bilevel.hessian_extremes(vmap(self.support_loss), phi, batch.support_x, batch.support_y, batched=True,
+                                        iters=max(1, iters))[1]
 
     def meta_gradient(self, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
         return ALGORITHMS[self.config.algorithm].meta_gradient(self, theta, rho, batch)
@@ -401,31 +412,22 @@ class MetaLearner:
 # the algorithms
 # --------------------------------------------------------------------------------------
 def imaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
-    """iMAML (GD or Hessian-free inner solver): one batched Proximal call over the meta-batch."""
+    """iMAML (GD or Hessian-free inner solver): one batched Proximal call over the meta-batch
+    (:func:`applications.meta_gradients.imaml_meta_gradient`), with a learned λ's gradient."""
     layer = learner.layer
     assert layer is not None, "imaml_meta_gradient needs an iMAML learner"
-    clock = learner.clock
-    lam = learner.lam_value(rho)
-    with clock("inner loop"):
-        phi = layer(theta, batch.support_x, batch.support_y, lam=lam if rho else None, batched=learner.config.batching)
-    # Capture the backward's right-hand sides v_b = dL/dφ_b to report relative CG residuals.
-    rhs: dict[str, Tensor] = {}
-    for k, v in phi.items():
-        v.register_hook(lambda g, k=k: rhs.__setitem__(k, g.detach()))
-    with clock("query forward"):
-        losses, metrics = learner.query(phi, batch)
-        loss = losses.mean()
-    keys, rkeys = list(theta), list(rho)
-    with clock("backward"):  # the query backward, then the layer's (Krylov solve, closed-form VJP)
-        gs = torch.autograd.grad(loss, [theta[k] for k in keys] + [rho[k] for k in rkeys], allow_unused=True)
-    grads = {k: torch.zeros_like(theta[k]) if g is None else g for k, g in zip(keys, gs[: len(keys)])}
-    rho_grads = {k: torch.zeros_like(rho[k]) if g is None else g for k, g in zip(rkeys, gs[len(keys) :])}
-    with clock("health statistics"):
-        stats = _imaml_stats(learner, layer, phi, batch, rhs, rho)
-    return MetaGradient(loss.detach(), metrics.mean(), grads, rho_grads, stats)
+    step = meta_gradients.imaml_meta_gradient(
+        layer, learner.query_objective(batch), theta, (batch.support_x, batch.support_y),
+        lam=learner.lam_value(rho) if rho else None, extra=rho, batched=learner.layer_batching(batch), has_aux=True,
+        clock=learner.clock,
+    )
+    learner.note_layer_choice(batch)
+    with learner.clock("health statistics"):
+        stats = _imaml_stats(learner, layer, step, batch, rho)
+    return MetaGradient(step.objective, step.aux.mean(), step.grads, step.extra_grads, stats)
 
 
-def _imaml_stats(learner: MetaLearner, layer: bilevel.Proximal, phi: Params, batch: TaskBatch, rhs: dict[str, Tensor],
+def _imaml_stats(learner: MetaLearner, layer: bilevel.Proximal, step: meta_gradients.MetaStep, batch: TaskBatch,
                  rho: Params) -> dict[str, float]:
     """The log's statistics of one iMAML meta-step, from the layer's diagnostics (host reads
     happen here, once per meta-step, after the solves)."""
@@ -438,16 +440,15 @@ def _imaml_stats(learner: MetaLearner, layer: bilevel.Proximal, phi: Params, bat
         stats["inner_failures"] = float(sum(not s.ok for s in fwd.task_status)) if fwd.task_status else 0.0
     if bwd is not None:
         rn = bwd.residual_norm.reshape(-1)
-        if rhs:
-            vn = torch.sqrt(sum(t.reshape(t.shape[0], -1).square().sum(1) for t in rhs.values()))
-            stats["cg_residual"] = float((rn / vn.clamp_min(torch.finfo(vn.dtype).tiny)).mean())
+        vn = tree_norm(step.rhs, batched=True)
+        stats["cg_residual"] = float((rn / vn.clamp_min(torch.finfo(vn.dtype).tiny)).mean())
         stats["cg_iterations"] = float(bwd.iterations)
         statuses = bwd.task_status or (bwd.status,)
-        stats["cg_failures"] = float(sum(s.name in ("NEGATIVE_CURVATURE", "NONFINITE", "BREAKDOWN") for s in statuses))
+        stats["cg_failures"] = float(sum(s.early_stop for s in statuses))
     stats.update(learner.lam_stats(rho))
     cfg = learner.config
     if cfg.power_iters > 0 and cfg.algorithm == "imaml":
-        hmax = learner.hessian_max(phi, batch, cfg.power_iters)
+        hmax = learner.hessian_max(step.phi, batch, cfg.power_iters)
         # The GD step that runs in the inner loop: on L + ½λ‖φ−θ‖² (proximal) or on L alone
         # (imaml-dev, whose λ acts only in the pull-back step).
         shift = stats.get("lam_max", cfg.lam) if cfg.recipe == "proximal" else 0.0
@@ -500,8 +501,7 @@ class PullbackSGD:
             g_fn = vmap(g_fn, in_dims=(0, 0, 0))
 
         def norm(g: Params) -> Tensor:
-            flat = [t.reshape(t.shape[0], -1) if batched else t.reshape(1, -1) for t in g.values()]
-            return torch.sqrt(sum(f.square().sum(1) for f in flat))
+            return tree_norm(g, batched)
 
         phi = {k: v.detach() for k, v in x0.items()}
         g, f = g_fn(phi, xs, ys)
@@ -528,38 +528,25 @@ class PullbackSGD:
 
 
 def maml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
-    """Second-order MAML: reverse mode through the unrolled, vmapped inner SGD (the query
-    pass as every algorithm's, :meth:`MetaLearner.query`)."""
-    clock = learner.clock
-    with clock("inner loop"):  # unrolled, vmapped over the tasks, with a graph back to θ
-        phi = vmap(learner.sgd_adapt, in_dims=(None, 0, 0))(theta, batch.support_x, batch.support_y)
-    with clock("query forward"):
-        losses, metrics = learner.query(phi, batch)
-        loss = losses.mean()
-    keys = list(theta)
-    with clock("backward"):  # the query backward, then back through the unrolled inner loop
-        gs = torch.autograd.grad(loss, [theta[k] for k in keys])
-    with clock("health statistics"):
-        stats = {"inner_grad_norm": float(learner.support_grad_norm(phi, batch).mean())}
-    return MetaGradient(loss.detach(), metrics.mean(), dict(zip(keys, gs)), {}, stats)
+    """Second-order MAML: reverse mode through the unrolled, vmapped inner SGD
+    (:func:`applications.meta_gradients.maml_meta_gradient`)."""
+    return _sgd_meta_gradient(meta_gradients.maml_meta_gradient, learner, theta, batch)
 
 
 def fomaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
-    """First-order MAML: the mean over tasks of the query gradient at the adapted φ_b."""
-    clock = learner.clock
-    with clock("inner loop"):
-        phi = learner.adapt(theta, rho, batch)
+    """First-order MAML: the mean over tasks of the query gradient at the adapted φ_b
+    (:func:`applications.meta_gradients.fomaml_meta_gradient`)."""
+    return _sgd_meta_gradient(meta_gradients.fomaml_meta_gradient, learner, theta, batch)
 
-    phi = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-    with clock("query forward"):
-        losses, metrics = learner.query(phi, batch)
-    keys = list(theta)
-    with clock("backward"):  # the query gradients at the φ_b; their mean over tasks
-        gs = torch.autograd.grad(losses.mean(), [phi[k] for k in keys])
-        grads = {k: g.sum(0) for k, g in zip(keys, gs)}
-    with clock("health statistics"):
-        stats = {"inner_grad_norm": float(learner.support_grad_norm(phi, batch).mean())}
-    return MetaGradient(losses.mean().detach(), metrics.mean(), grads, {}, stats)
+
+def _sgd_meta_gradient(method: Callable[..., meta_gradients.MetaStep], learner: MetaLearner, theta: Params,
+                       batch: TaskBatch) -> MetaGradient:
+    cfg = learner.config
+    step = method(learner.support_loss, learner.query_objective(batch), theta, (batch.support_x, batch.support_y),
+                  lr=cfg.inner_lr, steps=cfg.inner_steps, has_aux=True, clock=learner.clock)
+    with learner.clock("health statistics"):
+        stats = {"inner_grad_norm": float(learner.support_grad_norm(step.phi, batch).mean())}
+    return MetaGradient(step.objective, step.aux.mean(), step.grads, {}, stats)
 
 
 def reptile_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
@@ -613,7 +600,7 @@ def inner_solver(cfg: LearnerConfig) -> Any:
 def _imaml_hf_layer(learner: MetaLearner) -> bilevel.Proximal:
     cfg = learner.config
     return bilevel.Proximal(learner.support_loss, lam=cfg.lam,
-                            solver=NewtonCG(maxiter=cfg.inner_steps, cg_maxiter=cfg.hf_cg_steps),
+                            solver=NewtonCG(maxiter=cfg.inner_steps, linsolve=CG(maxiter=cfg.hf_cg_steps)),
                             linsolve=_backward_linsolve(cfg), on_failure="ignore", hvp=cfg.hvp)
 
 

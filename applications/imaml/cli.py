@@ -1,4 +1,7 @@
-"""Command line: ``python -m applications.imaml [train|evaluate] ...``.
+"""Command line: ``python -m applications.imaml [train|evaluate|plot] ...``.
+
+Each subcommand's parser names its handler (``set_defaults(func=...)``): :func:`main`
+parses and dispatches, and turns the expected errors into one-line messages.
 
 With no arguments: meta-train iMAML-GD on 5-shot sinusoid regression (generated, no
 download) with the settings of :data:`DEFAULT_RUN` (1000 meta-steps) and evaluate on 600
@@ -30,7 +33,7 @@ __all__ = ["DEFAULT_RUN", "build_parser", "main"]
 DEFAULT_RUN = dict(dataset="sinusoid", algorithm="imaml", shots=5, meta_steps=1000, meta_batch=16, outer_lr=3e-3,
                    device="cpu", out="runs/sinusoid-imaml", eval_every=100)
 # device="cpu" even where CUDA exists: the 1.7k-parameter MLP is launch-bound on a GPU
-# (measured on an H200: ~0.2 s per meta-step, against ~0.1 s on one CPU core).
+# (the times: README "Quick start").
 
 
 def _positive_int(s: str) -> int:
@@ -64,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m applications.imaml",
         description="Few-shot meta-learning with implicit MAML (and MAML, first-order MAML, Reptile baselines). "
-        "With no arguments: train iMAML-GD on sinusoid regression, evaluate it and draw its pictures (about 100 seconds on "
-        "2 CPU cores).",
+        "With no arguments: train iMAML-GD on sinusoid regression, evaluate it and draw its pictures (its time: the "
+        "README, 'Quick start').",
     )
     sub = p.add_subparsers(dest="command", metavar="{train,evaluate,plot}")
 
@@ -147,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default: 1 for sinusoid, whose tiny MLP only loses from intra-op threads; "
                    "else torch's default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train_command)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on test episodes")
     e.add_argument("--checkpoint", required=True, help="path of a checkpoint.pt written by train; metrics.json goes beside it")
@@ -156,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", default=None, help="override the data folder stored in the checkpoint")
     e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    plot.add_parser(sub)
+    e.set_defaults(func=_evaluate_command)
+    plot.add_parser(sub)  # func: plot.run
     return p
 
 
@@ -195,46 +200,11 @@ def main(argv: Optional[Sequence[str]] = None, *, log: Callable[[str], None] = p
     if not argv:
         return _default_run(log)
     args = parser.parse_args(argv)
-    if args.command is None:
+    if getattr(args, "func", None) is None:  # options but no command
         parser.print_help()
         return 2
     try:
-        if args.command == "plot":
-            return plot.run(args, log=log)
-        if args.command == "train":
-            kw = _resume_config(args) if args.resume else {k: getattr(args, k) for k in _TRAIN_KEYS}
-            if args.download:
-                _download(kw)
-            cfg = resolve_config(**kw)
-            _set_threads(args.threads, cfg.dataset, cfg.device)
-            ctx = setup_from_env(cfg.device)  # torchrun: join the process group (else one process)
-            try:
-                if not ctx.is_writer:
-                    log = _quiet  # rank 0 speaks for the run
-                procs = f", {ctx.world} processes" if ctx.enabled else ""
-                log(f"training {cfg.algorithm} on {cfg.dataset} for {cfg.meta_steps} meta-steps "
-                    f"(meta-batch {cfg.meta_batch}, device {cfg.device}{procs}); outputs in {cfg.out}")
-                summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
-                                progress=not args.no_progress and ctx.is_writer, log=log, time_limit=args.time_limit,
-                                dist_ctx=ctx, time_budget=args.time_budget)
-                log(f"trained to step {summary['step']}; checkpoint {summary['checkpoint']}, log {summary['log']}")
-                if args.evaluate and ctx.is_writer:
-                    evaluate_checkpoint(summary["checkpoint"], progress=not args.no_progress, log=log)
-            finally:
-                shutdown(ctx)
-            return 0
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        else:
-            from .checkpoint import load_checkpoint
-
-            saved = load_checkpoint(args.checkpoint)["config"]
-            _set_threads(None, saved["dataset"], args.device or saved["device"])
-        evaluate_checkpoint(
-            args.checkpoint, episodes=args.episodes, batch_size=args.batch, device=args.device,
-            data_root=args.data_root, progress=not args.no_progress, log=log,
-        )
-        return 0
+        return int(args.func(args, log=log))
     except TrainingInterrupted as err:
         sys.stderr.write(f"{parser.prog}: {err}\n")
         return 130
@@ -243,7 +213,48 @@ def main(argv: Optional[Sequence[str]] = None, *, log: Callable[[str], None] = p
         return 130
     except (ValueError, OSError, FloatingPointError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    return 0  # pragma: no cover
+
+
+def _train_command(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> int:
+    """``train``: meta-train (joining a torchrun process group if there is one), then with
+    ``--evaluate`` evaluate the last checkpoint."""
+    kw = _resume_config(args) if args.resume else {k: getattr(args, k) for k in _TRAIN_KEYS}
+    if args.download:
+        _download(kw)
+    cfg = resolve_config(**kw)
+    _set_threads(args.threads, cfg.dataset, cfg.device)
+    ctx = setup_from_env(cfg.device)  # torchrun: join the process group (else one process)
+    try:
+        if not ctx.is_writer:
+            log = _quiet  # rank 0 speaks for the run
+        procs = f", {ctx.world} processes" if ctx.enabled else ""
+        log(f"training {cfg.algorithm} on {cfg.dataset} for {cfg.meta_steps} meta-steps "
+            f"(meta-batch {cfg.meta_batch}, device {cfg.device}{procs}); outputs in {cfg.out}")
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress and ctx.is_writer, log=log, time_limit=args.time_limit,
+                        dist_ctx=ctx, time_budget=args.time_budget)
+        log(f"trained to step {summary['step']}; checkpoint {summary['checkpoint']}, log {summary['log']}")
+        if args.evaluate and ctx.is_writer:
+            evaluate_checkpoint(summary["checkpoint"], progress=not args.no_progress, log=log)
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+def _evaluate_command(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> int:
+    """``evaluate``: a checkpoint on its test episodes (threads as its training set them)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    else:
+        from .checkpoint import load_checkpoint
+
+        saved = load_checkpoint(args.checkpoint)["config"]
+        _set_threads(None, saved["dataset"], args.device or saved["device"])
+    evaluate_checkpoint(
+        args.checkpoint, episodes=args.episodes, batch_size=args.batch, device=args.device,
+        data_root=args.data_root, progress=not args.no_progress, log=log,
+    )
+    return 0
 
 
 def _quiet(_: str) -> None:

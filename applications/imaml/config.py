@@ -6,11 +6,11 @@ evaluation and ``--resume`` reuse exactly the trained setup.
 
 Defaults follow measurements where we made them, the papers elsewhere:
 
-* iMAML-GD on Omniglot (measured, applications/imaml/README.md "Defaults and where they
+* iMAML-GD on Omniglot (measured: applications/imaml/README.md "Defaults and where they
   come from" and "A cheaper inner solve"): λ = 0.1 as a proximal weight on every inner
-  step (measured with 16 GD steps of 0.1, 2026-11-27), then 3 GD steps of 0.4 (5-way) or 5
-  of 0.3 (20-way) and 2 MINRES steps in the backward (measured 2026-12-05: the accuracy of
-  16 steps and 5 MINRES steps at a fraction of the meta-step).
+  step (chosen with 16 GD steps of 0.1), then 3 GD steps of 0.4 (5-way) or 5 of 0.3
+  (20-way) and 2 MINRES steps in the backward (the accuracy of 16 steps and 5 MINRES
+  steps at a fraction of the meta-step).
   The paper's λ = 2 is *not* a per-step proximal weight in the official code (it is one pull-back step plus a damped
   backward, ``--recipe imaml-dev``, whose λ defaults to 2); used per step on these
   batch-norm nets it over-regularises and makes the inner GD unstable.

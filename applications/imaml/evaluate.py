@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from .config import RunConfig, check_device, default_device
 from .tasks import make_task_source
-from .train import load_learner
+from .learner import load_learner
 
 __all__ = ["evaluate_checkpoint", "format_result"]
 

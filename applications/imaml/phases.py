@@ -41,7 +41,7 @@ import torch
 from .algorithms import ALGORITHMS, no_clock
 from .plot import _pyplot, _save
 from .timing import setup
-from .train import set_meta_gradients
+from .learner import set_meta_gradients
 
 __all__ = ["PhaseClock", "main", "profile"]
 

@@ -369,8 +369,8 @@ def plot_sinusoid_fits(checkpoint: str | Path, out_png: str | Path, *, tasks: in
     from .checkpoint import load_checkpoint
     from .config import RunConfig
     from .data import SinusoidTasks
+    from .learner import load_learner
     from .tasks import make_task_source
-    from .train import load_learner
 
     if tasks < 1:
         raise ValueError(f"tasks must be >= 1, got {tasks}")

@@ -20,7 +20,8 @@ import torch
 from .algorithms import ALGORITHMS
 from .config import resolve_config
 from .tasks import make_task_source
-from .train import build_learner, peak_memory_mb, set_meta_gradients
+from .learner import build_learner, set_meta_gradients
+from .runlog import peak_memory_mb
 
 
 def setup(algorithm: str, source: Any = None, **kw: Any) -> tuple[Any, Any, Any, Any, Any, torch.optim.Optimizer]:

@@ -17,13 +17,9 @@ Outputs in ``cfg.out``:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import random
-import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,100 +33,23 @@ from tqdm import tqdm
 from bilevel import NonFiniteError
 from bilevel.distributed import all_reduce_mean, average_gradients
 
-from .algorithms import MetaLearner
 from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
 from .config import RunConfig
-from .models import build_model
 from .distributed import DistContext, check_in_sync, shard
+from .evaluate import evaluate_episodes
+from .health import HEALTH_WINDOW, InnerHealthWatch
+from .learner import build_learner, set_meta_gradients
 from .rundir import RunLock, discard_old_run, new_run_id, read_run_id, remove_stale_temporaries
+from .runlog import CSV_COLUMNS, METRIC_COLUMN, VAL_COLUMNS, RunLog, peak_memory_mb, read_log
 from .tasks import TaskSource, make_task_source
 
-__all__ = ["CSV_COLUMNS", "VAL_COLUMNS", "Trainer", "build_learner", "load_learner", "set_meta_gradients", "train"]
+__all__ = ["CSV_COLUMNS", "HEALTH_WINDOW", "VAL_COLUMNS", "Trainer", "read_log", "train"]
 
-CSV_COLUMNS = (
-    "step",
-    "meta_loss",
-    "query_accuracy",
-    "query_mse",
-    "inner_grad_norm",
-    "cg_residual",
-    "cg_iterations",
-    "cg_failures",
-    "inner_failures",
-    "inner_grad_ratio",
-    "inner_monotone",
-    "inner_descent",
-    "inner_lr_curvature",
-    "lam_mean",
-    "lam_min",
-    "lam_max",
-    "step_seconds",
-    "elapsed_seconds",
-    "peak_mem_mb",
-)
-
-#: Meta-steps over which the inner-loop health is judged (see Trainer._check_inner_health).
-HEALTH_WINDOW = 20
-
-VAL_COLUMNS = ("step", "elapsed_seconds", "val_metric", "val_ci95", "val_loss", "episodes")
 BEST_NAME = "best.pt"
 
 # Keys of RunConfig that may differ between a checkpoint and the run that resumes it.
 RESUMABLE_OVERRIDES = ("meta_steps", "device", "data_root", "checkpoint_every", "out", "eval_episodes", "eval_batch", "power_iters", "batching",
                        "compile", "query_batching")
-
-
-def build_learner(cfg: RunConfig, image_shape: tuple[int, ...]) -> tuple[MetaLearner, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Model (seeded from ``cfg.seed``), learner, meta-parameters θ and raw λ parameters ρ."""
-    torch.manual_seed(cfg.seed)
-    shape = tuple(image_shape) if len(image_shape) == 3 else (1, 28, 28)
-    model = build_model(cfg.dataset, cfg.ways, filters=cfg.filters, image_shape=shape)  # type: ignore[arg-type]
-    model = model.to(device=cfg.device, dtype=cfg.torch_dtype)
-    learner = MetaLearner(model, cfg.learner)
-    theta = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
-    rho = {k: r.requires_grad_(True) for k, r in learner.init_rho(theta).items()}
-    return learner, theta, rho
-
-
-def load_learner(cfg: RunConfig, image_shape: tuple[int, ...], ckpt: dict[str, Any]) -> tuple[MetaLearner, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """:func:`build_learner` with θ and ρ set to a checkpoint's values (evaluation, plots)."""
-    learner, theta, rho = build_learner(cfg, image_shape)
-    with torch.no_grad():
-        for k, v in theta.items():
-            v.copy_(ckpt["theta"][k])
-        for k, v in rho.items():
-            v.copy_(ckpt["rho"][k])
-    return learner, theta, rho
-
-
-def set_meta_gradients(theta: dict[str, torch.Tensor], rho: dict[str, torch.Tensor], res: Any) -> None:
-    """Hand a :class:`~.algorithms.MetaGradient` to the outer optimiser: ``.grad`` of every
-    meta-parameter (θ) and raw λ parameter (ρ), detached."""
-    for k, p in theta.items():
-        p.grad = res.grads[k].detach()
-    for k, p in rho.items():
-        p.grad = res.rho_grads[k].detach()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated by tensors during the step; CPU: the process's peak RSS so far."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def memory_meaning(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated during the meta-step (MiB; reset every step)"
-    return "peak resident set size of the whole process so far, getrusage ru_maxrss (MiB; monotone, includes data and Python)"
-
-
-def _open_tensorboard(path: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # not installed (ImportError) or broken install: TensorBoard is optional
-        return None
-    return SummaryWriter(str(path))
 
 
 class Trainer:
@@ -152,7 +71,6 @@ class Trainer:
         self.log = log
         self._announced: set[tuple] = set()  # the measured choices already printed
         self.device = torch.device(cfg.device)
-        self.tb = None
         # One writer per folder (released on exit, however the process ends); then clean up
         # what an interrupted atomic write left behind.  Ranks other than 0 write nothing.
         self.lock = RunLock(self.out) if self.writer else _NoLock()
@@ -190,8 +108,7 @@ class Trainer:
                 data_root=cfg.data_root, split_scheme=cfg.split_scheme,
             )
         self.best_val: Optional[float] = None
-        self.warned_unstable = False
-        self.health: list[tuple[float, float]] = []
+        self.health = InnerHealthWatch(cfg.meta_steps, cfg.learner.inner_optimizer, cfg.learner.recipe, self.log)
         self.val_last = ""
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -208,8 +125,9 @@ class Trainer:
         if self.writer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self._prepare_csv(resume)
-        self.tb = _open_tensorboard(self.out / "tensorboard") if self.writer else None
+        self.logs = RunLog(self.out, writer=self.writer, validation=cfg.eval_every > 0, resume=resume, step=self.step,
+                           info={"torch": torch.__version__, "run_id": self.run_id}, device=self.device)
+        self.csv_path = self.logs.csv_path
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -225,6 +143,8 @@ class Trainer:
             "rng": capture_rng_state(),
             "best_val": self.best_val,
             "run_id": self.run_id,
+            # The measured batching choices (MetaLearner.layer_choices / query_choices).
+            "choices": {"layer": dict(self.learner.layer_choices), "query": dict(self.learner.query_choices)},
         }
 
     def save(self) -> None:
@@ -259,44 +179,9 @@ class Trainer:
         self.source.position = int(ckpt["sampler_position"])
         self.best_val = ckpt.get("best_val")
         restore_rng_state(ckpt["rng"])
-
-    # -- logs --------------------------------------------------------------------------------
-    def _restart_csv(self, path: Path, columns: tuple[str, ...], resume: bool) -> None:
-        """Header only, or on resume the rows up to the checkpoint's step (later rows belong
-        to steps that will be replayed), written atomically."""
-        rows: list[dict[str, str]] = []
-        if resume and path.exists():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= self.step]
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-
-    def _prepare_csv(self, resume: bool) -> None:
-        self.csv_path = self.out / "log.csv"
-        self.val_path = self.out / "val.csv"
-        if not self.writer:
-            return
-        self._restart_csv(self.csv_path, CSV_COLUMNS, resume)
-        self.val_path = self.out / "val.csv"
-        if self.cfg.eval_every > 0:
-            self._restart_csv(self.val_path, VAL_COLUMNS, resume)
-        meaning = {"peak_mem_mb": memory_meaning(self.device), "device": str(self.device), "torch": torch.__version__,
-                   "run_id": self.run_id}
-        (self.out / "run_info.json").write_text(json.dumps(meaning, indent=2) + "\n")
-
-    def _write_row(self, row: dict[str, Any]) -> None:
-        if not self.writer:
-            return
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_COLUMNS).writerow(row)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and v != "" and v is not None:
-                    self.tb.add_scalar(k, float(v), int(row["step"]))
+        choices = ckpt.get("choices", {})
+        self.learner.layer_choices.update(choices.get("layer", {}))
+        self.learner.query_choices.update(choices.get("query", {}))
 
     # -- the loop ----------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -328,35 +213,13 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.step += 1
         self.elapsed += dt
-        st = res.stats
+        # λ after the Adam step (the value the next meta-step uses); iMAML's statistics hold the one before it.
         lam = self.learner.lam_stats(self.rho) if self.learner.layer is not None else {}
-
-        def fmt(v: Any) -> str:
-            return "" if v is None else f"{float(v):.6g}"
-
-        row = {
-            "step": self.step,
-            "meta_loss": fmt(loss),
-            "query_accuracy": fmt(metric) if cfg.task == "classification" else "",
-            "query_mse": fmt(metric) if cfg.task == "regression" else "",
-            "inner_grad_norm": fmt(st.get("inner_grad_norm")),
-            "cg_residual": fmt(st.get("cg_residual")),
-            "cg_iterations": fmt(st.get("cg_iterations")),
-            "cg_failures": fmt(st.get("cg_failures")),
-            "inner_failures": fmt(st.get("inner_failures")),
-            "inner_grad_ratio": fmt(st.get("inner_grad_ratio")),
-            "inner_monotone": fmt(st.get("inner_monotone")),
-            "inner_descent": fmt(st.get("inner_descent")),
-            "inner_lr_curvature": fmt(st.get("inner_lr_curvature")),
-            "lam_mean": fmt(lam.get("lam_mean")),
-            "lam_min": fmt(lam.get("lam_min")),
-            "lam_max": fmt(lam.get("lam_max")),
-            "step_seconds": f"{dt:.4f}",
-            "elapsed_seconds": f"{self.elapsed:.2f}",
-            "peak_mem_mb": f"{peak_memory_mb(self.device):.1f}",
-        }
-        self._write_row(row)
-        self._check_inner_health(st)
+        row = self.logs.write_step({
+            **res.stats, **lam, "step": self.step, "meta_loss": loss, METRIC_COLUMN[cfg.task]: metric,
+            "step_seconds": dt, "elapsed_seconds": self.elapsed, "peak_mem_mb": peak_memory_mb(self.device),
+        })
+        self.health.update(self.step, res.stats)
         self._announce_choices()
         return row
 
@@ -376,65 +239,20 @@ class Trainer:
             self.log(f"inner problems: {layer.diagnostics.strategy} over the tasks (measured, per gradient + Hessian "
                      f"product: " + ", ".join(f"{k} {v:.3f} s" for k, v in sec.items()) + ")")
 
-    def _check_inner_health(self, st: dict[str, float]) -> None:
-        """Warn once when the fixed-step inner GD is unstable, naming the knob to turn.
-
-        Unstable: the power-iteration estimate ``inner_lr·(H_max + λ)`` exceeds 2 at a step,
-        or, over the last :data:`HEALTH_WINDOW` meta-steps, the inner objective rose during
-        the loop on most tasks (median ``inner_descent`` below one half).  A stable GD step
-        never raises the objective (descent lemma); single meta-batches can cross the line by
-        chance, hence the window.  Momentum methods and Adam are not monotone even when stable,
-        so for them the rule is the median gradient ratio (end over start) above 1.
-        """
-        if self.warned_unstable:
-            return
-        curv = st.get("inner_lr_curvature")
-        ratio, descent = st.get("inner_grad_ratio"), st.get("inner_descent")
-        if ratio is not None and descent is not None:
-            self.health.append((ratio, descent))
-            del self.health[:-HEALTH_WINDOW]
-        what = ""
-        if curv is not None and curv > 2.0:
-            what = f"inner_lr·(H_max + λ) ≈ {curv:.2f} > 2"
-        elif len(self.health) >= min(HEALTH_WINDOW, max(1, self.cfg.meta_steps)):
-            r = statistics.median(h[0] for h in self.health)
-            d = statistics.median(h[1] for h in self.health)
-            if self.cfg.learner.inner_optimizer != "gd":
-                # Momentum and Adam need not lower the objective at every step even when
-                # stable (no descent lemma): judge them by where the gradient ends.
-                if r > 1.0:
-                    what = (f"over the last {len(self.health)} meta-steps the inner gradient ended at a median {r:.2f}× "
-                            f"its start ({self.cfg.learner.inner_optimizer} did not reduce it)")
-            elif d < 0.5:
-                what = (f"over the last {len(self.health)} meta-steps the inner objective rose during the loop on a median "
-                        f"{100 * (1 - d):.0f}% of the tasks, and its gradient ended at a median {r:.2f}× its start")
-        if not what:
-            return
-        self.warned_unstable = True
-        knob = "--inner-lr" + (" or --lam (λ adds to the curvature GD sees)" if self.cfg.learner.recipe == "proximal" else "")
-        self.log(f"warning: meta-step {self.step}: the inner loop is unstable ({what}): lower {knob}. "
-                 "The implicit gradient assumes a solved inner problem (README: 'Inner-loop health').")
-
     def validate(self) -> dict[str, Any]:
         """Evaluate θ on the fixed validation episodes; append to ``val.csv``; keep ``best.pt``."""
-        from .evaluate import evaluate_episodes  # evaluate imports this module
-
         assert self.val_source is not None
         cfg = self.cfg
         st = evaluate_episodes(self.learner, self.theta, self.rho, self.val_source, cfg.val_episodes,
                                cfg.eval_batch, cfg, progress=False)
         row = {"step": self.step, "elapsed_seconds": f"{self.elapsed:.2f}", "val_metric": f"{st['mean']:.6g}",
                "val_ci95": f"{st['ci95']:.6g}", "val_loss": f"{st['loss']:.6g}", "episodes": cfg.val_episodes}
-        if self.writer:  # every rank evaluates the same θ on the same episodes; rank 0 records it
-            with open(self.val_path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=VAL_COLUMNS).writerow(row)
+        self.logs.write_validation(row, st["mean"])  # every rank evaluates the same θ; rank 0 records it
         better = self.best_val is None or (st["mean"] > self.best_val if cfg.task == "classification" else st["mean"] < self.best_val)
         if better:
             self.best_val = st["mean"]
             if self.writer:
                 atomic_torch_save(self.state_dict(), self.out / BEST_NAME)
-        if self.tb is not None:
-            self.tb.add_scalar("val_metric", st["mean"], self.step)
         return row
 
     def run(self, time_limit: Optional[float] = None, time_budget: Optional[float] = None) -> dict[str, Any]:
@@ -486,16 +304,14 @@ class Trainer:
                     break
         finally:
             bar.close()
-            if self.tb is not None:
-                self.tb.flush()
+            self.logs.flush()
         if self.step == start:  # nothing to do (already trained that far): still leave a checkpoint
             self.save()
         return {"step": self.step, "last": last, "checkpoint": str(self.ckpt_path), "log": str(self.csv_path),
                 "stopped_by_time_limit": stopped_by_time}
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        self.logs.close()
         self.lock.release()
 
 
@@ -536,8 +352,3 @@ class TrainingInterrupted(Exception):
             where = (f"the last checkpoint is {str(trainer.ckpt_path)!r} (meta-step {saved}); continue with: "
                      f"python -m applications.imaml train --dataset {trainer.cfg.dataset} --out {trainer.out} --resume")
         super().__init__(f"interrupted during meta-step {trainer.step + 1}; {where}")
-
-
-def read_log(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))

@@ -27,6 +27,7 @@ from applications.experiments.fig2a import (
     run,
     step_grid,
 )
+from bilevel.tree import tree_relative_error
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +40,8 @@ def _one_thread():  # type: ignore[no-untyped-def]
 
 
 def _rel(g: Tensor, ref: Tensor) -> Tensor:
-    """Per-task relative error ‖g − ref‖ / ‖ref‖."""
-    return torch.linalg.vector_norm(g - ref, dim=-1) / torch.linalg.vector_norm(ref, dim=-1)
+    """Per-task relative error ‖g − ref‖ / ‖ref‖ (rows of a ``(B, d)`` g are tasks)."""
+    return tree_relative_error(g, ref, batched=g.dim() == 2)
 
 
 def _closed_form_query_loss(theta: Tensor, tasks: Tasks, b: int, lam: float) -> Tensor:

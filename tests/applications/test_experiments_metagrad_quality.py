@@ -20,8 +20,10 @@ import pytest
 import torch
 
 import bilevel
+from applications import meta_gradients
 from applications.experiments import metagrad_quality as mq
 from bilevel.linsolve import CG, MINRES
+from bilevel.tree import tree_cosine, tree_ravel, tree_relative_error, tree_unravel
 
 DT = torch.float64
 SHAPES = {"a": (3,), "b": (2, 2)}
@@ -40,21 +42,21 @@ def _problem(eigs: list[float], seed: int = 0):
     c = torch.randn(DIM, generator=g, dtype=DT)
     w = torch.randn(DIM, generator=g, dtype=DT)
     theta_flat = torch.randn(DIM, generator=g, dtype=DT)
-    theta = mq._unflatten(theta_flat, {k: torch.empty(s, dtype=DT) for k, s in SHAPES.items()})
+    theta = tree_unravel({k: torch.empty(s, dtype=DT) for k, s in SHAPES.items()}, theta_flat)
 
     def inner(phi):
-        x = mq.flatten(phi)
+        x = tree_ravel(phi)
         return 0.5 * x @ (H @ x) + c @ x
 
     def outer(phi):
-        x = mq.flatten(phi)
+        x = tree_ravel(phi)
         return w @ x + 0.5 * x @ x
 
     return H, c, w, theta, inner, outer
 
 
 def _v(phi, w):
-    return w + mq.flatten(phi)
+    return w + tree_ravel(phi)
 
 
 # A well-posed problem (H + λI positive definite for λ = 1.5) and an indefinite one.
@@ -68,9 +70,9 @@ def test_implicit_matches_dense_formula(linsolve):
     phi = {k: v + 0.1 for k, v in theta.items()}  # any point: H is constant on a quadratic
     r = mq.implicit_meta_gradient(inner, outer, theta, LAM, linsolve, phi=phi)
     expected = LAM * torch.linalg.solve(H + LAM * torch.eye(DIM, dtype=DT), _v(phi, w))
-    torch.testing.assert_close(mq.flatten(r.grad), expected, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(tree_ravel(r.grad), expected, rtol=1e-9, atol=1e-11)
     assert r.relative_residual < 1e-10
-    assert r.status == "SUCCESS"
+    assert r.status is bilevel.Status.SUCCESS
 
 
 def test_implicit_indefinite_minres_and_damping():
@@ -80,10 +82,10 @@ def test_implicit_indefinite_minres_and_damping():
     lam, delta = 0.5, 1.0
     eye = torch.eye(DIM, dtype=DT)
     exact = mq.implicit_meta_gradient(inner, outer, theta, lam, MINRES(rtol=1e-13, maxiter=200), phi=phi)
-    torch.testing.assert_close(mq.flatten(exact.grad), lam * torch.linalg.solve(H + lam * eye, _v(phi, w)), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(tree_ravel(exact.grad), lam * torch.linalg.solve(H + lam * eye, _v(phi, w)), rtol=1e-8, atol=1e-10)
     damped = mq.implicit_meta_gradient(inner, outer, theta, lam, CG(rtol=1e-13, maxiter=100), phi=phi, damping=delta)
     torch.testing.assert_close(
-        mq.flatten(damped.grad), lam * torch.linalg.solve(H + (lam + delta) * eye, _v(phi, w)), rtol=1e-9, atol=1e-11
+        tree_ravel(damped.grad), lam * torch.linalg.solve(H + (lam + delta) * eye, _v(phi, w)), rtol=1e-9, atol=1e-11
     )
 
 
@@ -96,7 +98,7 @@ def test_implicit_needs_exactly_one_of_phi_or_solver():
 def _dense_unrolled(H, c, w, theta, lam, lr, steps):
     eye = torch.eye(DIM, dtype=DT)
     M = eye - lr * (H + lam * eye)
-    th = mq.flatten(theta)
+    th = tree_ravel(theta)
     x = th.clone()
     J = eye.clone()  # dφ_0/dθ
     for _ in range(steps):
@@ -111,17 +113,17 @@ def test_unrolled_matches_dense_derivative(steps):
     lr = 0.2
     expected, x_K, M = _dense_unrolled(H, c, w, theta, LAM, lr, steps)
     got = mq.unrolled_meta_gradient(inner, outer, theta, LAM, lr=lr, steps=steps)
-    torch.testing.assert_close(mq.flatten(got), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tree_ravel(got), expected, rtol=1e-10, atol=1e-12)
     # The closed form M^K + λ(H + λI)^{-1}(I − M^K) of the same Jacobian.
     eye = torch.eye(DIM, dtype=DT)
     MK = torch.linalg.matrix_power(M, steps)
     J = MK + LAM * torch.linalg.solve(H + LAM * eye, eye - MK)
     torch.testing.assert_close(J @ (w + x_K), expected, rtol=1e-10, atol=1e-12)
     # The iterates are those of the library's GradientDescent inside Proximal.
-    phi = mq.proximal_gd(inner, theta, LAM, lr, steps)
+    phi = meta_gradients.gd_steps(inner, theta, lr=lr, steps=steps, lam=LAM)
     layer_phi = bilevel.Proximal(inner, lam=LAM, solver=bilevel.solvers.GradientDescent(lr=lr, steps=steps))(theta)
-    torch.testing.assert_close(mq.flatten(phi), x_K, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(mq.flatten(layer_phi), x_K, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tree_ravel(phi), x_K, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tree_ravel(layer_phi), x_K, rtol=1e-12, atol=1e-12)
 
 
 def test_unrolled_tends_to_implicit():
@@ -130,9 +132,9 @@ def test_unrolled_tends_to_implicit():
     errs = []
     for steps in (2, 10, 40, 300):
         unrolled = mq.unrolled_meta_gradient(inner, outer, theta, LAM, lr=lr, steps=steps)
-        phi = mq.proximal_gd(inner, theta, LAM, lr, steps)
+        phi = meta_gradients.gd_steps(inner, theta, lr=lr, steps=steps, lam=LAM)
         implicit = mq.implicit_meta_gradient(inner, outer, theta, LAM, MINRES(rtol=1e-13, maxiter=100), phi=phi)
-        errs.append(mq.relative_error(unrolled, implicit.grad))
+        errs.append(float(tree_relative_error(unrolled, implicit.grad)))
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 1e-8
 
@@ -142,37 +144,45 @@ def test_implicit_with_gd_solver_runs_the_forward():
     gd = bilevel.solvers.GradientDescent(lr=0.2, steps=300)
     r = mq.implicit_meta_gradient(inner, outer, theta, LAM, CG(rtol=1e-13, maxiter=100), solver=gd)
     eye = torch.eye(DIM, dtype=DT)
-    phi_star = torch.linalg.solve(H + LAM * eye, LAM * mq.flatten(theta) - c)
-    torch.testing.assert_close(mq.flatten(r.phi), phi_star, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(mq.flatten(r.grad), LAM * torch.linalg.solve(H + LAM * eye, w + phi_star), rtol=1e-9, atol=1e-10)
+    phi_star = torch.linalg.solve(H + LAM * eye, LAM * tree_ravel(theta) - c)
+    torch.testing.assert_close(tree_ravel(r.phi), phi_star, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(tree_ravel(r.grad), LAM * torch.linalg.solve(H + LAM * eye, w + phi_star), rtol=1e-9, atol=1e-10)
 
 
 def test_hessian_extremes_match_eigvalsh():
+    # The tool's curvature estimate is bilevel.hessian_extremes (Lanczos on Hessian-vector products).
     A = _sym([-3.0, -1.0, -0.5, 0.0, 0.1, 0.7, 1.0, 2.0, 5.0, 9.0, 9.5, 12.0], seed=5)
     exact = torch.linalg.eigvalsh(A)
-    lo, hi = mq.hessian_extremes(lambda v: A @ v, A.shape[0], iters=A.shape[0])
+
+    def quadratic(x):
+        return 0.5 * x @ (A @ x)
+
+    x0 = torch.zeros(A.shape[0], dtype=DT)
+    lo, hi = (float(e) for e in bilevel.hessian_extremes(quadratic, x0, iters=A.shape[0]))
     assert math.isclose(lo, float(exact[0]), rel_tol=1e-9, abs_tol=1e-9)
     assert math.isclose(hi, float(exact[-1]), rel_tol=1e-9, abs_tol=1e-9)
     # Fewer steps: Ritz values lie inside the spectrum.
-    lo6, hi6 = mq.hessian_extremes(lambda v: A @ v, A.shape[0], iters=6)
+    lo6, hi6 = (float(e) for e in bilevel.hessian_extremes(quadratic, x0, iters=6))
     assert float(exact[0]) - 1e-9 <= lo6 and hi6 <= float(exact[-1]) + 1e-9
 
 
-def test_hvp_operator_gives_the_hessian():
+def test_hessian_of_the_tree_objective_is_h():
+    # The tool's Hessian-vector products are those of bilevel.hessian_extremes on the loss of a
+    # parameter dict: the dense Hessian of the dict objective is H, and its extremes are H's.
     H, _, _, theta, inner, _ = _problem(PD_EIGS, seed=6)
-    hvp = mq.hvp_operator(inner, theta)
-    dense = torch.stack([hvp(e) for e in torch.eye(DIM, dtype=DT)], 1)
+    dense = torch.func.hessian(lambda v: inner(tree_unravel(theta, v)))(tree_ravel(theta))
     torch.testing.assert_close(dense, H, rtol=1e-12, atol=1e-12)
-    lo, hi = mq.hessian_extremes(hvp, DIM, iters=DIM)
+    lo, hi = (float(e) for e in bilevel.hessian_extremes(inner, theta, iters=DIM))
     assert math.isclose(lo, min(PD_EIGS), abs_tol=1e-9) and math.isclose(hi, max(PD_EIGS), abs_tol=1e-9)
 
 
 def test_cosine_and_relative_error():
+    # The tool compares meta-gradients with bilevel.tree's cosine and relative error.
     a = {"x": torch.tensor([1.0, 0.0], dtype=DT)}
     b = {"x": torch.tensor([1.0, 1.0], dtype=DT)}
-    assert math.isclose(mq.cosine(a, b), 1 / math.sqrt(2))
-    assert math.isclose(mq.relative_error(a, b), 1 / math.sqrt(2))
-    assert math.isnan(mq.cosine(a, {"x": torch.zeros(2, dtype=DT)}))
+    assert math.isclose(float(tree_cosine(a, b)), 1 / math.sqrt(2))
+    assert math.isclose(float(tree_relative_error(a, b)), 1 / math.sqrt(2))
+    assert math.isnan(float(tree_cosine(a, {"x": torch.zeros(2, dtype=DT)})))
 
 
 def _omniglot_root() -> Path | None:

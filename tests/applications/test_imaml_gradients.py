@@ -22,6 +22,7 @@ from applications.imaml.models import MLP, ConvNet
 from applications.imaml.tasks import TaskBatch
 from bilevel.linsolve import CG
 from bilevel.solvers import NewtonCG
+from bilevel.tree import tree_ravel, tree_unravel
 
 DT = torch.float64
 
@@ -77,16 +78,14 @@ def _mlp_problem(B: int = 2, K: int = 6, Q: int = 5) -> tuple[MLP, dict, TaskBat
 
 
 def _flat(d: dict, keys: list[str]) -> torch.Tensor:
-    return torch.cat([d[k].reshape(-1) for k in keys])
+    """The leaves of ``d`` in the order ``keys``, as one vector."""
+    return tree_ravel({k: d[k] for k in keys})
 
 
 def _unflat(v: torch.Tensor, like: dict, keys: list[str]) -> dict:
-    out, i = {}, 0
-    for k in keys:
-        n = like[k].numel()
-        out[k] = v[i : i + n].view_as(like[k])
-        i += n
-    return out
+    """Inverse of :func:`_flat`, shapes from ``like``."""
+    return tree_unravel({k: like[k] for k in keys}, v)
+
 
 
 def _tight_layer(learner: MetaLearner, lam: float) -> bilevel.Proximal:

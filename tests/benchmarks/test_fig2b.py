@@ -73,7 +73,7 @@ def test_summary(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
 def test_maml_and_fomaml_at_one_step(bench: ModuleType) -> None:
     """K = 1 against torch.func: MAML's meta-gradient is ∇_θ L_q(θ − lr ∇L_s(θ)), first-order
     MAML's is ∇L_q at θ − lr ∇L_s(θ)."""
-    p = bench.Problem(filters=4, meta_batch=1)
+    p = bench.paper_problem(filters=4, meta_batch=1)
     theta = {k: v.detach() for k, v in p.theta.items()}
     xs, ys, xq, yq = p.xs[0], p.ys[0], p.xq[0], p.yq[0]
 
