@@ -19,8 +19,8 @@ Public API:
 * :func:`hessian_extremes` -- the extreme eigenvalues of an objective's Hessian (Lanczos, batched);
 * :func:`time_alternatives` — the timing rule of ``batched="auto"``, for a program's own
   choices between equivalent computations;
-* results and diagnostics — :class:`Status`, :class:`SolverResult`,
-  :class:`LinearSolveResult`, :class:`Diagnostics`;
+* results and diagnostics — :class:`Status`, :class:`SolveResult` (the base of
+  :class:`SolverResult` and :class:`LinearSolveResult`), :class:`Diagnostics`;
 * errors and warnings (one module, ``bilevel/_errors.py``) — every exception derives from
   :class:`BilevelError` (and the matching built-in: ``ValueError``, ``TypeError``, ...),
   every warning from :class:`BilevelWarning`: :class:`ConvergenceWarning`,
@@ -48,7 +48,7 @@ from ._errors import (
 )
 from ._layer_base import ImplicitLayer
 from ._proximal import Proximal
-from ._result import LinearSolveResult, SolverResult, Status
+from ._result import LinearSolveResult, SolveResult, SolverResult, Status
 from ._root_layers import FixedPoint, custom_root
 from ._timing import time_alternatives
 from ._types import Batched, HvpMode, InnerSolver, LinearSolverLike, OnFailure
@@ -76,6 +76,7 @@ __all__ = [
     "NotDifferentiableError",
     "OnFailure",
     "Proximal",
+    "SolveResult",
     "SolverResult",
     "Status",
     "UnsupportedError",

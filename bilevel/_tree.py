@@ -145,6 +145,7 @@ def _bcast(alpha: Any, leaf: Tensor, batched: bool) -> Any:
 
 
 def tree_sub(a: Any, b: Any) -> Any:
+    """``a − b`` leaf-wise (two trees of the same structure)."""
     return tree_map(torch.sub, a, b)
 
 
@@ -164,10 +165,12 @@ def tree_where(mask: Tensor, a: Any, b: Any) -> Any:
 
 
 def tree_zeros_like(a: Any) -> Any:
+    """A tree of zeros shaped like ``a``."""
     return tree_map(torch.zeros_like, a)
 
 
 def tree_detach(a: Any) -> Any:
+    """``a`` with every leaf detached from the autograd graph."""
     return tree_map(torch.Tensor.detach, a)
 
 

@@ -82,20 +82,8 @@ def test_the_operator_tags_agree_with_the_solver_class(solver) -> None:
     assert ("device_loop" in caps) == type(solver).vmap_tolerance
 
 
-# LinearSolver documents that a fixed budget runs under vmap, and the refusal of a
-# tolerance solve there recommends ``steps=m``; GMRES and BiCGSTAB with ``steps`` still
-# read tensors on the host inside their loops (bilevel/linsolve/_gmres.py, _bicgstab.py).
-_VMAP_FIXED_BUDGET_BUG = pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="GMRES/BiCGSTAB(steps=m) read the host inside the loop under vmap"
-)
-
-
 def _transforms_params() -> list:
-    out = []
-    for e in registry.entries(registry.LINEAR):
-        known = "fixed_budget" in e.tags and "device_loop" not in e.tags
-        out.append(pytest.param(e, id=e.id, marks=[_VMAP_FIXED_BUDGET_BUG] if known else []))
-    return out
+    return [pytest.param(e, id=e.id) for e in registry.entries(registry.LINEAR)]
 
 
 @pytest.mark.parametrize("entry", _transforms_params())
@@ -108,7 +96,10 @@ def test_transforms_tag_says_whether_a_linear_solver_runs_under_vmap(entry: regi
         return solver(lambda v: a @ v, rhs).x
 
     if "transforms" in entry.tags:
-        assert torch.func.vmap(solve)(b).shape == b.shape
+        out = torch.func.vmap(solve)(b)
+        assert out.shape == b.shape
+        if "fixed_budget" in entry.tags:  # the same iterations as one solve per column
+            torch.testing.assert_close(out, torch.stack([solve(col) for col in b]), rtol=1e-10, atol=1e-12)
     else:
         with pytest.raises(UnsupportedError, match="vmap"):
             torch.func.vmap(solve)(b)

@@ -16,6 +16,7 @@ from .._iterate import Outcome, iterate
 from .._result import LinearSolveResult, Status
 from .._tree import tree_axpy, tree_norm, tree_vdot, tree_where, tree_zeros_like
 from ._base import (
+    _UNDER_VMAP,
     LinearSolver,
     MatVec,
     finish,
@@ -132,9 +133,10 @@ class BiCGSTAB(LinearSolver):
             return new, out
 
         # The recursive residual drifts from the true one: every claim is verified, even
-        # with a fixed budget (the reported residual is always the true one).
+        # with a fixed budget (the reported residual is always the true one) -- except under
+        # vmap, where nothing can be read on the host and no status is reported anyway.
         state = iterate(
-            step, state, tally, maxiter=self._maxiter(b, batched),
+            step, state, tally, maxiter=self._maxiter(b, batched), fixed=_UNDER_VMAP.get() is not None,
             verifier=residual_verifier(matvec, b, thresh, batched, restart),
         )
         return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)

@@ -93,6 +93,7 @@ class GMRES(LinearSolver):
         x, r = initial_guess(matvec, b, x0)
         rnorm = norm(r)
         tally = start_tally(rnorm, thresh, (Status.SUCCESS, Status.NONFINITE, Status.BREAKDOWN))
+        syncless = self._syncless
         # ``total``: Arnoldi steps taken by the batch as a whole (bounded by maxiter).
         state: dict[str, Any] = {"x": x, "r": r, "rnorm": rnorm, "total": 0}
 
@@ -115,7 +116,7 @@ class GMRES(LinearSolver):
             live = active
 
             for j in range(m):
-                if j > 0 and not bool(live.any()):  # host sync: the per-step stopping test
+                if j > 0 and not syncless and not bool(live.any()):  # host sync: the per-step stopping test
                     break
                 w = matvec(basis[j])
                 # Modified Gram-Schmidt: orthogonalise against each basis vector in turn
@@ -182,6 +183,8 @@ class GMRES(LinearSolver):
             new = {"x": x, "r": r, "rnorm": torch.where(active, rtrue, rnorm), "total": total}
             return new, Outcome(moved=ncol, stopped=stopped, exhausted=total >= maxiter)
 
-        # A budget of Arnoldi steps, counted by the cycles themselves (``exhausted``).
-        state = iterate(cycle, state, tally, maxiter=None)
+        # A budget of Arnoldi steps, counted by the cycles themselves (``exhausted``).  With a
+        # fixed budget (or under vmap) no value is read on the host: finished tasks are
+        # masked on the device and every cycle runs its Arnoldi steps.
+        state = iterate(cycle, state, tally, maxiter=None, fixed=syncless)
         return finish(state["x"], state["rnorm"], tally, self._exhausted, batched)

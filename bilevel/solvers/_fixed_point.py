@@ -62,7 +62,7 @@ class FixedPointIteration(Solver):
         >>> import torch
         >>> from bilevel.solvers import FixedPointIteration
         >>> res = FixedPointIteration(rtol=1e-10)(lambda x: 0.5 * x + 1.0, torch.zeros(2, dtype=torch.float64))
-        >>> res.status.name, res.x.tolist()
+        >>> res.status.name, [round(v, 6) for v in res.x.tolist()]
         ('SUCCESS', [2.0, 2.0])
     """
 
