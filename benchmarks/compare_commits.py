@@ -25,7 +25,7 @@ def _rows(out: Path, pattern: str) -> dict[str, list[dict[str, str]]]:
 
 
 def main(out: Path) -> None:
-    print(f"{'benchmark':<14}{'method':<16}{'before':>12}{'after':>12}{'after/before':>14}"
+    print(f"{'benchmark':<14}{'method':<20}{'before':>12}{'after':>12}{'after/before':>14}"
           f"{'x hand before':>15}{'x hand after':>14}{'runs':>6}")
     for label, pattern, key, unit, scale, x_col in (
         ("small problem", "sp_{tree}_*/small_problem.csv", ("method",), "ms", 1.0, "x_hand_written"),
@@ -41,7 +41,7 @@ def main(out: Path) -> None:
                 med[tree] = statistics.median(float(r[col]) * scale for r in sel)
                 xh[tree] = statistics.median(float(r[x_col]) for r in sel)
             n = min(sum(1 for r in runs[t] if tuple(r[k] for k in key) == g) for t in runs)
-            print(f"{label:<14}{'/'.join(g):<16}{med['before']:>10.3f}{unit:<2}{med['after']:>10.3f}{unit:<2}"
+            print(f"{label:<14}{'/'.join(g):<20}{med['before']:>10.3f}{unit:<2}{med['after']:>10.3f}{unit:<2}"
                   f"{med['after'] / med['before']:>14.3f}{xh['before']:>15.2f}{xh['after']:>14.2f}{n:>6}")
 
 

@@ -28,26 +28,26 @@ from ._tree import (
 
 
 def hessian_extremes(
-    objective: Objective, x: Any, *args: Any, batched: bool = False, iters: int = 20, seed: int = 0
+    objective: Objective, x: Any, *args: Any, batched: bool = False, steps: int = 20, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Estimates of the smallest and largest eigenvalue of ``∇²ₓ objective(x, *args)``.
 
-    ``min(iters, n)`` Lanczos steps (``n`` unknowns per task) from a seeded random vector,
+    ``min(steps, n)`` Lanczos steps (a fixed budget) (``n`` unknowns per task) from a seeded random vector,
     with full re-orthogonalisation (twice), then the Rayleigh-Ritz values of the projected
     matrix.  Ritz values lie inside the spectrum and the extreme ones converge first: the
     returned ``λ_min`` is an upper bound of the true smallest eigenvalue and ``λ_max`` a
-    lower bound of the largest, both exact once ``iters >= n``.  When a task's Krylov
+    lower bound of the largest, both exact once ``steps >= n``.  When a task's Krylov
     space becomes invariant (its Ritz values are then exact eigenvalues), it continues from
     a fresh random direction orthogonal to the basis, so no spurious zero appears.  No host
-    synchronisation: it can run inside a fixed-budget step.  Cost: ``iters`` Hessian-vector
-    products (one gradient graph, reused) and ``iters`` stored vectors.
+    synchronisation: it can run inside a fixed-budget step.  Cost: ``steps`` Hessian-vector
+    products (one gradient graph, reused) and ``steps`` stored vectors.
 
     Args:
         objective: ``objective(x, *args) -> scalar`` (``(B,)`` per-task values when batched).
         x: the point, a tensor tree (leading task dimension when batched).
         *args: further arguments of the objective (held fixed).
         batched: one estimate per task.
-        iters: Lanczos steps (≥ 1).
+        steps: Lanczos steps (≥ 1).
         seed: seed of the random start vectors.
 
     Returns:
@@ -61,11 +61,11 @@ def hessian_extremes(
         >>> round(float(lo), 4), round(float(hi), 4)
         (-1.0, 5.0)
     """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise BilevelValueError(f"hessian_extremes: iters must be an int >= 1, got {iters!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise BilevelValueError(f"hessian_extremes: steps must be an int >= 1, got {steps!r}")
     leaves, treedef = tree_flatten(x)
     x = tree_unflatten(treedef, [t.detach() for t in leaves])
-    k = min(iters, tree_size(x, batched))
+    k = min(steps, tree_size(x, batched))
     matvec = hessian_operator(objective, x, args, batched)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -106,10 +106,10 @@ def hessian_extremes(
     return ritz[..., 0].to(dtype), ritz[..., -1].to(dtype)
 
 
-def has_negative_curvature(objective: Objective, x: Any, args: tuple, batched: bool, iters: int = 10) -> Tensor:
+def has_negative_curvature(objective: Objective, x: Any, args: tuple, batched: bool, steps: int = 10) -> Tensor:
     """Per task: whether the Hessian at ``x`` has a clearly negative eigenvalue -- below
     ``-sqrt(eps) * max|λ|`` (a positive semi-definite Hessian gives Ritz values ≥ 0 up to
-    rounding).  :func:`hessian_extremes` with ``iters`` steps."""
-    lo, hi = hessian_extremes(objective, x, *args, batched=batched, iters=iters)
+    rounding).  :func:`hessian_extremes` with ``steps`` Lanczos steps."""
+    lo, hi = hessian_extremes(objective, x, *args, batched=batched, steps=steps)
     eps = torch.finfo(lo.dtype).eps
     return lo < -(eps**0.5) * torch.maximum(lo.abs(), hi.abs())

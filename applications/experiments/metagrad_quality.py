@@ -305,7 +305,7 @@ def measure_task(
     )
 
     # Curvature at φ: H + λI positive definite iff λ_min(H) > −λ.
-    hmin, hmax = (float(e) for e in bilevel.hessian_extremes(loss, phi, *support, iters=s.lanczos_iters, seed=seed))
+    hmin, hmax = (float(e) for e in bilevel.hessian_extremes(loss, phi, *support, steps=s.lanczos_iters, seed=seed))
 
     # Did the inner solve converge?  Gradient of the proximal objective at φ vs at θ (where
     # the proximal term vanishes).

@@ -402,7 +402,7 @@ class MetaLearner:
         the largest Ritz value of ``iters`` Lanczos steps (:func:`bilevel.hessian_extremes`),
         a lower bound of the true one."""
         return bilevel.hessian_extremes(vmap(self.support_loss), phi, batch.support_x, batch.support_y, batched=True,
-                                        iters=max(1, iters))[1]
+                                        steps=max(1, iters))[1]
 
     def meta_gradient(self, theta: Params, rho: Params, batch: TaskBatch) -> MetaGradient:
         return ALGORITHMS[self.config.algorithm].meta_gradient(self, theta, rho, batch)

@@ -37,7 +37,7 @@ from torch import Tensor
 from .._autodiff import Objective, value, value_and_grad
 from .._errors import BilevelValueError, UnsupportedError
 from .._tree import tree_axpy, tree_vdot
-from .._validate import check_int, check_real
+from .._validate import check_int, check_real, warn_renamed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,17 @@ class LineSearchResult:
 # ----------------------------------------------------------------------------------------
 # Line searches
 # ----------------------------------------------------------------------------------------
+def _renamed_max_steps(search: Any) -> None:
+    """``max_steps`` (a cap, so ``maxiter`` in the library's vocabulary) still works, with a warning."""
+    name = type(search).__name__
+    if search.max_steps is not None:
+        check_int(name, "max_steps", search.max_steps, 1)
+        warn_renamed(name, "max_steps", "maxiter", stacklevel=5)
+        object.__setattr__(search, "maxiter", search.max_steps)
+        object.__setattr__(search, "max_steps", None)
+    check_int(name, "maxiter", search.maxiter, 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class BacktrackingArmijo:
     """Backtracking line search for the Armijo (sufficient decrease) condition.
@@ -84,22 +95,24 @@ class BacktrackingArmijo:
     Args:
         c1: sufficient-decrease constant in (0, 1).
         shrink: step reduction factor in (0, 1).
-        max_steps: number of trial steps before giving up.
+        max_steps: deprecated name of ``maxiter``.
         initial_step: first trial step (> 0); a caller may override it per call.
         noise: rounding allowance in units of ``eps * |f(x)|`` (>= 0; 0: exact test).
+        maxiter: the cap on trial steps before giving up (>= 1).
     """
 
     c1: float = 1e-4
     shrink: float = 0.5
-    max_steps: int = 30
+    max_steps: int | None = None
     initial_step: float = 1.0
     noise: float = 100.0
+    maxiter: int = 30
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_real(name, "c1", self.c1, 0.0, 1.0)
         check_real(name, "shrink", self.shrink, 0.0, 1.0)
-        check_int(name, "max_steps", self.max_steps, 1)
+        _renamed_max_steps(self)
         check_real(name, "initial_step", self.initial_step, 0.0)
         check_real(name, "noise", self.noise, 0.0, lo_open=False)
 
@@ -142,7 +155,7 @@ class BacktrackingArmijo:
         f_new = f0.clone()
         eps_f = self.noise * torch.finfo(f0.dtype).eps * f0.abs()
         n_fun = 0
-        for _ in range(self.max_steps):
+        for _ in range(self.maxiter):
             if not bool(searching.any()):  # one host sync per trial: the stopping test
                 break
             xt = tree_axpy(torch.where(searching, trial, torch.zeros_like(trial)), d, x, batched)
@@ -193,14 +206,16 @@ class StrongWolfe:
     Args:
         c1: sufficient-decrease constant in (0, 1).
         c2: curvature constant in (c1, 1) (0.9 for quasi-Newton methods, 0.1 for CG).
-        max_steps: total number of trial evaluations (bracketing and zoom together).
+        max_steps: deprecated name of ``maxiter``.
         noise: rounding allowance in units of ``eps * |f(x)|`` (>= 0; 0: exact strong Wolfe).
+        maxiter: the cap on trial evaluations, bracketing and zoom together (>= 1).
     """
 
     c1: float = 1e-4
     c2: float = 0.9
-    max_steps: int = 25
+    max_steps: int | None = None
     noise: float = 100.0
+    maxiter: int = 25
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -208,7 +223,7 @@ class StrongWolfe:
         check_real(name, "c2", self.c2, 0.0, 1.0)
         if not self.c1 < self.c2:
             raise BilevelValueError(f"{name}: need c1 < c2, got c1={self.c1!r}, c2={self.c2!r}")
-        check_int(name, "max_steps", self.max_steps, 1)
+        _renamed_max_steps(self)
         check_real(name, "noise", self.noise, 0.0, lo_open=False)
 
     def __call__(
@@ -276,7 +291,7 @@ class StrongWolfe:
             # among such steps; d_lo * (hi - lo) < 0, so a strong Wolfe step lies between.
             # Values within eps_f of f_lo are ties lost in rounding: the derivative decides
             # (as in Hager & Zhang's approximate-Wolfe updates), not the noise.
-            while evals["n"] < self.max_steps:
+            while evals["n"] < self.maxiter:
                 width = hi - lo
                 if abs(width) <= 1e-12 * max(abs(lo), abs(hi)) or width == 0:
                     return fail()  # bracket collapsed to rounding level
@@ -302,7 +317,7 @@ class StrongWolfe:
         a_prev, f_prev, d_prev = 0.0, phi0, dphi0
         a = float(initial_step)
         first = True
-        while evals["n"] < self.max_steps:
+        while evals["n"] < self.maxiter:
             fa, da = phi(a)
             if not armijo(a, fa, da) or (not first and fa >= f_prev + eps_f):
                 return zoom(a_prev, f_prev, d_prev, a, fa, da)

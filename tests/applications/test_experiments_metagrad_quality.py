@@ -158,11 +158,11 @@ def test_hessian_extremes_match_eigvalsh():
         return 0.5 * x @ (A @ x)
 
     x0 = torch.zeros(A.shape[0], dtype=DT)
-    lo, hi = (float(e) for e in bilevel.hessian_extremes(quadratic, x0, iters=A.shape[0]))
+    lo, hi = (float(e) for e in bilevel.hessian_extremes(quadratic, x0, steps=A.shape[0]))
     assert math.isclose(lo, float(exact[0]), rel_tol=1e-9, abs_tol=1e-9)
     assert math.isclose(hi, float(exact[-1]), rel_tol=1e-9, abs_tol=1e-9)
     # Fewer steps: Ritz values lie inside the spectrum.
-    lo6, hi6 = (float(e) for e in bilevel.hessian_extremes(quadratic, x0, iters=6))
+    lo6, hi6 = (float(e) for e in bilevel.hessian_extremes(quadratic, x0, steps=6))
     assert float(exact[0]) - 1e-9 <= lo6 and hi6 <= float(exact[-1]) + 1e-9
 
 
@@ -172,7 +172,7 @@ def test_hessian_of_the_tree_objective_is_h():
     H, _, _, theta, inner, _ = _problem(PD_EIGS, seed=6)
     dense = torch.func.hessian(lambda v: inner(tree_unravel(theta, v)))(tree_ravel(theta))
     torch.testing.assert_close(dense, H, rtol=1e-12, atol=1e-12)
-    lo, hi = (float(e) for e in bilevel.hessian_extremes(inner, theta, iters=DIM))
+    lo, hi = (float(e) for e in bilevel.hessian_extremes(inner, theta, steps=DIM))
     assert math.isclose(lo, min(PD_EIGS), abs_tol=1e-9) and math.isclose(hi, max(PD_EIGS), abs_tol=1e-9)
 
 

@@ -61,7 +61,7 @@ def test_armijo_sufficient_decrease_and_maximal_step(problem, c1: float, shrink:
     fn, args, x, d, f0, g0 = _random_problem(seed, kind, cond)
     slope = float(tree_vdot(g0, d))
     assert slope < 0
-    ls = BacktrackingArmijo(c1=c1, shrink=shrink, max_steps=60, noise=0.0)  # the exact textbook test
+    ls = BacktrackingArmijo(c1=c1, shrink=shrink, maxiter=60, noise=0.0)  # the exact textbook test
     res = ls(fn, x, d, args, f0=f0, g0=g0)
     assert bool(res.success)
     a = float(res.step)
@@ -129,7 +129,7 @@ def test_strong_wolfe_conditions(problem, constants) -> None:
     assert abs(float(ga @ d)) <= c2 * abs(slope)  # strong curvature
     assert float(res.value) == float(fa)
     assert torch.allclose(res.grad, ga, rtol=1e-12, atol=1e-14)
-    assert res.n_fun == res.n_grad <= ls.max_steps
+    assert res.n_fun == res.n_grad <= ls.maxiter
 
 
 @SETTINGS
@@ -243,7 +243,7 @@ def test_nan_along_direction_fails(ls) -> None:
     assert torch.isfinite(f0) and torch.isfinite(g0).all()
     res = ls(fn, x0, -g0, f0=f0, g0=g0)
     assert not bool(res.success)
-    assert res.n_fun == ls.max_steps
+    assert res.n_fun == ls.maxiter
     assert torch.equal(res.x, x0) and float(res.value) == float(f0)
 
 
@@ -254,7 +254,7 @@ def test_strong_wolfe_fails_on_linear_function() -> None:
 
     x = torch.zeros(3, dtype=torch.float64)
     f0, g0 = value_and_grad(fn, x, ())
-    res = StrongWolfe(max_steps=10)(fn, x, -g0, f0=f0, g0=g0)
+    res = StrongWolfe(maxiter=10)(fn, x, -g0, f0=f0, g0=g0)
     assert not bool(res.success) and res.n_fun == 10
 
 
@@ -271,14 +271,14 @@ def test_strong_wolfe_rejects_batched() -> None:
         lambda: BacktrackingArmijo(c1=1.0),
         lambda: BacktrackingArmijo(shrink=1.0),
         lambda: BacktrackingArmijo(shrink=0),
-        lambda: BacktrackingArmijo(max_steps=0),
-        lambda: BacktrackingArmijo(max_steps=2.5),
+        lambda: BacktrackingArmijo(maxiter=0),
+        lambda: BacktrackingArmijo(maxiter=2.5),
         lambda: BacktrackingArmijo(initial_step=-1.0),
         lambda: BacktrackingArmijo(noise=-1.0),
         lambda: StrongWolfe(c1=0.5, c2=0.4),
         lambda: StrongWolfe(c2=1.0),
         lambda: StrongWolfe(c1=float("nan")),
-        lambda: StrongWolfe(max_steps=0),
+        lambda: StrongWolfe(maxiter=0),
     ],
 )
 def test_line_search_bad_arguments(make) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from bilevel import Status
 from bilevel.linsolve import CG
-from bilevel.solvers import LBFGS, Adam, FixedPointIteration, GradientDescent, NewtonCG
+from bilevel.solvers import LBFGS, Adam, BacktrackingArmijo, FixedPointIteration, GradientDescent, NewtonCG, StrongWolfe
 
 
 def _quad(x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,11 @@ def test_newton_cg_takes_a_cg() -> None:
     (lambda: Adam(lr=0.1, steps=30, rtol=1e-6), lambda: Adam(lr=0.1, maxiter=30, rtol=1e-6), "maxiter"),
     (lambda: NewtonCG(cg_maxiter=2, cg_rtol=0.1), lambda: NewtonCG(linsolve=CG(maxiter=2, rtol=0.1)), "linsolve=CG"),
     (lambda: FixedPointIteration(damping=0.5), lambda: FixedPointIteration(relaxation=0.5), "relaxation"),
-], ids=["gd-steps-cap", "adam-steps-cap", "newton-cg-options", "fixed-point-damping"])
+    (lambda: NewtonCG(line_search=BacktrackingArmijo(max_steps=5)),
+     lambda: NewtonCG(line_search=BacktrackingArmijo(maxiter=5)), "maxiter"),
+    (lambda: LBFGS(line_search=StrongWolfe(max_steps=7)), lambda: LBFGS(line_search=StrongWolfe(maxiter=7)), "maxiter"),
+], ids=["gd-steps-cap", "adam-steps-cap", "newton-cg-options", "fixed-point-damping", "armijo-max-steps",
+        "wolfe-max-steps"])
 def test_old_names_warn_and_mean_the_new(old, new, match) -> None:
     with pytest.warns(DeprecationWarning, match=match):
         solver = old()
