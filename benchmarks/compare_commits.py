@@ -4,7 +4,8 @@
 
 Reads ``OUT/sp_{before,after}_*/small_problem.csv`` and ``OUT/ms_{before,after}_*/metastep*.csv``
 and prints, per method, the median over the runs of each run's median time, the after/before
-ratio, and each run's own ratio to the hand-written baseline (which cancels the machine's drift).
+ratio, each run's own ratio to the hand-written baseline (which cancels the machine's drift),
+and the median steady peak memory (MiB, meta-step only) where it was measured.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _rows(out: Path, pattern: str) -> dict[str, list[dict[str, str]]]:
 
 def main(out: Path) -> None:
     print(f"{'benchmark':<14}{'method':<20}{'before':>12}{'after':>12}{'after/before':>14}"
-          f"{'x hand before':>15}{'x hand after':>14}{'runs':>6}")
+          f"{'x hand before':>15}{'x hand after':>14}{'runs':>6}{'MiB before':>12}{'MiB after':>11}")
     for label, pattern, key, unit, scale, x_col in (
         ("small problem", "sp_{tree}_*/small_problem.csv", ("method",), "ms", 1.0, "x_hand_written"),
         ("meta-step", "ms_{tree}_*/metastep*.csv", ("net", "method"), "s", 1.0, "x_hand_written"),
@@ -35,14 +36,17 @@ def main(out: Path) -> None:
         col = "median_ms" if unit == "ms" else "median_s"
         groups = sorted({tuple(r[k] for k in key) for r in runs["before"]} & {tuple(r[k] for k in key) for r in runs["after"]})
         for g in groups:
-            med, xh = {}, {}
+            med, xh, mem = {}, {}, {}
             for tree in ("before", "after"):
                 sel = [r for r in runs[tree] if tuple(r[k] for k in key) == g]
                 med[tree] = statistics.median(float(r[col]) * scale for r in sel)
                 xh[tree] = statistics.median(float(r[x_col]) for r in sel)
+                mibs = [float(r["mem_steady_mib"]) for r in sel if r.get("mem_steady_mib") not in (None, "")]
+                mem[tree] = f"{statistics.median(mibs):.0f}" if mibs else "-"
             n = min(sum(1 for r in runs[t] if tuple(r[k] for k in key) == g) for t in runs)
             print(f"{label:<14}{'/'.join(g):<20}{med['before']:>10.3f}{unit:<2}{med['after']:>10.3f}{unit:<2}"
-                  f"{med['after'] / med['before']:>14.3f}{xh['before']:>15.2f}{xh['after']:>14.2f}{n:>6}")
+                  f"{med['after'] / med['before']:>14.3f}{xh['before']:>15.2f}{xh['after']:>14.2f}{n:>6}"
+                  f"{mem['before']:>12}{mem['after']:>11}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 #   bash benchmarks/compare_commits.sh OLD_COMMIT [ROUNDS=3] [OUT=runs/compare]
 # Checks OLD_COMMIT out in a temporary git worktree, then runs, ROUNDS times in turn,
 # small_problem.py and metastep.py (paper and app nets, 5w1s, bilevel / bilevel-loop /
-# hand-written, 1 thread) from the old tree and from this one, and prints the medians
+# hand-written, 1 thread; peak memory of each in a fresh process) from the old tree and
+# from this one, and prints the medians
 # (benchmarks/compare_commits.py).  Each tree runs its own scripts on its own library.
 {
 set -euo pipefail
@@ -20,7 +21,7 @@ for i in $(seq 1 "$ROUNDS"); do
     dir=$WT; [ "$tree" = after ] && dir=$HERE
     (cd "$dir" && python benchmarks/small_problem.py --rounds 100 --warmup 10 --threads 1 --out "$OUT/sp_${tree}_$i" > "$OUT/sp_${tree}_$i.log" 2>&1)
     (cd "$dir" && python benchmarks/metastep.py --nets paper,app --settings 5w1s --methods bilevel,bilevel-loop,hand-written \
-        --rounds 5 --no-memory --threads 1 --out "$OUT/ms_${tree}_$i" > "$OUT/ms_${tree}_$i.log" 2>&1)
+        --rounds 5 --mem-methods bilevel,bilevel-loop,hand-written --threads 1 --out "$OUT/ms_${tree}_$i" > "$OUT/ms_${tree}_$i.log" 2>&1)
     echo "$tree $i done $(date +%T)"
   done
 done

@@ -26,21 +26,36 @@ from torch import Tensor
 from ._errors import UnsupportedError
 from ._guards import refuse_second_order, refuse_vmapped, suspended_saved_tensor_hooks
 from ._operators import Operators, eager_operators, functional_operators
-from ._result import LinearSolveResult
+from ._result import LinearSolveResult, stack_results
 from ._transforms import any_wrapped
-from ._tree import tree_flatten, tree_unflatten
+from ._tree import TreeDef, tree_flatten, tree_unflatten
+from ._types import LinearSolverLike
 
 if TYPE_CHECKING:
     from ._function import CallSpec
 
 
-def implicit_vjp(ops: Operators, linsolve: Any, v: Any, batched: bool) -> tuple[list[Tensor | None], LinearSolveResult]:
+def implicit_vjp(ops: Operators, linsolve: LinearSolverLike, v: Any, batched: bool) -> tuple[list[Tensor | None], LinearSolveResult]:
     """Reverse mode: solve ``Aᵀu = v`` (matrix-free), return ``(Bᵀ(−u) per argument leaf, the solve's result)``."""
-    res = linsolve(ops.a_t, v, batched=batched)
+    res = _solve_transpose(ops, linsolve, v, batched)
     return ops.bt([-u for u in tree_flatten(res.x)[0]]), res
 
 
-def implicit_jvp(ops: Operators, linsolve: Any, t: list[Tensor], x_def: Any, batched: bool) -> tuple[list[Tensor], LinearSolveResult]:
+def _solve_transpose(ops: Operators, linsolve: LinearSolverLike, v: Any, batched: bool) -> LinearSolveResult:
+    """``Aᵀu = v``: one (batched) solve, or for a block-diagonal ``Aᵀ`` (the per-task loop)
+    one unbatched solve per block, each block's operator built when its solve starts and
+    dropped after it (one task's graph of F alive at a time; each task stops at its own
+    convergence), the results stacked."""
+    if ops.a_t_blocks is None:
+        assert ops.a_t is not None
+        return linsolve(ops.a_t, v, batched=batched)
+    vl, vd = tree_flatten(v)
+    per = [linsolve(make(), tree_unflatten(vd, [t[b] for t in vl]), batched=False) for b, make in enumerate(ops.a_t_blocks)]
+    u = tree_unflatten(vd, [torch.stack(ls) for ls in zip(*[tree_flatten(r.x)[0] for r in per])])
+    return stack_results(per, u)
+
+
+def implicit_jvp(ops: Operators, linsolve: LinearSolverLike, t: list[Tensor], x_def: TreeDef, batched: bool) -> tuple[list[Tensor], LinearSolveResult]:
     """Forward mode: solve ``A s = −B t``, return ``(the leaves of s, the solve's result)``."""
     assert ops.a is not None and ops.b is not None, "forward mode needs the functional operators"
     rhs = tree_unflatten(x_def, [-b for b in ops.b(t)])

@@ -1,13 +1,11 @@
-"""Derivatives of an objective and of an optimality map: the one place the library builds them.
-
-Every gradient, Hessian-vector product and Jacobian product the library computes goes
-through this file (docs/design.md §3, "one implementation per concept"):
+"""Derivatives of an objective, and the one reverse-mode Jacobian product (docs/design.md §3).
 
 * :func:`value_and_grad`, :func:`value` -- an inner objective's value(s) and gradient;
-* :func:`graph_vjp` -- the reverse-mode product ``Jᵀu`` of outputs already built with a
-  graph; the backward's reverse operator and :func:`hessian_operator` both use it;
-* :func:`hessian_operator` -- ``v ↦ ∇²f(x) v`` at one point, the gradient graph built once
-  and reused by every product; :func:`hvp` is one such product.
+* :func:`reverse_operator` -- ``u ↦ Jᵀu`` of a map at a point, its graph built once and
+  reused by every product (:func:`graph_vjp`): the Hessian of an objective
+  (:func:`hessian_operator`, :func:`hvp`) and the backward's products with ``Aᵀ``
+  (:mod:`bilevel._operators`, which also holds the forward-mode and ``torch.func``
+  products the transforms need) are built with it.
 
 Each function picks plain autograd unless a ``torch.func`` transform encloses the call,
 where only ``torch.func`` primitives are correct.  Why not ``torch.func`` everywhere: in
@@ -78,7 +76,13 @@ def value_and_grad(
 def _grad_graph(objective: Objective, treedef: Any, leaves: list[Tensor], args: tuple, batched: bool,
                 create_graph: bool) -> tuple[Tensor, list[Tensor], tuple[Tensor | None, ...]]:
     """``(values, x leaves requiring grad, gradient leaves)`` by plain autograd."""
-    xr = [t.detach().requires_grad_(True) for t in leaves]
+    return _grad_graph_of(objective, treedef, [t.detach().requires_grad_(True) for t in leaves], args, batched,
+                          create_graph)
+
+
+def _grad_graph_of(objective: Objective, treedef: Any, xr: list[Tensor], args: tuple, batched: bool,
+                   create_graph: bool = True) -> tuple[Tensor, list[Tensor], tuple[Tensor | None, ...]]:
+    """:func:`_grad_graph` at leaves ``xr`` that already require grad."""
     s, v = total(objective, batched)(tree_unflatten(treedef, xr), *args)
     if not s.requires_grad:
         raise NotDifferentiableError(
@@ -123,11 +127,37 @@ def graph_vjp(outputs: Sequence[Tensor | None], inputs: list[Tensor], cotangents
     return [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(gs, inputs)]
 
 
+def reverse_operator(build: Callable[[Any], Any], x: Any,
+                     on_graph: Callable[[Any, list[Tensor]], None] | None = None) -> Callable[[Any], Any]:
+    """``u ↦ (∂build/∂x)ᵀ u`` at the fixed point ``x``, by reverse mode: ``build(x)`` is
+    evaluated once with a graph (at the first product) and every product is one VJP
+    through it (:func:`graph_vjp`).  ``on_graph(output, x_leaves)`` sees the output once,
+    when it is built.  For a symmetric Jacobian (a gradient map: a Hessian) this is also
+    ``u ↦ J u``.  The one reverse-mode Jacobian product of the library: the Hessian of an
+    objective (:func:`hessian_operator`) and the backward's products with ``Aᵀ``
+    (:mod:`bilevel._operators`) are both built with it."""
+    state: dict[str, Any] = {}
+
+    def matvec(u: Any) -> Any:
+        if "graph" not in state:
+            leaves, treedef = tree_flatten(x)
+            with torch.enable_grad():
+                xr = [t.detach().requires_grad_(True) for t in leaves]
+                out = build(tree_unflatten(treedef, xr))
+            if on_graph is not None:
+                on_graph(out, xr)
+            state["graph"] = (tree_flatten(out)[0], xr, treedef)
+        outs, xr, treedef = state["graph"]
+        return tree_unflatten(treedef, graph_vjp(outs, xr, tree_flatten(u)[0]))
+
+    return matvec
+
+
 def hessian_operator(objective: Objective, x: Any, args: tuple, batched: bool = False) -> Callable[[Any], Any]:
     """``v ↦ ∇²f(x) v`` at the fixed point ``x`` (block-diagonal over tasks when batched).
 
     Reverse-over-reverse: the gradient is built once with a graph and every product is one
-    VJP through it (:func:`graph_vjp`).  Inside a ``torch.func`` transform,
+    VJP through it (:func:`reverse_operator`).  Inside a ``torch.func`` transform,
     forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) instead.
     """
     if inside_transform(x, args):
@@ -136,21 +166,16 @@ def hessian_operator(objective: Objective, x: Any, args: tuple, batched: bool = 
             return torch.func.grad(lambda z: total(objective, batched)(z, *args)[0])(y)
 
         return lambda v: tree_detach(torch.func.jvp(g, (x,), (v,))[1])
-    leaves, treedef = tree_flatten(x)
-    with torch.enable_grad():
-        _, xr, gs = _grad_graph(objective, treedef, leaves, args, batched, create_graph=True)
 
-    def matvec(v: Any) -> Any:
-        return tree_unflatten(treedef, graph_vjp(gs, xr, tree_flatten(v)[0]))
+    def gradient(y: Any) -> Any:
+        leaves, treedef = tree_flatten(y)
+        _, _, gs = _grad_graph_of(objective, treedef, leaves, args, batched)
+        # A leaf the objective does not use: a zero gradient without a graph (no product).
+        return tree_unflatten(treedef, [torch.zeros_like(t) if g is None else g for g, t in zip(gs, leaves)])
 
-    return matvec
+    return reverse_operator(gradient, x)
 
 
 def hvp(objective: Objective, x: Any, v: Any, args: tuple, batched: bool = False) -> Any:
     """One Hessian-vector product ``∇²f(x) v`` (see :func:`hessian_operator`)."""
-    if inside_transform(x, args):
-        return hessian_operator(objective, x, args, batched)(v)
-    leaves, treedef = tree_flatten(x)
-    with torch.enable_grad():
-        _, xr, gs = _grad_graph(objective, treedef, leaves, args, batched, create_graph=True)
-    return tree_unflatten(treedef, graph_vjp(gs, xr, tree_flatten(v)[0], retain_graph=False))
+    return hessian_operator(objective, x, args, batched)(v)

@@ -67,10 +67,14 @@ def hessian_extremes(
     x = tree_unflatten(treedef, [t.detach() for t in leaves])
     k = min(steps, tree_size(x, batched))
     matvec = hessian_operator(objective, x, args, batched)
+    # All the random directions (the start and one fresh candidate per step) drawn at once
+    # on the CPU (the same numbers on every device) and copied before the loop: a copy
+    # inside it would wait for the device at every step.
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    draws = [torch.randn((k, *t.shape), generator=gen, dtype=t.dtype).to(t.device) for t in leaves]
 
-    def random_unit() -> Any:
-        r = tree_unflatten(treedef, [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in leaves])
+    def random_unit(i: int) -> Any:
+        r = tree_unflatten(treedef, [d[i] for d in draws])
         return tree_scale(1 / tree_norm(r, batched), r, batched)
 
     def orthogonalise(w: Any, basis: list[Any]) -> Any:
@@ -79,7 +83,7 @@ def hessian_extremes(
                 w = tree_axpy(-tree_vdot(q, w, batched), q, w, batched)
         return w
 
-    basis = [random_unit()]
+    basis = [random_unit(0)]
     products = []
     scale: Tensor | None = None
     for j in range(k):
@@ -94,7 +98,7 @@ def hessian_extremes(
         tiny = torch.finfo(beta.dtype).tiny
         invariant = beta <= torch.finfo(beta.dtype).eps ** 0.5 * scale.clamp_min(tiny)
         # Both candidates are computed and selected on the device (no host read).
-        fresh = orthogonalise(random_unit(), basis)
+        fresh = orthogonalise(random_unit(j + 1), basis)
         fresh = tree_scale(1 / tree_norm(fresh, batched).clamp_min(tiny), fresh, batched)
         nxt = tree_scale(1 / torch.where(invariant, torch.ones_like(beta), beta), w, batched)
         basis.append(tree_where(invariant, fresh, nxt))

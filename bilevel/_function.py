@@ -192,7 +192,16 @@ class _ImplicitFunction(torch.autograd.Function):
         spec: CallSpec = ctx.spec
         nx = spec.x_def.num_leaves
         saved = ctx.saved_tensors
-        s_leaves, res = backward_jvp(spec, list(saved[:nx]), list(saved[nx:]), list(tangents[1 + nx :]))
+        x_leaves, arg_leaves = list(saved[:nx]), list(saved[nx:])
+        t_args = list(tangents[1 + nx :])
+        # The same precision policy as the backward's (bilevel/_precision.py).
+        work = work_dtype(spec.backward_dtype, [*x_leaves, *arg_leaves])
+        with autocast_off(x_leaves[0].device.type):
+            s_leaves, res = backward_jvp(
+                spec, cast(x_leaves, work), cast(arg_leaves, work), [None if t is None else cast([t], work)[0] for t in t_args]
+            )
+        if work is not None:
+            s_leaves = [s.to(xl.dtype) for s, xl in zip(s_leaves, x_leaves)]
         spec.diagnostics.backward = strip_backward(res)
         spec.diagnostics.backward_call = spec.call_id
         _report_linear_solve(spec, res, "forward-mode")

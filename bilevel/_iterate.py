@@ -10,8 +10,7 @@ written as
   which *claim* convergence on an estimate that the driver must verify;
 * **terminate**: the driver stops when no task is active (or when the budget is spent),
   settles the outstanding claims, and :meth:`Tally.codes` gives one integer status code
-  per task for the result builders (:func:`bilevel._result.linear_result`,
-  :func:`bilevel._result.solver_result`).
+  per task for the result builder (:func:`bilevel._result.result_from_codes`).
 
 The driver (:func:`iterate`) owns what the algorithms used to repeat: the masks of
 stopped tasks and their per-task iteration counts, the stopping test -- the one host sync

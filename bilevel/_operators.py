@@ -10,7 +10,7 @@ Two builders, one per setting, and nothing else in the library differentiates ``
 
 * :func:`eager_operators` -- plain autograd, outside ``torch.func`` transforms (the
   common case): ``Aᵀu`` by reverse-over-reverse on a graph of ``F`` built once per
-  backward and reused by every product (:func:`bilevel._autodiff.graph_vjp`), or forward
+  backward and reused by every product (:func:`bilevel._autodiff.reverse_operator`), or forward
   mode (``hvp="forward"``); ``Bᵀw`` by one VJP of ``F`` in the arguments, or the layer's
   closed form (:class:`~bilevel.Proximal`'s, a specialisation); the per-task loop
   strategy as a block-diagonal operator, task by task;
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._autodiff import graph_vjp
+from ._autodiff import graph_vjp, reverse_operator
 from ._guards import check_residual_structure, warn_closed_over
 from ._problem import task_slice
 from ._tree import tree_detach, tree_flatten, tree_unflatten
@@ -45,17 +45,21 @@ class Operators:
     """Products with ``A = ∂F/∂x`` and ``B = ∂F/∂args`` at the solution.
 
     Attributes:
-        a_t: ``u ↦ Aᵀu`` on trees shaped like ``x``.
+        a_t: ``u ↦ Aᵀu`` on trees shaped like ``x`` (``None`` when ``a_t_blocks`` is given).
         bt: ``w ↦ Bᵀw``: from the leaves of ``w`` (shaped like ``x``) to one gradient per
             argument leaf (``None`` where it is not needed or not reached).
         a: ``u ↦ A u`` (forward mode; ``None`` where not built).
         b: ``t ↦ B t``: from one tangent per argument leaf to leaves shaped like ``x``.
+        a_t_blocks: a block-diagonal ``Aᵀ`` (the per-task loop strategy), one factory per
+            task building that task's unbatched operator when its solve starts, so that
+            one task's graph of F is alive at a time.
     """
 
-    a_t: MatVec
+    a_t: MatVec | None
     bt: Callable[[list[Tensor]], list[Tensor | None]]
     a: MatVec | None = None
     b: Callable[[list[Tensor]], list[Tensor]] | None = None
+    a_t_blocks: Sequence[Callable[[], MatVec]] | None = None
 
 
 class _GraphLog:
@@ -103,19 +107,13 @@ def _a_transpose(spec: CallSpec, x: Any, args: tuple, optimality: Callable[..., 
     state: dict[str, Any] = {"mode": "jvp" if spec.hvp == "forward" else "reverse", "checked": False}
     graphs.operators += 1
 
-    def reverse(u: Any) -> Any:
-        if "graph" not in state:
-            with torch.enable_grad():
-                xl, xd = tree_flatten(x)
-                xr = [t.detach().requires_grad_(True) for t in xl]
-                Fx = F(tree_unflatten(xd, xr))
-            if not state["checked"]:
-                check_residual_structure(Fx, x, spec.name)
-                state["checked"] = True
-            state["graph"] = (tree_flatten(Fx)[0], xr, xd)
-            graphs.graph(state["graph"][0], xr)
-        F_leaves, xr, xd = state["graph"]
-        return tree_unflatten(xd, graph_vjp(F_leaves, xr, tree_flatten(u)[0]))
+    def built(Fx: Any, xr: list[Tensor]) -> None:
+        if not state["checked"]:
+            check_residual_structure(Fx, x, spec.name)
+            state["checked"] = True
+        graphs.graph(tree_flatten(Fx)[0], xr)
+
+    reverse = reverse_operator(F, x, on_graph=built)
 
     def matvec(u: Any) -> Any:
         if state["mode"] == "jvp":
@@ -138,28 +136,22 @@ def eager_operators(spec: CallSpec, x_leaves: list[Tensor], arg_leaves: Sequence
     """The reverse-mode products by plain autograd (no ``torch.func`` transform encloses the backward).
 
     With the per-task loop strategy (``spec.task_optimality``), ``Aᵀ`` is block-diagonal:
-    one unbatched operator per task (its own graph of that task's F), applied slice by
-    slice; ``Bᵀw`` is one VJP of the stacked per-task residuals.
+    one unbatched operator per task (its own graph of that task's F), built when that
+    task's solve starts; ``Bᵀw`` is one VJP of the stacked per-task residuals.
     """
     x = tree_unflatten(spec.x_def, x_leaves)
     args_det = spec.unpack([a.detach() for a in arg_leaves])
-    loop = spec.task_optimality is not None and spec.task_dims is not None
+    task_opt, dims = spec.task_optimality, spec.task_dims
     graphs = _GraphLog(spec.name, check=spec.closed_bt is not None)
-    a_t: MatVec
-    if loop:
-        n = x_leaves[0].shape[0]
-        per_task = [
-            _a_transpose(spec, tree_unflatten(spec.x_def, [t[b] for t in x_leaves]),
-                         task_slice(args_det, spec.task_dims, b), spec.task_optimality, graphs)  # type: ignore[arg-type]
-            for b in range(n)
-        ]
+    blocks: list[Callable[[], MatVec]] | None = None
+    a_t: MatVec | None = None
+    if task_opt is not None and dims is not None:
 
-        def block_diagonal(u: Any) -> Any:
-            ul = tree_flatten(u)[0]
-            outs = [tree_flatten(op(tree_unflatten(spec.x_def, [t[b] for t in ul])))[0] for b, op in enumerate(per_task)]
-            return tree_unflatten(spec.x_def, [torch.stack(ls) for ls in zip(*outs)])
+        def block(b: int) -> MatVec:
+            xb = tree_unflatten(spec.x_def, [t[b] for t in x_leaves])
+            return _a_transpose(spec, xb, task_slice(args_det, dims, b), task_opt, graphs)
 
-        a_t = block_diagonal
+        blocks = [functools.partial(block, b) for b in range(x_leaves[0].shape[0])]
     else:
         a_t = _a_transpose(spec, x, args_det, spec.optimality, graphs)
 
@@ -173,12 +165,14 @@ def eager_operators(spec: CallSpec, x_leaves: list[Tensor], arg_leaves: Sequence
         with torch.enable_grad():
             req = [a.detach().requires_grad_(True) if n else a.detach() for a, n in zip(arg_leaves, need)]
             args_req = spec.unpack(req)
-            if loop:
+            if task_opt is not None and dims is not None:
+                # One VJP of the stacked per-task residuals: task b's F depends on slice b
+                # of the per-task arguments and on the shared ones, whose gradient sums.
                 F_leaves: list[Tensor] = []
                 w_all: list[Tensor] = []
                 for b in range(x_leaves[0].shape[0]):
                     xb = tree_unflatten(spec.x_def, [t[b] for t in x_leaves])
-                    F_leaves += tree_flatten(spec.task_optimality(xb, *task_slice(args_req, spec.task_dims, b)))[0]  # type: ignore[misc,arg-type]
+                    F_leaves += tree_flatten(task_opt(xb, *task_slice(args_req, dims, b)))[0]
                     w_all += [t[b] for t in w]
                 w = w_all
             else:
@@ -188,7 +182,7 @@ def eager_operators(spec: CallSpec, x_leaves: list[Tensor], arg_leaves: Sequence
             gs = iter(graph_vjp(F_leaves, targets, w, retain_graph=False, materialize=False))
         return [next(gs) if n else None for n in need]
 
-    return Operators(a_t=a_t, bt=bt)
+    return Operators(a_t=a_t, bt=bt, a_t_blocks=blocks)
 
 
 def functional_operators(spec: CallSpec, x_leaves: list[Tensor], arg_leaves: list[Tensor]) -> Operators:

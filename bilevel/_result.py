@@ -19,7 +19,14 @@ from ._errors import ConvergenceError, ConvergenceWarning
 
 
 class Status(enum.Enum):
-    """Outcome of a solve.  The value is the message."""
+    """Outcome of a solve.  The value is the message; compare members with ``is``.
+
+    Example::
+
+        >>> from bilevel import Status
+        >>> Status.COMPLETED.ok, Status.MAX_ITERATIONS.ok, Status.NEGATIVE_CURVATURE.early_stop
+        (True, False, True)
+    """
 
     SUCCESS = "converged to the requested tolerance"
     COMPLETED = "ran the configured number of steps (a fixed budget, no tolerance)"
@@ -78,8 +85,10 @@ class SolveResult:
         x: the solution tree.
         status: overall :class:`Status` (batched: ``SUCCESS``/``COMPLETED`` only if every task is).
         iterations: iterations taken (batched: the largest over tasks).
-        task_status: per-task statuses in batched mode, else ``None``.
-        task_iterations: per-task iteration counts ``(B,)`` in batched mode, else ``None``.
+
+    Each subclass also has ``task_status`` (per-task statuses in batched mode, else
+    ``None``) and ``task_iterations`` (per-task iteration counts ``(B,)``, else ``None``),
+    declared there to keep the subclasses' positional field order of 0.1.
 
     Example::
 
@@ -93,8 +102,6 @@ class SolveResult:
     x: Any
     status: Status
     iterations: int
-    task_status: tuple[Status, ...] | None = dataclasses.field(default=None, kw_only=True)
-    task_iterations: Tensor | None = dataclasses.field(default=None, kw_only=True)
 
     @property
     def success(self) -> bool:
@@ -111,6 +118,8 @@ class LinearSolveResult(SolveResult):
     """
 
     residual_norm: Tensor
+    task_status: tuple[Status, ...] | None = None
+    task_iterations: Tensor | None = None
 
     def summary(self) -> str:
         """One line: status, iterations, residual norm(s)."""
@@ -147,6 +156,8 @@ class SolverResult(SolveResult):
     n_fun: int = 0
     n_grad: int = 0
     n_hvp: int = 0
+    task_status: tuple[Status, ...] | None = None
+    task_iterations: Tensor | None = None
     raw: Any = None
     message: str = ""
     grad_norm_initial: Tensor | None = None
@@ -154,7 +165,7 @@ class SolverResult(SolveResult):
     value_monotone: Tensor | None = None
 
 
-R = TypeVar("R", bound=SolveResult)
+R = TypeVar("R", SolverResult, LinearSolveResult)
 
 
 def result_from_codes(cls: type[R], x: Any, codes: Tensor, iters: Tensor, batched: bool, **fields: Any) -> R:

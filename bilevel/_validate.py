@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
-from typing import Any
+from typing import Any, Protocol
 
 from ._errors import BilevelValueError
 
@@ -53,7 +52,20 @@ def warn_renamed(owner: str, old: str, new: str, stacklevel: int = 4) -> None:
     )
 
 
-def normalise_budget(solver: Any, default_steps: int | None) -> None:
+class Budgeted(Protocol):
+    """A solver configuration with a fixed budget or a tolerance (GradientDescent, Adam)."""
+
+    @property
+    def rtol(self) -> float | None: ...
+    @property
+    def atol(self) -> float: ...
+    @property
+    def steps(self) -> int | None: ...
+    @property
+    def maxiter(self) -> int | None: ...
+
+
+def normalise_budget(solver: Budgeted, default_steps: int | None) -> None:
     """Settle ``steps`` / ``maxiter`` of a first-order inner solver (frozen dataclass) in place.
 
     The vocabulary (docs/design.md §4): ``steps`` is a fixed budget (no tolerance, status
@@ -88,4 +100,3 @@ def normalise_budget(solver: Any, default_steps: int | None) -> None:
         check_int(owner, "steps", steps, 0)
     object.__setattr__(solver, "steps", steps)
     object.__setattr__(solver, "maxiter", maxiter)
-    assert dataclasses.is_dataclass(solver)

@@ -36,8 +36,9 @@ Set-up (a synthetic few-shot regression family, float64 throughout):
   - **FOMAML**: the first-order approximation ``∇ℓ_q(φ_K)`` (``dφ_K/dθ`` taken as I),
     the paper's third method, as a reference;
   - **iMAML**: :class:`bilevel.Proximal` with ``GradientDescent(lr, steps=K)`` as the
-    black-box inner solver and ``CG(maxiter=n)`` in the backward, for n = 2, 5, 20
-    (``--cg-steps``) conjugate-gradient steps on ``(H + λI) u = ∇ℓ_q(φ_K)``.
+    black-box inner solver and ``CG(rtol, maxiter=n)`` in the backward -- a cap of n = 2, 5,
+    20 (``--cg-steps``) conjugate-gradient steps on ``(H + λI) u = ∇ℓ_q(φ_K)``, which
+    ends the solve before the float64 default tolerance in practice.
 
   The three are the shared computations of :mod:`applications.meta_gradients` (the
   few-shot application trains with the same code); the functions here only give them
@@ -269,9 +270,10 @@ def imaml_meta_gradient(
     """iMAML: :class:`bilevel.Proximal` with K GD steps forward and n CG steps backward.
 
     The forward runs ``GradientDescent(lr, steps=K)`` from θ under no grad; the backward
-    solves ``(H_b + λI) u = ∇ℓ_q(φ_K,b)`` with ``CG(maxiter=cg_steps)`` and returns ``λu``
-    (paper, Algorithm 2 and Eq. 7).  Both are fixed budgets, so failures to converge are
-    ignored by default: measuring what they cost is the point of the figure.
+    solves ``(H_b + λI) u = ∇ℓ_q(φ_K,b)`` with ``CG(rtol=cg_tol, maxiter=cg_steps)`` and
+    returns ``λu`` (paper, Algorithm 2 and Eq. 7).  The K steps are a fixed budget and the
+    n CG steps a cap that ends the solve in practice, so failures to converge are ignored
+    by default: measuring what the budgets cost is the point of the figure.
 
     The layer shares θ between the tasks of a batched call and returns the sum of their
     meta-gradients; the figure needs them per task, so each task is one call of

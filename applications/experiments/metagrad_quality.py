@@ -194,7 +194,8 @@ def implicit_meta_gradient(
         outer_loss: ``outer_loss(φ, *outer_args) -> scalar`` (the query loss).
         theta: meta-parameters (a dict of tensors; not modified).
         lam: proximal weight λ > 0.
-        linsolve: a :mod:`bilevel.linsolve` solver (its ``maxiter`` is the Krylov budget).
+        linsolve: a :mod:`bilevel.linsolve` solver (its ``maxiter`` caps the Krylov steps; with
+            :data:`KRYLOV_TOL` the cap, not the tolerance, ends the solve in practice).
         phi: a precomputed inner solution (then ``solver`` must be ``None``).
         solver: an inner solver from :mod:`bilevel.solvers` (when ``phi`` is ``None``).
         damping: δ ≥ 0 of the backward system (biases the gradient when > 0).

@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how every algorithm runs its query pass over the tasks: vmap, a loop, or auto (default: the faster, "
                    "measured once per shape)")
     g.add_argument("--power-iters", type=_nonneg_int, default=None,
-                   help="power iterations per meta-step estimating inner_lr·(H_max+λ) for the log (default 0: off)")
-    g.add_argument("--hf-cg-steps", type=_positive_int, default=None, help="CG iterations per Newton step of iMAML-HF (default 5)")
+                   help="Lanczos steps (bilevel.hessian_extremes) per meta-step estimating inner_lr·(H_max+λ) for the log (default 0: off)")
+    g.add_argument("--hf-cg-steps", type=_positive_int, default=None, help="at most this many CG iterations per Newton step of iMAML-HF, NewtonCG(linsolve=CG(maxiter=N)) (default 5)")
     g.add_argument("--outer-lr", type=_positive_float, default=None, help="Adam learning rate of the meta-parameters (default 0.001)")
     g.add_argument("--adam-eps", type=_positive_float, default=None, help="Adam eps of the outer optimiser (default 1e-8; 1e-3 with --recipe imaml-dev)")
     g.add_argument("--filters", type=_positive_int, default=None, help="conv filters (default 64 Omniglot, 32 Mini-ImageNet)")

@@ -31,16 +31,16 @@ class FixedPointIteration(Solver):
     """Find ``x = fn(x, *args)`` by relaxed (Krasnosel'skii-Mann) fixed-point iteration.
 
     Called as ``solver(fn, x0, *args, batched=False)`` where ``fn`` maps a tree to a tree
-    of the same structure and shapes.  Iterates ``x <- (1 - damping) x + damping fn(x)``
-    until the residual satisfies ``||fn(x) - x|| <= rtol * max(1, ||x||)`` (mixed
-    absolute/relative test).  Converges for any contraction ``fn`` (Banach), and with
-    ``damping < 1`` also for non-expansive maps (Krasnosel'skii-Mann).
+    of the same structure and shapes.  Iterates ``x <- (1 - t) x + t fn(x)`` (``t``:
+    ``relaxation``) until the residual satisfies
+    ``||fn(x) - x|| <= max(rtol * max(1, ||x||), atol)``.  Converges for any contraction
+    ``fn`` (Banach), and with ``t < 1`` also for non-expansive maps (Krasnosel'skii-Mann).
 
     Statuses: ``SUCCESS`` (the returned ``x`` satisfies the test), ``MAX_ITERATIONS``,
     or ``NONFINITE`` when ``fn`` produced NaN/Inf — then the last iterate whose image
     ``fn(x)`` was finite (so that its residual is known) is returned.  Non-finite values
     are reported in the status rather than raised: a diverging fixed-point map is an
-    expected outcome of a badly damped iteration, which the caller may retry.
+    expected outcome of a badly relaxed iteration, which the caller may retry.
     ``grad_norm`` holds the final residual norm ``||fn(x) - x||`` of the returned ``x``;
     ``value`` is ``None``; ``n_fun`` counts evaluations of ``fn``.  In batched mode every
     quantity is per task and a converged (or non-finite) task stops moving.
@@ -79,6 +79,8 @@ class FixedPointIteration(Solver):
         check_tol(name, self.rtol)
         check_int(name, "maxiter", self.maxiter, 0)
         if self.damping is not None:
+            if self.relaxation != 1.0:
+                raise BilevelValueError(f"{name}: give relaxation or the deprecated damping, not both")
             warn_renamed(name, "damping (a relaxation factor here)", "relaxation")
             object.__setattr__(self, "relaxation", self.damping)
             object.__setattr__(self, "damping", None)

@@ -76,8 +76,8 @@ class GradientDescent(Solver):
         compile: ``True`` or a ``torch.compile`` mode (e.g. ``"reduce-overhead"``, which
             replays the step as a CUDA graph on a GPU): run each step of the fixed-step loop
             as one compiled function (gradient, update, the running value sum and, with
-            ``monitor=True``, the health statistics).  Only without a tolerance
-            (``rtol=None``: a tolerance is a host-side test per step).  The first solve compiles (seconds
+            ``monitor=True``, the health statistics).  Only with a fixed budget
+            (``steps=``: a tolerance is a host-side test per step).  The first solve compiles (seconds
             to a minute); later solves with the same objective reuse it -- the layers keep
             their objective functions stable across calls.  Inside a ``torch.func``
             transform the step runs eagerly.  Measured in ``benchmarks/small_problem.py``

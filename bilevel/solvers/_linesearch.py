@@ -66,10 +66,12 @@ class LineSearchResult:
 # ----------------------------------------------------------------------------------------
 # Line searches
 # ----------------------------------------------------------------------------------------
-def _renamed_max_steps(search: Any) -> None:
+def _renamed_max_steps(search: Any, default_maxiter: int) -> None:
     """``max_steps`` (a cap, so ``maxiter`` in the library's vocabulary) still works, with a warning."""
     name = type(search).__name__
     if search.max_steps is not None:
+        if search.maxiter != default_maxiter:
+            raise BilevelValueError(f"{name}: give maxiter or the deprecated max_steps, not both")
         check_int(name, "max_steps", search.max_steps, 1)
         warn_renamed(name, "max_steps", "maxiter", stacklevel=5)
         object.__setattr__(search, "maxiter", search.max_steps)
@@ -99,6 +101,13 @@ class BacktrackingArmijo:
         initial_step: first trial step (> 0); a caller may override it per call.
         noise: rounding allowance in units of ``eps * |f(x)|`` (>= 0; 0: exact test).
         maxiter: the cap on trial steps before giving up (>= 1).
+
+    Example::
+
+        >>> import torch
+        >>> from bilevel.solvers import BacktrackingArmijo, NewtonCG
+        >>> NewtonCG(line_search=BacktrackingArmijo(maxiter=10)).line_search.maxiter
+        10
     """
 
     c1: float = 1e-4
@@ -112,7 +121,7 @@ class BacktrackingArmijo:
         name = type(self).__name__
         check_real(name, "c1", self.c1, 0.0, 1.0)
         check_real(name, "shrink", self.shrink, 0.0, 1.0)
-        _renamed_max_steps(self)
+        _renamed_max_steps(self, 30)
         check_real(name, "initial_step", self.initial_step, 0.0)
         check_real(name, "noise", self.noise, 0.0, lo_open=False)
 
@@ -209,6 +218,12 @@ class StrongWolfe:
         max_steps: deprecated name of ``maxiter``.
         noise: rounding allowance in units of ``eps * |f(x)|`` (>= 0; 0: exact strong Wolfe).
         maxiter: the cap on trial evaluations, bracketing and zoom together (>= 1).
+
+    Example::
+
+        >>> from bilevel.solvers import LBFGS, StrongWolfe
+        >>> LBFGS(line_search=StrongWolfe(c2=0.9, maxiter=40)).line_search.maxiter
+        40
     """
 
     c1: float = 1e-4
@@ -223,7 +238,7 @@ class StrongWolfe:
         check_real(name, "c2", self.c2, 0.0, 1.0)
         if not self.c1 < self.c2:
             raise BilevelValueError(f"{name}: need c1 < c2, got c1={self.c1!r}, c2={self.c2!r}")
-        _renamed_max_steps(self)
+        _renamed_max_steps(self, 25)
         check_real(name, "noise", self.noise, 0.0, lo_open=False)
 
     def __call__(

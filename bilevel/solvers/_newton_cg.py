@@ -72,7 +72,7 @@ class NewtonCG(Solver):
 
     Args:
         rtol: relative gradient-norm tolerance in (0, 1); ``None`` picks
-            :func:`~bilevel.solvers._tolerance.gradient_tol` of the dtype of ``x0``
+            :func:`~bilevel.solvers._checks.gradient_tol` of the dtype of ``x0``
             (``eps**0.5``).
         maxiter: the cap on Newton iterations (>= 0).
         cg_maxiter, cg_rtol: deprecated; use ``linsolve=CG(maxiter=..., rtol=...)``.
@@ -115,6 +115,11 @@ class NewtonCG(Solver):
             raise BilevelValueError(
                 f"{name}: linsolve must be a bilevel.linsolve.CG (the truncated inner solve stops at negative "
                 f"curvature keeping its last iterate, CG's rule), got {self.linsolve!r}"
+            )
+        if self.linsolve is not None and self.linsolve.preconditioner is not None:
+            raise BilevelValueError(
+                f"{name}: the truncated CG of each Newton step takes no preconditioner (its negative-curvature test "
+                "is on the Hessian itself); give linsolve=CG(maxiter=..., rtol=..., atol=... or steps=...)"
             )
         if self.cg_maxiter is not None or self.cg_rtol is not None:
             if self.linsolve is not None:

@@ -24,8 +24,8 @@ class GradientTracker:
     It is the state that the steps of gradient descent and Adam share under the driver
     (:func:`bilevel._iterate.iterate`), which owns the stop masks and iteration counts in
     its :class:`~bilevel._iterate.Tally`.  With a tolerance a task converges once
-    ``||g|| <= rtol * max(1, ||g0||)`` and stops moving; without one every task runs all
-    steps (the driver then makes no host sync).  The objective and gradient are evaluated
+    ``||g|| <= max(rtol * max(1, ||g0||), atol)`` and stops moving; without one every task
+    runs all steps (the driver then makes no host sync).  The objective and gradient are evaluated
     once at ``x0`` and once after each step.
 
     Non-finite values after a step are recorded on the device (the first iteration per

@@ -10,7 +10,15 @@ import pytest
 
 import bilevel
 from bilevel import tree
-from bilevel.solvers import LBFGS, Adam, FixedPointIteration, GradientDescent, NewtonCG
+from bilevel.solvers import (
+    LBFGS,
+    Adam,
+    BacktrackingArmijo,
+    FixedPointIteration,
+    GradientDescent,
+    NewtonCG,
+    StrongWolfe,
+)
 
 OBJECTS = {
     "bilevel.tree": tree,
@@ -21,6 +29,9 @@ OBJECTS = {
     "NewtonCG": NewtonCG,
     "FixedPointIteration": FixedPointIteration,
     "SolveResult": bilevel.SolveResult,
+    "Status": bilevel.Status,
+    "BacktrackingArmijo": BacktrackingArmijo,
+    "StrongWolfe": StrongWolfe,
 }
 
 

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 import bilevel
-from bilevel import Argmin, ClosedOverTensorWarning, ConvergenceError, ConvergenceWarning, NonFiniteError, Proximal, custom_root
+from bilevel import (
+    Argmin,
+    ClosedOverTensorWarning,
+    ConvergenceError,
+    ConvergenceWarning,
+    NonFiniteError,
+    Proximal,
+    custom_root,
+)
 from bilevel.linsolve import CG
 from tests.core.core_helpers import DenseNewton, PlainGD
 

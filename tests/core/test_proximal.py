@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import bilevel
+import bilevel.linsolve as ls_mod
 from bilevel import Proximal
 from bilevel.linsolve import CG
-import bilevel.linsolve as ls_mod
 from tests.core.core_helpers import DenseNewton, PlainGD
 
 DT = torch.float64

@@ -11,7 +11,7 @@ import torch
 
 import bilevel
 from bilevel import UnsupportedError
-from bilevel.linsolve import CG, GMRES, MINRES, Neumann
+from bilevel.linsolve import CG, GMRES, MINRES, BiCGSTAB, Neumann
 from bilevel.solvers import GradientDescent, NewtonCG
 
 DT = torch.float64
@@ -61,7 +61,8 @@ def test_a_vmapped_solve_that_misses_its_tolerance_gives_nan_not_a_silent_error(
     assert torch.isnan(jac).all()
 
 
-@pytest.mark.parametrize("linsolve", [CG(steps=10), MINRES(steps=10)], ids=["cg", "minres"])
+@pytest.mark.parametrize("linsolve", [CG(steps=10), MINRES(steps=10), GMRES(steps=10), BiCGSTAB(steps=10)],
+                         ids=["cg", "minres", "gmres", "bicgstab"])
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
 def test_jacrev_and_jacfwd_work_with_a_fixed_krylov_budget(transform: str, linsolve) -> None:
     layer = _tanh_layer(linsolve)

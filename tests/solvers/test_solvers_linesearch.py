@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bilevel._autodiff import value_and_grad
 from bilevel._tree import tree_axpy, tree_vdot
 from bilevel.solvers import BacktrackingArmijo, StrongWolfe
-from bilevel._autodiff import value_and_grad
 from tests.problems import logistic_problem, logistic_torch, quadratic, spd_matrix
 
 # Hypothesis's failure reporting touches a deprecated mypy_extensions API; with warnings as

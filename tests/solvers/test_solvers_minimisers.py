@@ -13,6 +13,7 @@ import torch
 
 from bilevel import Status
 from bilevel.solvers import LBFGS, Adam, GradientDescent, NewtonCG, ScipyMinimize
+from tests import registry
 from tests.problems import (
     LAM,
     logistic_dict,
@@ -23,7 +24,6 @@ from tests.problems import (
     quadratic,
     quadratic_problem,
 )
-from tests import registry
 
 REF_ERR = 1e-10 / LAM  # bound on the reference's own error (see logistic_reference)
 

@@ -9,7 +9,13 @@ import torch
 
 from bilevel import Status
 from bilevel.solvers import SCIPY_METHODS, ScipyMinimize
-from tests.problems import LAM, logistic_dict, logistic_problem, logistic_reference, logistic_torch
+from tests.problems import (
+    LAM,
+    logistic_dict,
+    logistic_problem,
+    logistic_reference,
+    logistic_torch,
+)
 
 C = torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)
 W = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)

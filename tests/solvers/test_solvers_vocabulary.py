@@ -9,7 +9,15 @@ import torch
 
 from bilevel import Status
 from bilevel.linsolve import CG
-from bilevel.solvers import LBFGS, Adam, BacktrackingArmijo, FixedPointIteration, GradientDescent, NewtonCG, StrongWolfe
+from bilevel.solvers import (
+    LBFGS,
+    Adam,
+    BacktrackingArmijo,
+    FixedPointIteration,
+    GradientDescent,
+    NewtonCG,
+    StrongWolfe,
+)
 
 
 def _quad(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +55,23 @@ def test_tolerances_are_rtol_and_atol(make) -> None:
 def test_fixed_point_atol() -> None:
     res = FixedPointIteration(atol=1e-9, rtol=None)(lambda x: 0.5 * x + 1.0, torch.zeros(2, dtype=torch.float64))
     assert res.status is Status.SUCCESS and float(res.grad_norm) <= 1e-9
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FixedPointIteration(damping=0.5, relaxation=0.9),
+    lambda: StrongWolfe(max_steps=7, maxiter=30),
+    lambda: BacktrackingArmijo(max_steps=7, maxiter=20),
+    lambda: NewtonCG(cg_maxiter=3, linsolve=CG()),
+    lambda: GradientDescent(lr=0.1, steps=3, rtol=1e-3, maxiter=3),
+], ids=["relaxation", "wolfe", "armijo", "newton-cg", "gd"])
+def test_an_old_and_a_new_name_together_are_refused(make) -> None:
+    with pytest.raises(ValueError, match="not both|does not apply"):
+        make()
+
+
+def test_newton_cg_refuses_a_preconditioned_cg() -> None:
+    with pytest.raises(ValueError, match="preconditioner"):
+        NewtonCG(linsolve=CG(preconditioner=lambda r: r))
 
 
 def test_newton_cg_takes_a_cg() -> None:
