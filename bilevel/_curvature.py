@@ -15,16 +15,7 @@ from torch import Tensor
 
 from ._autodiff import Objective, hessian_operator
 from ._errors import BilevelValueError
-from ._tree import (
-    tree_axpy,
-    tree_flatten,
-    tree_norm,
-    tree_scale,
-    tree_size,
-    tree_unflatten,
-    tree_vdot,
-    tree_where,
-)
+from ._tree import tree_flatten, tree_ravel, tree_size, tree_unflatten, tree_unravel
 
 
 def hessian_extremes(
@@ -66,48 +57,46 @@ def hessian_extremes(
     leaves, treedef = tree_flatten(x)
     x = tree_unflatten(treedef, [t.detach() for t in leaves])
     k = min(steps, tree_size(x, batched))
-    matvec = hessian_operator(objective, x, args, batched)
+    hess = hessian_operator(objective, x, args, batched)
+    # Lanczos on flat vectors, one row per task: (B, n), B = 1 when not batched.
+    flat = tree_ravel(x, batched).reshape(-1 if batched else 1, tree_size(x, batched))
+
+    def matvec(q: Tensor) -> Tensor:
+        return tree_ravel(hess(tree_unravel(x, q if batched else q[0], batched)), batched).reshape(q.shape)
+
+    def orthogonalise(w: Tensor, basis: list[Tensor]) -> Tensor:
+        Q = torch.stack(basis, 1)  # (B, j, n)
+        for _ in range(2):  # "twice is enough" (Kahan / Parlett)
+            w = w - torch.einsum("bj,bjn->bn", torch.einsum("bjn,bn->bj", Q, w), Q)
+        return w
+
     # All the random directions (the start and one fresh candidate per step) drawn at once
     # on the CPU (the same numbers on every device) and copied before the loop: a copy
     # inside it would wait for the device at every step.
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    draws = [torch.randn((k, *t.shape), generator=gen, dtype=t.dtype).to(t.device) for t in leaves]
-
-    def random_unit(i: int) -> Any:
-        r = tree_unflatten(treedef, [d[i] for d in draws])
-        return tree_scale(1 / tree_norm(r, batched), r, batched)
-
-    def orthogonalise(w: Any, basis: list[Any]) -> Any:
-        for _ in range(2):  # "twice is enough" (Kahan / Parlett)
-            for q in basis:
-                w = tree_axpy(-tree_vdot(q, w, batched), q, w, batched)
-        return w
-
-    basis = [random_unit(0)]
-    products = []
-    scale: Tensor | None = None
+    draws = torch.randn((k, *flat.shape), generator=gen, dtype=flat.dtype).to(flat.device)
+    tiny, eps = torch.finfo(flat.dtype).tiny, torch.finfo(flat.dtype).eps
+    basis = [draws[0] / draws[0].norm(dim=-1, keepdim=True)]
+    products: list[Tensor] = []
+    scale = torch.zeros(flat.shape[0], dtype=flat.dtype, device=flat.device)
     for j in range(k):
         w = matvec(basis[-1])
         products.append(w)
         if j == k - 1:
             break
-        norm = tree_norm(w, batched)
-        scale = norm if scale is None else torch.maximum(scale, norm)
+        scale = torch.maximum(scale, w.norm(dim=-1))
         w = orthogonalise(w, basis)
-        beta = tree_norm(w, batched)
-        tiny = torch.finfo(beta.dtype).tiny
-        invariant = beta <= torch.finfo(beta.dtype).eps ** 0.5 * scale.clamp_min(tiny)
+        beta = w.norm(dim=-1, keepdim=True)
+        invariant = beta <= eps**0.5 * scale.clamp_min(tiny)[:, None]
         # Both candidates are computed and selected on the device (no host read).
-        fresh = orthogonalise(random_unit(j + 1), basis)
-        fresh = tree_scale(1 / tree_norm(fresh, batched).clamp_min(tiny), fresh, batched)
-        nxt = tree_scale(1 / torch.where(invariant, torch.ones_like(beta), beta), w, batched)
-        basis.append(tree_where(invariant, fresh, nxt))
+        fresh = orthogonalise(draws[j + 1], basis)
+        fresh = fresh / fresh.norm(dim=-1, keepdim=True).clamp_min(tiny)
+        basis.append(torch.where(invariant, fresh, w / torch.where(invariant, torch.ones_like(beta), beta)))
     # Rayleigh-Ritz on the projected matrix Qᵀ H Q (symmetrised; float64 for eigvalsh).
-    T = torch.stack([torch.stack([tree_vdot(qi, hj, batched) for hj in products], -1) for qi in basis], -2)
-    T = T.to(torch.float64)
+    T = torch.einsum("bin,bjn->bij", torch.stack(basis, 1), torch.stack(products, 1)).to(torch.float64)
     ritz = torch.linalg.eigvalsh(0.5 * (T + T.transpose(-1, -2)))
-    dtype = leaves[0].dtype
-    return ritz[..., 0].to(dtype), ritz[..., -1].to(dtype)
+    lo, hi = ritz[:, 0].to(flat.dtype), ritz[:, -1].to(flat.dtype)
+    return (lo, hi) if batched else (lo[0], hi[0])
 
 
 def has_negative_curvature(objective: Objective, x: Any, args: tuple, batched: bool, steps: int = 10) -> Tensor:
