@@ -113,12 +113,15 @@ def _pack_args(args: tuple) -> tuple[list[Tensor], list[tuple]]:
     return leaves, layout
 
 
-def _report_linear_solve(spec: CallSpec, res: LinearSolveResult, what: str) -> None:
-    """Raise on NaN/Inf whatever ``on_failure`` says; else report non-convergence by ``on_failure``.
+def _record_linear_solve(spec: CallSpec, res: LinearSolveResult, what: str) -> None:
+    """Keep the solve's statistics in the layer's diagnostics; raise on NaN/Inf whatever
+    ``on_failure`` says, else report non-convergence by ``on_failure``.
 
     "ignore" means "a fixed budget is expected", not "hide NaN": a NaN/Inf cotangent or
     Jacobian product would otherwise leave the solver's finite x = 0 as a silent zero gradient.
     """
+    spec.diagnostics.backward = strip_backward(res)
+    spec.diagnostics.backward_call = spec.call_id
     statuses = res.task_status if res.task_status is not None else (res.status,)
     if Status.NONFINITE in statuses:
         tasks = [i for i, st in enumerate(statuses) if st is Status.NONFINITE] if res.task_status is not None else []
@@ -197,15 +200,9 @@ class _ImplicitFunction(torch.autograd.Function):
         # The same precision policy as the backward's (bilevel/_precision.py).
         work = work_dtype(spec.backward_dtype, [*x_leaves, *arg_leaves])
         with autocast_off(x_leaves[0].device.type):
-            s_leaves, res = backward_jvp(
-                spec, cast(x_leaves, work), cast(arg_leaves, work), [None if t is None else cast([t], work)[0] for t in t_args]
-            )
-        if work is not None:
-            s_leaves = [s.to(xl.dtype) for s, xl in zip(s_leaves, x_leaves)]
-        spec.diagnostics.backward = strip_backward(res)
-        spec.diagnostics.backward_call = spec.call_id
-        _report_linear_solve(spec, res, "forward-mode")
-        return tuple(s_leaves)
+            s_leaves, res = backward_jvp(spec, cast(x_leaves, work), cast(arg_leaves, work), cast(t_args, work))
+        _record_linear_solve(spec, res, "forward-mode")
+        return tuple(s.to(xl.dtype) for s, xl in zip(s_leaves, x_leaves))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -236,18 +233,10 @@ class _ImplicitFunction(torch.autograd.Function):
         # The precision policy, applied once (docs/design.md §3, bilevel/_precision.py).
         work = work_dtype(spec.backward_dtype, [*x_leaves, *arg_leaves])
         with autocast_off(x_leaves[0].device.type):
-            if work is not None:
-                x_leaves, v_leaves = cast(x_leaves, work), cast(v_leaves, work)
-                args_w = cast([a.detach() for a in arg_leaves], work)
-            else:
-                args_w = arg_leaves
-            out, res = backward_vjp(spec, x_leaves, v_leaves, args_w, need)
-        if work is not None:
-            out = [None if g is None else g.to(a.dtype) for g, a in zip(out, arg_leaves)]
-        spec.diagnostics.backward = strip_backward(res)
-        spec.diagnostics.backward_call = spec.call_id
-        _report_linear_solve(spec, res, "backward")
-        return none_prefix + tuple(out)
+            args_w = arg_leaves if work is None else cast([a.detach() for a in arg_leaves], work)
+            out, res = backward_vjp(spec, cast(x_leaves, work), cast(v_leaves, work), args_w, need)
+        _record_linear_solve(spec, res, "backward")
+        return none_prefix + tuple(None if g is None else g.to(a.dtype) for g, a in zip(out, arg_leaves))
 
 
 _once_differentiable_backward = once_differentiable(_ImplicitFunction._backward)

@@ -47,8 +47,9 @@ def autocast_off(device_type: str) -> Iterator[None]:
         yield
 
 
-def cast(tensors: Sequence[Tensor], dtype: torch.dtype | None) -> list[Tensor]:
-    """The floating tensors in ``dtype`` (all unchanged when ``dtype`` is ``None``)."""
+def cast(tensors: Sequence[Any], dtype: torch.dtype | None) -> list[Any]:
+    """The floating tensors in ``dtype`` (everything else, ``None`` included, unchanged;
+    all unchanged when ``dtype`` is ``None``)."""
     if dtype is None:
         return list(tensors)
-    return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]

@@ -22,7 +22,7 @@ from .._tree import (
     tree_zeros_like,
 )
 from .._validate import check_bool, check_real, normalise_budget
-from ._base import Solver
+from ._base import BudgetedSolver
 from ._checks import with_minimum_check
 from ._compiled import check_compile, compiled_step, value_sum_start
 from ._lean import LeanLoop, health_copy, health_start, health_update
@@ -30,7 +30,7 @@ from ._tracker import GradientTracker
 
 
 @dataclasses.dataclass(frozen=True)
-class Adam(Solver):
+class Adam(BudgetedSolver):
     """Adam with bias correction (Kingma & Ba, "Adam: A Method for Stochastic
     Optimization", ICLR 2015, Algorithm 1)::
 
@@ -96,17 +96,6 @@ class Adam(Solver):
         check_bool(name, "monitor", self.monitor)
         check_bool(name, "check_minimum", self.check_minimum)
         check_compile(name, self.compile, self.rtol is not None or self.atol > 0)
-
-    @property
-    def _cap(self) -> int:
-        """Steps the monitored path may take: the cap with a tolerance, else the budget."""
-        return self.maxiter if self.maxiter is not None else self._steps
-
-    @property
-    def _steps(self) -> int:
-        """The fixed budget (settled at construction: set whenever there is no tolerance)."""
-        assert self.steps is not None
-        return self.steps
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from .._autodiff import Objective
 from .._errors import UnsupportedError
 from .._result import SolverResult
+from .._validate import Budgeted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,3 +40,24 @@ class Solver(abc.ABC):
     def _check_batched(self, batched: bool) -> None:
         if batched and not self.supports_batched:
             raise UnsupportedError(f"{type(self).__name__} does not support batched (multi-task) solves")
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetedSolver(Solver):
+    """A first-order solver run for a fixed budget ``steps`` or to a tolerance capped by
+    ``maxiter`` (docs/design.md §4; the subclass settles the two in ``__post_init__`` with
+    :func:`bilevel._validate.normalise_budget`)."""
+
+    @property
+    def _steps(self: Budgeted) -> int:
+        """The fixed budget (settled at construction: set whenever there is no tolerance)."""
+        assert self.steps is not None
+        return self.steps
+
+    @property
+    def _cap(self: Budgeted) -> int:
+        """Steps the monitored path may take: the cap with a tolerance, else the budget."""
+        if self.maxiter is not None:
+            return self.maxiter
+        assert self.steps is not None
+        return self.steps

@@ -23,7 +23,7 @@ from .._tree import (
     tree_zeros_like,
 )
 from .._validate import check_bool, check_real, normalise_budget
-from ._base import Solver
+from ._base import BudgetedSolver
 from ._checks import with_minimum_check
 from ._compiled import check_compile, compiled_step, value_sum_start
 from ._lean import LeanLoop, health_copy, health_start, health_update
@@ -31,7 +31,7 @@ from ._tracker import GradientTracker
 
 
 @dataclasses.dataclass(frozen=True)
-class GradientDescent(Solver):
+class GradientDescent(BudgetedSolver):
     """Fixed-step gradient descent, the inner solver of first-order (i)MAML.
 
     Update (the PyTorch ``SGD`` convention for momentum ``mu``)::
@@ -118,17 +118,6 @@ class GradientDescent(Solver):
         check_bool(name, "monitor", self.monitor)
         check_bool(name, "check_minimum", self.check_minimum)
         check_compile(name, self.compile, self.rtol is not None or self.atol > 0)
-
-    @property
-    def _cap(self) -> int:
-        """Steps the monitored path may take: the cap with a tolerance, else the budget."""
-        return self.maxiter if self.maxiter is not None else self._steps
-
-    @property
-    def _steps(self) -> int:
-        """The fixed budget (settled at construction: set whenever there is no tolerance)."""
-        assert self.steps is not None
-        return self.steps
 
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)
