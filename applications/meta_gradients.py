@@ -155,7 +155,8 @@ def fomaml_meta_gradient(
     per-task gradients are summed over the tasks.  Arguments as :func:`maml_meta_gradient`."""
     with clock("inner loop"), torch.no_grad():
         phi = _adapt(inner, tree_detach(theta), support, lr, steps, lam, batched, theta_batched)
-    phi = requiring_grad(phi)
+    # φ was just computed without a graph: it can be the leaf itself (no copy per meta-step).
+    phi = tree_map(lambda t: t.detach().requires_grad_(True), phi)
     with torch.enable_grad():
         with clock("query forward"):
             objective, aux = _outer(outer, phi, has_aux)

@@ -28,19 +28,18 @@ def _rows(out: Path, pattern: str) -> dict[str, list[dict[str, str]]]:
 def main(out: Path) -> None:
     print(f"{'benchmark':<14}{'method':<20}{'before':>12}{'after':>12}{'after/before':>14}"
           f"{'x hand before':>15}{'x hand after':>14}{'runs':>6}{'MiB before':>12}{'MiB after':>11}")
-    for label, pattern, key, unit, scale, x_col in (
-        ("small problem", "sp_{tree}_*/small_problem.csv", ("method",), "ms", 1.0, "x_hand_written"),
-        ("meta-step", "ms_{tree}_*/metastep*.csv", ("net", "method"), "s", 1.0, "x_hand_written"),
+    for label, pattern, key, col, unit in (
+        ("small problem", "sp_{tree}_*/small_problem.csv", ("method",), "median_ms", "ms"),
+        ("meta-step", "ms_{tree}_*/metastep*.csv", ("net", "method"), "median_s", "s"),
     ):
         runs = _rows(out, pattern)
-        col = "median_ms" if unit == "ms" else "median_s"
         groups = sorted({tuple(r[k] for k in key) for r in runs["before"]} & {tuple(r[k] for k in key) for r in runs["after"]})
         for g in groups:
             med, xh, mem = {}, {}, {}
             for tree in ("before", "after"):
                 sel = [r for r in runs[tree] if tuple(r[k] for k in key) == g]
-                med[tree] = statistics.median(float(r[col]) * scale for r in sel)
-                xh[tree] = statistics.median(float(r[x_col]) for r in sel)
+                med[tree] = statistics.median(float(r[col]) for r in sel)
+                xh[tree] = statistics.median(float(r["x_hand_written"]) for r in sel)
                 mibs = [float(r["mem_steady_mib"]) for r in sel if r.get("mem_steady_mib") not in (None, "")]
                 mem[tree] = f"{statistics.median(mibs):.0f}" if mibs else "-"
             n = min(sum(1 for r in runs[t] if tuple(r[k] for k in key) == g) for t in runs)

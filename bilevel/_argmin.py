@@ -155,6 +155,35 @@ class Argmin(_Layer):
         diag.strategy, diag.strategy_seconds = min(seconds, key=seconds.__getitem__), dict(seconds)
         return diag.strategy
 
+    def strategy_state(self) -> dict[tuple, dict[str, float]]:
+        """What ``batched=True`` (``"auto"``) has measured so far: per shape key, the seconds
+        of each strategy (the choice is the faster).  Part of a training's state: a run that
+        resumes from a checkpoint restores it with :meth:`load_strategy_state` and makes the
+        same choices (vmap and the loop agree to rounding only, and a new timing can come out
+        the other way).  Plain tuples, strings, floats and dtypes: it saves with
+        ``torch.save`` and loads with ``weights_only=True``.
+
+        Example::
+
+            >>> import torch, bilevel
+            >>> from bilevel.solvers import GradientDescent
+            >>> layer = bilevel.Proximal(lambda p, x: ((p - x) ** 2).sum(), 1.0, solver=GradientDescent(0.1, steps=3))
+            >>> phi = layer(torch.zeros(2), torch.ones(4, 2), batched=True)
+            >>> state = layer.strategy_state()
+            >>> again = bilevel.Proximal(layer.objective, 1.0, solver=GradientDescent(0.1, steps=3))
+            >>> again.load_strategy_state(state)
+            >>> phi = again(torch.zeros(2), torch.ones(4, 2), batched=True)
+            >>> again.diagnostics.strategy == layer.diagnostics.strategy
+            True
+        """
+        return {k: dict(v) for k, v in self.__dict__.get("_strategy_cache", {}).items()}
+
+    def load_strategy_state(self, state: dict[tuple, dict[str, float]]) -> None:
+        """Restore measurements saved by :meth:`strategy_state` (added to this layer's own)."""
+        if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+            raise BilevelTypeError(f"{self._name}: load_strategy_state takes what strategy_state() returned")
+        self.__dict__.setdefault("_strategy_cache", {}).update({k: dict(v) for k, v in state.items()})
+
     def _problem(
         self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, strategy: str | None,
         damping: float = 0.0, closed_bt: ClosedBt | None = None,

@@ -256,11 +256,6 @@ class MetaLearner:
         #: ``{(query shape, grad mode): {"choice": "vmap" | "loop", "vmap_s": ..., "loop_s": ...}}``:
         #: the query strategies ``config.query_batching="auto"`` measured (:meth:`query_strategy`).
         self.query_choices: dict[tuple, dict[str, Any]] = {}
-        #: the strategy ``batched="auto"`` chose for the inner problems, per support shape.
-        #: With :attr:`query_choices` it is part of a run's state (the checkpoint keeps both),
-        #: so that a resumed run makes the choices the interrupted one made: vmap and the
-        #: per-task loop agree only to rounding, and a timing can come out the other way.
-        self.layer_choices: dict[tuple, str] = {}
 
     # -- per-task losses (written for ONE task; vmapped by the callers) ----------------
     def loss_and_metric(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -301,28 +296,13 @@ class MetaLearner:
         return meta_gradients.gd_steps(self.support_loss, theta, xs, ys, lr=self.config.inner_lr,
                                        steps=self.config.inner_steps)
 
-    def layer_batching(self, batch: TaskBatch) -> str:
-        """``batched=`` for the inner problems of ``batch``: ``config.batching``, or the choice
-        ``"auto"`` made before for this support shape (:attr:`layer_choices`)."""
-        if self.config.batching != "auto":
-            return self.config.batching
-        return self.layer_choices.get((tuple(batch.support_x.shape), tuple(batch.support_y.shape)), "auto")
-
-    def note_layer_choice(self, batch: TaskBatch) -> None:
-        """Remember the strategy the layer's last ``"auto"`` call chose for this support shape."""
-        strategy = self.layer.diagnostics.strategy if self.layer is not None else None
-        if self.config.batching == "auto" and strategy is not None:
-            self.layer_choices.setdefault((tuple(batch.support_x.shape), tuple(batch.support_y.shape)), strategy)
-
     def adapt(self, theta: Params, rho: Params, batch: TaskBatch) -> Params:
         """Task-specific parameters ``φ_b`` (leading dim B), without gradients (evaluation)."""
         th = {k: v.detach() for k, v in theta.items()}
         with torch.no_grad():
             if self.layer is not None and self.config.recipe != "imaml-dev":
                 lam = self.lam_value({k: r.detach() for k, r in rho.items()})
-                phi = self.layer(th, batch.support_x, batch.support_y, lam=lam, batched=self.layer_batching(batch))
-                self.note_layer_choice(batch)
-                return phi
+                return self.layer(th, batch.support_x, batch.support_y, lam=lam, batched=self.config.batching)
             return vmap(self.sgd_adapt, in_dims=(None, 0, 0))(th, batch.support_x, batch.support_y)
 
     def query_objective(self, batch: TaskBatch) -> Callable[[Params], tuple[Tensor, Tensor]]:
@@ -418,10 +398,9 @@ def imaml_meta_gradient(learner: MetaLearner, theta: Params, rho: Params, batch:
     assert layer is not None, "imaml_meta_gradient needs an iMAML learner"
     step = meta_gradients.imaml_meta_gradient(
         layer, learner.query_objective(batch), theta, (batch.support_x, batch.support_y),
-        lam=learner.lam_value(rho) if rho else None, extra=rho, batched=learner.layer_batching(batch), has_aux=True,
+        lam=learner.lam_value(rho) if rho else None, extra=rho, batched=learner.config.batching, has_aux=True,
         clock=learner.clock,
     )
-    learner.note_layer_choice(batch)
     with learner.clock("health statistics"):
         stats = _imaml_stats(learner, layer, step, batch, rho)
     return MetaGradient(step.objective, step.aux.mean(), step.grads, step.extra_grads, stats)
@@ -500,12 +479,9 @@ class PullbackSGD:
         if batched:
             g_fn = vmap(g_fn, in_dims=(0, 0, 0))
 
-        def norm(g: Params) -> Tensor:
-            return tree_norm(g, batched)
-
         phi = {k: v.detach() for k, v in x0.items()}
         g, f = g_fn(phi, xs, ys)
-        g0 = prev = norm(g)
+        g0 = prev = tree_norm(g, batched)
         mono = torch.ones_like(g0, dtype=torch.bool)
         descent = torch.ones_like(mono)
         f = f.reshape(mono.shape)
@@ -513,7 +489,7 @@ class PullbackSGD:
             phi = {k: phi[k] - self.lr * g[k] for k in phi}
             g, f_new = g_fn(phi, xs, ys)
             f_new = f_new.reshape(mono.shape)
-            gn = norm(g)
+            gn = tree_norm(g, batched)
             mono, prev = mono & (gn <= prev), gn
             descent, f = descent & (f_new <= f + 1e-6 * f.abs()), f_new
         th = {k: (v.unsqueeze(0) if batched else v) for k, v in theta.items()}

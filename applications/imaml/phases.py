@@ -38,10 +38,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .algorithms import ALGORITHMS, no_clock
+from ..meta_gradients import no_clock
+from .algorithms import ALGORITHMS
+from .learner import set_meta_gradients
 from .plot import _pyplot, _save
 from .timing import setup
-from .learner import set_meta_gradients
 
 __all__ = ["PhaseClock", "main", "profile"]
 

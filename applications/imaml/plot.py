@@ -3,7 +3,7 @@
 ``python -m applications.imaml plot RUN_DIR [RUN_DIR ...] [--out PNG] [--labels a,b] [--title T] [--fits]``
 
 * :func:`plot_learning_curves` reads each run folder's ``log.csv`` (one row per
-  meta-step, see :data:`~applications.imaml.train.CSV_COLUMNS`) and, where present,
+  meta-step, see :data:`~applications.imaml.runlog.CSV_COLUMNS`) and, where present,
   ``val.csv`` (a validation log every N meta-steps: ``step, elapsed_seconds, val_metric,
   val_ci95, val_loss, episodes``), ``config.json`` (for the labels) and ``metrics.json``
   (the test result, shown in the legend).

@@ -33,17 +33,34 @@ from tqdm import tqdm
 from bilevel import NonFiniteError
 from bilevel.distributed import all_reduce_mean, average_gradients
 
-from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT_VERSION,
+    atomic_torch_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+)
 from .config import RunConfig
 from .distributed import DistContext, check_in_sync, shard
 from .evaluate import evaluate_episodes
-from .health import HEALTH_WINDOW, InnerHealthWatch
+from .health import InnerHealthWatch
 from .learner import build_learner, set_meta_gradients
-from .rundir import RunLock, discard_old_run, new_run_id, read_run_id, remove_stale_temporaries
-from .runlog import CSV_COLUMNS, METRIC_COLUMN, VAL_COLUMNS, RunLog, peak_memory_mb, read_log
+from .rundir import (
+    RunLock,
+    discard_old_run,
+    new_run_id,
+    read_run_id,
+    remove_stale_temporaries,
+)
+from .runlog import (
+    METRIC_COLUMN,
+    RunLog,
+    peak_memory_mb,
+)
 from .tasks import TaskSource, make_task_source
 
-__all__ = ["CSV_COLUMNS", "HEALTH_WINDOW", "VAL_COLUMNS", "Trainer", "read_log", "train"]
+__all__ = ["Trainer", "train"]
 
 BEST_NAME = "best.pt"
 
@@ -143,8 +160,10 @@ class Trainer:
             "rng": capture_rng_state(),
             "best_val": self.best_val,
             "run_id": self.run_id,
-            # The measured batching choices (MetaLearner.layer_choices / query_choices).
-            "choices": {"layer": dict(self.learner.layer_choices), "query": dict(self.learner.query_choices)},
+            # The measured batching choices: a resumed run makes the same ones (vmap and the
+            # per-task loop agree to rounding only, and a new timing can come out the other way).
+            "choices": {"layer_strategies": self.learner.layer.strategy_state() if self.learner.layer is not None else {},
+                        "query": dict(self.learner.query_choices)},
         }
 
     def save(self) -> None:
@@ -180,7 +199,8 @@ class Trainer:
         self.best_val = ckpt.get("best_val")
         restore_rng_state(ckpt["rng"])
         choices = ckpt.get("choices", {})
-        self.learner.layer_choices.update(choices.get("layer", {}))
+        if self.learner.layer is not None and choices.get("layer_strategies"):
+            self.learner.layer.load_strategy_state(choices["layer_strategies"])
         self.learner.query_choices.update(choices.get("query", {}))
 
     # -- the loop ----------------------------------------------------------------------------

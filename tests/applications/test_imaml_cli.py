@@ -12,7 +12,7 @@ import torch
 
 from applications.imaml.checkpoint import load_checkpoint
 from applications.imaml.cli import main
-from applications.imaml.train import CSV_COLUMNS, read_log
+from applications.imaml.runlog import CSV_COLUMNS, read_log
 
 REPO = Path(__file__).resolve().parents[2]
 LINE = re.compile(r"^(accuracy|mse): \d+\.\d{4} ± \d+\.\d{4} \(95% CI, (\d+) episodes\)$")

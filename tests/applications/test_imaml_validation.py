@@ -14,7 +14,7 @@ from applications.imaml.checkpoint import load_checkpoint
 from applications.imaml.cli import main
 from applications.imaml.config import resolve_config
 from applications.imaml.tasks import make_task_source
-from applications.imaml.train import VAL_COLUMNS
+from applications.imaml.runlog import VAL_COLUMNS
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +94,7 @@ def test_unstable_inner_loop_warns_once_naming_the_knob(tmp_path: Path, monkeypa
     over the window give exactly one warning that names --inner-lr and --lam; a stable one
     gives none, even with a non-monotone gradient norm; a curvature estimate above 2 warns."""
     from applications.imaml.algorithms import MetaLearner
-    from applications.imaml.train import HEALTH_WINDOW
+    from applications.imaml.health import HEALTH_WINDOW
 
     def run(stats: dict[str, float], out: Path) -> list[str]:
         real = MetaLearner.meta_gradient

@@ -137,3 +137,27 @@ def test_unbatched_call_has_no_strategy() -> None:
     assert layer.diagnostics.strategy == "loop"
     layer(torch.zeros(4, dtype=DT), x[0], y[0])
     assert layer.diagnostics.strategy is None and "batching" not in str(layer.diagnostics)
+
+
+@pytest.mark.parametrize("winner", ["vmap", "loop"])
+def test_a_saved_strategy_state_makes_the_same_choice_without_measuring(monkeypatch: pytest.MonkeyPatch, winner: str) -> None:
+    import bilevel._argmin as argmin_mod
+
+    x, y = _data(6)
+    first = bilevel.Proximal(_loss, 1.0, solver=GradientDescent(lr=0.1, steps=5), linsolve=CG(steps=3))
+    monkeypatch.setattr(argmin_mod, "measure_strategies",
+                        lambda *a, **k: {"vmap": 1.0, "loop": 2.0} if winner == "vmap" else {"vmap": 2.0, "loop": 1.0})
+    first(torch.zeros(4, dtype=DT), x, y, batched=True)
+    assert first.diagnostics.strategy == winner
+    state = first.strategy_state()
+
+    def refuse(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(argmin_mod, "measure_strategies", refuse)
+    again = bilevel.Proximal(_loss, 1.0, solver=GradientDescent(lr=0.1, steps=5), linsolve=CG(steps=3))
+    again.load_strategy_state(state)
+    again(torch.zeros(4, dtype=DT), x, y, batched=True)
+    assert again.diagnostics.strategy == winner
+    with pytest.raises(TypeError, match="strategy_state"):
+        again.load_strategy_state({"not": "a state"})  # type: ignore[dict-item]

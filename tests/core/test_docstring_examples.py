@@ -32,6 +32,7 @@ OBJECTS = {
     "Status": bilevel.Status,
     "BacktrackingArmijo": BacktrackingArmijo,
     "StrongWolfe": StrongWolfe,
+    "Proximal.strategy_state": bilevel.Proximal.strategy_state,
 }
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from applications.imaml.checkpoint import load_checkpoint
-from applications.imaml.train import read_log
+from applications.imaml.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["train", "--dataset", "sinusoid", "--meta-batch", "4", "--inner-steps", "3", "--no-progress", "--device", "cpu",

@@ -18,7 +18,7 @@ import torch
 
 from applications.imaml.checkpoint import load_checkpoint
 from applications.imaml.cli import main
-from applications.imaml.train import read_log
+from applications.imaml.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--dataset", "sinusoid", "--meta-batch", "2", "--inner-steps", "2", "--no-progress", "--device", "cpu"]
