@@ -40,7 +40,8 @@ import statistics
 import sys
 import time
 import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,7 +121,7 @@ class MLPRegression:
         prox = sum(((phi[k] - theta[k]) ** 2).sum() for k in phi)
         return self.loss(phi, X, y) + 0.5 * self.lam * prox
 
-    def layer(self, solver: Any, cg_maxiter: Optional[int] = None, hvp: str = "forward") -> bilevel.Proximal:
+    def layer(self, solver: Any, cg_maxiter: int | None = None, hvp: str = "forward") -> bilevel.Proximal:
         linsolve = CG(rtol=1e-30, maxiter=cg_maxiter) if cg_maxiter is not None else CG()
         # CG is cut at maxiter on purpose (MAX_ITERATIONS): do not warn about it.
         return bilevel.Proximal(self.loss, lam=self.lam, solver=solver, linsolve=linsolve, on_failure="ignore", hvp=hvp)
@@ -224,7 +225,7 @@ def time_backward(prob: MLPRegression, args: argparse.Namespace, device: torch.d
         def setup() -> Tensor:
             for p in theta.values():
                 p.grad = None
-            phi = layer(theta, prob.X, prob.y)
+            phi = layer(theta, prob.X, prob.y)  # noqa: B023 (timed in this iteration)
             return prob.loss(phi, prob.Xq, prob.yq)
 
         def backward(loss: Tensor) -> None:
@@ -310,7 +311,7 @@ class SavedTensorMeter:
     def _unpack(h: _Saved) -> Tensor:
         return h.t
 
-    def __enter__(self) -> "SavedTensorMeter":
+    def __enter__(self) -> SavedTensorMeter:
         self._hooks.__enter__()
         return self
 
@@ -405,7 +406,7 @@ def measure_memory(prob: MLPRegression, args: argparse.Namespace) -> list[dict[s
 # --------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------
-def _fmt_bytes(b: Optional[int]) -> str:
+def _fmt_bytes(b: int | None) -> str:
     if b is None:
         return "skipped"
     for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
@@ -617,7 +618,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {"config": config, "timing": timing, "memory": memory}
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, run both measurements, print the report; returns the results."""
     parser = build_parser()
     args = parser.parse_args(argv)

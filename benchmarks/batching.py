@@ -22,8 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 STRATEGIES = ("vmap", "loop")
 
@@ -66,7 +66,7 @@ def _one(args: argparse.Namespace) -> None:
     print(json.dumps({"strategy": args.strategy, "times": times, "rss_growth_mb": (peak - base) / 1024.0}))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.batching", description=__doc__.splitlines()[0])
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, default=1)

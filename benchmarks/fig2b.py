@@ -60,7 +60,13 @@ import torch
 from torch import Tensor
 
 from benchmarks.metastep import (
-    SETTINGS, FewShotProblem, add_run_options, make_layer, parse_run_args, run_memory_child, step_memory,
+    SETTINGS,
+    FewShotProblem,
+    add_run_options,
+    make_layer,
+    parse_run_args,
+    run_memory_child,
+    step_memory,
 )
 
 METHODS = ("maml", "fomaml", "imaml")

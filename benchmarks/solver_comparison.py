@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ from bilevel.solvers import LBFGS, Adam, GradientDescent, NewtonCG, ScipyMinimiz
 from bilevel.tree import tree_relative_error
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, default=5)
     p.add_argument("--n", type=int, default=80)
@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         "ScipyMinimize('Powell')": ScipyMinimize("Powell", options={"xtol": 1e-10, "ftol": 1e-14}),
     }
     rows = []
-    ref: Optional[torch.Tensor] = None
+    ref: torch.Tensor | None = None
     for name, solver in solvers.items():
         gt, res = meta_grad(solver)
         if ref is None:

@@ -79,11 +79,32 @@ class Argmin(_Layer):
             or any callable ``solver(objective, x0, *args, batched=...)`` returning a
             result with ``.x``.
         linsolve: backward linear solver (default ``CG()``).
-        on_failure, hvp: see :class:`ImplicitLayer`.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence (see
+            :class:`ImplicitLayer`).
+        hvp: ``"reverse"`` or ``"forward"`` Hessian-vector products in the backward (see
+            :class:`ImplicitLayer`).
+        backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
 
     Call ``layer(x0, *args, batched=False, in_dims=0)``.  In batched mode the objective is
     still written for one task; it is vmapped over the leading task dimension of ``x0``
     and of the arguments whose ``in_dims`` entry is 0 (``None`` marks a shared argument).
+
+    Examples:
+        Ridge regression with a learned weight decay ``w``: ``x*(w) = (XᵀX + w I)^{-1} Xᵀy``,
+        so ``dx*/dw = -(XᵀX + w I)^{-1} x*``, which the backward computes without
+        differentiating through the solver:
+
+        >>> import torch, bilevel
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+        >>> w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        >>> ridge = bilevel.Argmin(lambda x, w: 0.5 * ((X @ x - y) ** 2).sum() + 0.5 * w * (x @ x))
+        >>> x = ridge(torch.zeros(2, dtype=torch.float64), w)
+        >>> (dx_dw,) = torch.autograd.grad(x.sum(), w)
+        >>> A = X.T @ X + w.detach() * torch.eye(2, dtype=torch.float64)
+        >>> exact = -torch.linalg.solve(A, torch.linalg.solve(A, X.T @ y)).sum()
+        >>> torch.allclose(dx_dw, exact)
+        True
     """
 
     symmetric = True
@@ -131,7 +152,7 @@ class Argmin(_Layer):
         diagnostics say which ran and, when measured, the times behind the choice.
 
         Why measured: which is faster depends on the net, the task size and the device
-        (``benchmarks/metastep.py``; README "Performance"): a fixed rule on the examples per
+        (``benchmarks/metastep.py``; docs/performance.md): a fixed rule on the examples per
         task, measured on one conv net, picked the slower strategy on another.
         Not measured (``"vmap"``): inside a ``torch.func`` transform, on meta tensors, or for
         a single task; a solver declaring ``supports_batched = False`` gets ``"loop"``.
@@ -163,8 +184,7 @@ class Argmin(_Layer):
         the other way).  Plain tuples, strings, floats and dtypes: it saves with
         ``torch.save`` and loads with ``weights_only=True``.
 
-        Example::
-
+        Examples:
             >>> import torch, bilevel
             >>> from bilevel.solvers import GradientDescent
             >>> layer = bilevel.Proximal(lambda p, x: ((p - x) ** 2).sum(), 1.0, solver=GradientDescent(0.1, steps=3))

@@ -8,7 +8,7 @@ the device, so ``"auto"`` measures both once per shape (:func:`measure_strategie
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from ._problem import task_slice
 from ._timing import time_alternatives
 from ._tree import batch_size, is_tree, tree_flatten, tree_map
 
-InDims = Union[int, None, Sequence[int | None]]
+InDims = int | None | Sequence[int | None]
 STRATEGIES = ("auto", "vmap", "loop")
 
 

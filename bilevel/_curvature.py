@@ -44,8 +44,7 @@ def hessian_extremes(
     Returns:
         ``(λ_min, λ_max)``: 0-d tensors, or ``(B,)`` when batched, in ``x``'s dtype.
 
-    Example::
-
+    Examples:
         >>> import torch, bilevel
         >>> A = torch.diag(torch.tensor([-1.0, 2.0, 5.0]))
         >>> lo, hi = bilevel.hessian_extremes(lambda x: 0.5 * x @ A @ x, torch.zeros(3))

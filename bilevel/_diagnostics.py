@@ -37,6 +37,18 @@ class Diagnostics:
         strategy_seconds: the measurement behind an ``"auto"`` choice: seconds of one
             gradient and one Hessian-vector product for all tasks, per strategy (``None``
             when the strategy was given or not measured).
+
+    Examples:
+        >>> import torch, bilevel
+        >>> layer = bilevel.Argmin(lambda x, a: ((x - a) ** 2).sum())
+        >>> a = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> layer(torch.zeros(2), a).sum().backward()
+        >>> d = layer.diagnostics
+        >>> d.calls, d.forward.status.name, d.backward.status.name, d.forward.x is None
+        (1, 'SUCCESS', 'SUCCESS', True)
+        >>> print(d)
+        forward : SUCCESS: converged to the requested tolerance after ... iterations, gradient norm ...
+        backward: SUCCESS: converged to the requested tolerance after ... iterations, residual norm ...
     """
 
     forward: SolverResult | None = None

@@ -109,6 +109,25 @@ class ImplicitLayer(_Layer, abc.ABC):
     Attributes:
         symmetric: class attribute; ``True`` when ``dF/dx`` is symmetric (an argmin).
         diagnostics: :class:`~bilevel.Diagnostics` of the last forward and backward.
+
+    Examples:
+        Babylonian square root (any algorithm) with the optimality condition ``x² - a``:
+
+        >>> import torch, bilevel
+        >>> class Sqrt(bilevel.ImplicitLayer):
+        ...     symmetric = True                      # dF/dx = diag(2x)
+        ...     def solve(self, x0, a):
+        ...         x = x0
+        ...         for _ in range(30):
+        ...             x = 0.5 * (x + a / x)
+        ...         return x
+        ...     def optimality(self, x, a):
+        ...         return x ** 2 - a
+        >>> a = torch.tensor([4.0, 9.0], requires_grad=True)
+        >>> x = Sqrt()(torch.ones(2), a)
+        >>> x.sum().backward()
+        >>> x.detach(), a.grad                        # dx*/da = 1 / (2 x*)
+        (tensor([2., 3.]), tensor([0.2500, 0.1667]))
     """
 
     def __init__(

@@ -136,9 +136,15 @@ class Proximal(Argmin):
             ``(I + H/λ)^{-1} v`` — shrunk towards ``λ/(λ+δ) · v`` along directions of small
             curvature.  The official iMAML code's ``(1 + c) I + H/(λ + δ')`` system is
             this with ``lam = λ + δ'`` and ``damping = c (λ + δ')``.  Default 0 (exact).
-        on_failure, hvp: see :class:`ImplicitLayer`.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence (see
+            :class:`ImplicitLayer`).
+        hvp: ``"reverse"`` or ``"forward"`` Hessian-vector products in the backward (see
+            :class:`ImplicitLayer`).
+        backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
 
-    Batched (a meta-batch of B tasks in one computation)::
+    Call ``layer(theta, *args, lam=None, batched=False, in_dims=0)``: ``lam`` given per
+    call replaces the layer's λ for that call.  Batched (a meta-batch of B tasks in one
+    computation)::
 
         phi = layer(theta, x_support, y_support, batched=True)   # x_support: (B, K, ...)
 
@@ -146,6 +152,31 @@ class Proximal(Argmin):
     every leaf of φ* gets a leading dimension B.  The solver and CG run batched with
     per-task step sizes and convergence; the gradient w.r.t. θ is the sum of the per-task
     gradients.
+
+    Examples:
+        With the inner loss ``(a/2) ||φ - x||²`` the Hessian is ``H = a I``, so
+        ``φ* = (a x + λ θ) / (a + λ)`` and the meta-gradient of ``sum(φ*)`` is
+        ``λ (H + λ I)^{-1} 1 = λ / (a + λ)`` per coordinate (here ``a = 3``, ``λ = 1``):
+
+        >>> import torch, bilevel
+        >>> layer = bilevel.Proximal(lambda phi, x: 1.5 * ((phi - x) ** 2).sum(), lam=1.0)
+        >>> theta = torch.zeros(2, requires_grad=True)
+        >>> phi = layer(theta, torch.tensor([1.0, 2.0]))
+        >>> [round(v, 4) for v in phi.tolist()]
+        [0.75, 1.5]
+        >>> phi.sum().backward()
+        >>> theta.grad
+        tensor([0.2500, 0.2500])
+
+        A learned λ, passed per call (it gets a gradient too), and a batch of 3 tasks:
+
+        >>> rho = torch.tensor(0.0, requires_grad=True)
+        >>> phi = layer(theta, torch.tensor([1.0, 2.0]), lam=torch.nn.functional.softplus(rho))
+        >>> phi.sum().backward()
+        >>> rho.grad is not None
+        True
+        >>> layer(theta, torch.ones(3, 2), batched=True).shape
+        torch.Size([3, 2])
     """
 
     def __init__(

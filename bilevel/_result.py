@@ -21,8 +21,7 @@ from ._errors import ConvergenceError, ConvergenceWarning
 class Status(enum.Enum):
     """Outcome of a solve.  The value is the message; compare members with ``is``.
 
-    Example::
-
+    Examples:
         >>> from bilevel import Status
         >>> Status.COMPLETED.ok, Status.MAX_ITERATIONS.ok, Status.NEGATIVE_CURVATURE.early_stop
         (True, False, True)
@@ -90,8 +89,7 @@ class SolveResult:
     ``None``) and ``task_iterations`` (per-task iteration counts ``(B,)``, else ``None``),
     declared there to keep the subclasses' positional field order of 0.1.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from bilevel.linsolve import CG
         >>> res = CG()(lambda v: 2.0 * v, torch.ones(3))
@@ -115,6 +113,21 @@ class LinearSolveResult(SolveResult):
 
     Attributes:
         residual_norm: final residual norm ``||b - A x||`` (0-d, or ``(B,)`` per task).
+        task_status: per-task statuses in batched mode, else ``None``.
+        task_iterations: per-task iteration counts ``(B,)`` in batched mode, else ``None``.
+
+    Examples:
+        Two tasks solved at once (``batched=True``), each with its own convergence:
+
+        >>> import torch
+        >>> from bilevel.linsolve import CG
+        >>> b = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+        >>> res = CG(rtol=1e-6)(lambda v: 2.0 * v, b, batched=True)
+        >>> res.x
+        tensor([[0.5000, 0.5000],
+                [1.0000, 0.0000]])
+        >>> [s.name for s in res.task_status], res.residual_norm.shape
+        (['SUCCESS', 'SUCCESS'], torch.Size([2]))
     """
 
     residual_norm: Tensor
@@ -149,6 +162,17 @@ class SolverResult(SolveResult):
             the next (beyond rounding; first-order solvers).  For gradient descent with a
             step below ``2 / L`` (L the largest curvature met) the descent lemma guarantees
             it, so ``False`` signals a step size too large for the problem: oscillation.
+        task_status: per-task statuses in batched mode, else ``None``.
+        task_iterations: per-task iteration counts ``(B,)`` in batched mode, else ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.solvers import NewtonCG
+        >>> res = NewtonCG()(lambda x: ((x - 1.0) ** 2).sum(), torch.zeros(3))
+        >>> res.status.name, res.success, res.n_hvp > 0
+        ('SUCCESS', True, True)
+        >>> [round(v, 4) for v in res.x.tolist()], float(res.grad_norm) < 1e-3
+        ([1.0, 1.0, 1.0], True)
     """
 
     grad_norm: Tensor | None = None

@@ -30,7 +30,24 @@ class FixedPoint(_Layer):
         solver: default ``FixedPointIteration()``; any callable ``solver(fn, x0, *args,
             batched=...)`` returning a result with ``.x``.
         linsolve: default ``GMRES()``.
-        on_failure, hvp: see :class:`ImplicitLayer`.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence (see
+            :class:`ImplicitLayer`).
+        backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
+
+    Call ``layer(x0, *args, batched=False, in_dims=0)``.
+
+    Examples:
+        ``x = x/2 + a`` has the fixed point ``x* = 2a``, so ``dx*/da = (I - J)^{-1} = 2 I``:
+
+        >>> import torch, bilevel
+        >>> layer = bilevel.FixedPoint(lambda x, a: 0.5 * x + a)
+        >>> a = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> x = layer(torch.zeros(2), a)
+        >>> [round(v, 4) for v in x.tolist()]
+        [2.0, 4.0]
+        >>> x.sum().backward()
+        >>> a.grad
+        tensor([2., 2.])
     """
 
     symmetric = False
@@ -113,12 +130,24 @@ def custom_root(
         symmetric: declare ``dF/dx`` symmetric (e.g. F is a gradient), enabling CG/MINRES.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence.
         hvp: ``"forward"`` or ``"reverse"`` (symmetric case; see :class:`ImplicitLayer`).
+        backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
 
-    Example::
+    Returns:
+        A decorator turning ``solve(x0, *args)`` into a layer called the same way.
 
-        @bilevel.custom_root(lambda x, a: x**2 - a, symmetric=True)
-        def sqrt(x0, a):
-            return newton(x0, a)   # any algorithm, even outside torch
+    Examples:
+        A square root computed outside torch (by ``math.sqrt``), differentiable through
+        its optimality condition ``x² - a = 0``: ``dx*/da = 1 / (2 x*)``.
+
+        >>> import math, torch, bilevel
+        >>> @bilevel.custom_root(lambda x, a: x ** 2 - a, symmetric=True)
+        ... def sqrt(x0, a):
+        ...     return torch.tensor([math.sqrt(v) for v in a.tolist()])
+        >>> a = torch.tensor([4.0, 9.0], requires_grad=True)
+        >>> x = sqrt(torch.ones(2), a)
+        >>> x.sum().backward()
+        >>> x.detach(), a.grad
+        (tensor([2., 3.]), tensor([0.2500, 0.1667]))
     """
 
     def deco(solve_fn: Callable[..., Any]) -> Any:

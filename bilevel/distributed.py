@@ -8,7 +8,25 @@ tensors are packed into flat buckets of one dtype and device, and each bucket ta
 ``all_reduce`` -- a handful of collectives per meta-step instead of one per tensor.
 
 Without an initialised process group (or with one process) they do nothing, so the same
-training code runs with and without ``torchrun``.
+training code runs with and without ``torchrun``.  A meta-step under ``torchrun`` (each
+process with its own share of the tasks)::
+
+    meta_loss(theta, my_tasks).backward()                 # the implicit meta-gradient
+    bilevel.distributed.average_gradients([theta])        # mean over the processes
+    outer_optimizer.step()
+
+Examples:
+    In a single process (no process group) the same code runs unchanged:
+
+    >>> import torch
+    >>> from bilevel import distributed
+    >>> theta = torch.zeros(3, requires_grad=True)
+    >>> (2.0 * theta).sum().backward()
+    >>> distributed.world_size()
+    1
+    >>> distributed.average_gradients([theta])            # the mean over one process
+    >>> theta.grad
+    tensor([2., 2., 2.])
 """
 
 from __future__ import annotations
@@ -27,7 +45,16 @@ __all__ = ["all_reduce_mean", "average_gradients", "world_size"]
 
 
 def world_size(group: Any = None) -> int:
-    """Processes in ``group`` (1 without an initialised process group)."""
+    """Processes in ``group`` (1 without an initialised process group).
+
+    Args:
+        group: the process group (default: the world).
+
+    Examples:
+        >>> from bilevel.distributed import world_size
+        >>> world_size()                    # no torch.distributed process group here
+        1
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
@@ -78,6 +105,25 @@ def all_reduce_mean(tree: Any, group: Any = None, *, bucket_mb: float = 25.0) ->
         tree: a tensor, or a dict/list/tuple tree of tensors.
         group: the process group (default: the world).
         bucket_mb: the size of the flat buffers reduced at once.
+
+    Returns:
+        A new tree (detached copies); the input is left unchanged.
+
+    Raises:
+        BilevelValueError: if ``bucket_mb <= 0``.
+
+    Examples:
+        Without a process group (or with one process) the mean is a copy:
+
+        >>> import torch
+        >>> from bilevel.distributed import all_reduce_mean
+        >>> g = {"w": torch.ones(2, 2), "b": torch.tensor([0.5])}
+        >>> mean = all_reduce_mean(g)
+        >>> mean
+        {'w': tensor([[1., 1.],
+                [1., 1.]]), 'b': tensor([0.5000])}
+        >>> mean["w"] is g["w"]
+        False
     """
     if not bucket_mb > 0:
         raise BilevelValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
@@ -93,6 +139,25 @@ def average_gradients(parameters: Iterable[Tensor], group: Any = None, *, bucket
     Call it after the meta-gradient's ``backward()`` and before the outer optimiser's
     ``step()``.  A parameter without a gradient on this process gets zeros before the
     reduction, so that every process takes part in the same collectives.
+
+    Args:
+        parameters: the parameters whose ``.grad`` to average (those that do not require
+            grad are skipped), e.g. ``model.parameters()``.
+        group: the process group (default: the world).
+        bucket_mb: the size of the flat buffers reduced at once.
+
+    Raises:
+        BilevelValueError: if ``bucket_mb <= 0``.
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.distributed import average_gradients
+        >>> model = torch.nn.Linear(2, 1)
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> before = [p.grad.clone() for p in model.parameters()]
+        >>> average_gradients(model.parameters())     # one process: unchanged
+        >>> all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters()))
+        True
     """
     if not bucket_mb > 0:
         raise BilevelValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")

@@ -5,8 +5,7 @@ A tree is a Tensor, a tuple or list of trees, or a dict ``str -> tree`` -- e.g.
 task dimension ``B`` and the reductions (:func:`tree_vdot`, :func:`tree_norm`,
 :func:`tree_relative_error`, :func:`tree_cosine`) return one value per task, shape ``(B,)``.
 
-Example::
-
+Examples:
     >>> import torch
     >>> from bilevel.tree import tree_norm, tree_relative_error
     >>> g = {"w": torch.ones(4, 3), "b": torch.ones(4)}     # 4 tasks

@@ -16,7 +16,8 @@ linear-system helpers are also the ``systems`` and ``trees`` fixtures
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.optimize
@@ -135,7 +136,7 @@ class Trees:
 LAM = 0.1  # L2 weight of the logistic regression: its Hessian is >= LAM * I
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def logistic_data(seed: int = 0, n: int = 60, d: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Features (n, d) and labels in {-1, +1}, non-separable (labels are noisy)."""
     rng = np.random.default_rng(seed)
@@ -175,7 +176,7 @@ def _np_hess(w: np.ndarray, a: np.ndarray, y: np.ndarray, lam: float) -> np.ndar
     return (a.T * (s * (1 - s))) @ a / len(y) + lam * np.eye(len(w))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def logistic_reference(seed: int = 0, with_bias: bool = False, lam: float = LAM) -> np.ndarray:
     """Minimiser by scipy BFGS (gtol 1e-12) on a NumPy implementation of the loss,
     polished by two exact Newton steps (BFGS stops at ~1e-10 with "precision loss").

@@ -34,7 +34,14 @@ from typing import Any
 import pytest
 
 from bilevel.linsolve import CG, GMRES, MINRES, BiCGSTAB, Dense, Neumann
-from bilevel.solvers import LBFGS, Adam, FixedPointIteration, GradientDescent, NewtonCG, ScipyMinimize
+from bilevel.solvers import (
+    LBFGS,
+    Adam,
+    FixedPointIteration,
+    GradientDescent,
+    NewtonCG,
+    ScipyMinimize,
+)
 from tests.problems import SYSTEM_FAMILIES
 
 LINEAR, INNER = "linear", "inner"

@@ -16,5 +16,5 @@ few-shot application (:mod:`applications.imaml`) trains with.
 
 Each experiment is a module with ``main(argv=None) -> int``, run as
 ``python -m applications.experiments.<name>``; results go to
-``applications/experiments/results/`` (see ``README.md`` in this folder).
+``applications/experiments/results/`` (see ``docs/applications/experiments.md``).
 """

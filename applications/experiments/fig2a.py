@@ -74,8 +74,8 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -264,7 +264,7 @@ def imaml_meta_gradient(
     lr: float,
     steps: int,
     cg_steps: int,
-    cg_tol: Optional[float] = None,
+    cg_tol: float | None = None,
     on_failure: str = "ignore",
 ) -> Tensor:
     """iMAML: :class:`bilevel.Proximal` with K GD steps forward and n CG steps backward.
@@ -330,7 +330,7 @@ def run(
     lam: float = 1.0,
     steps: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
     cg_steps: Sequence[int] = (2, 5, 20),
-    lr: Optional[float] = None,
+    lr: float | None = None,
 ) -> list[Row]:
     """Relative meta-gradient errors of every method at every K, averaged over tasks.
 
@@ -447,7 +447,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the experiment, write ``fig2a.csv`` and ``fig2a.png``, print the table.
 
     Args:

@@ -58,9 +58,9 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +177,7 @@ def implicit_meta_gradient(
     *,
     inner_args: Sequence[Any] = (),
     outer_args: Sequence[Any] = (),
-    phi: Optional[Mapping[str, Tensor]] = None,
+    phi: Mapping[str, Tensor] | None = None,
     solver: Any = None,
     damping: float = 0.0,
     hvp: str = "reverse",
@@ -567,7 +567,7 @@ def _classification_loss(model: nn.Module) -> Loss:
     return loss
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the measurement; returns the exit status."""
     from applications.imaml.checkpoint import load_checkpoint
     from applications.imaml.models import build_model
@@ -576,7 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     ckpt_cfg: dict[str, Any] = {}
-    ckpt: Optional[dict[str, Any]] = None
+    ckpt: dict[str, Any] | None = None
     if args.checkpoint is not None:
         ckpt = load_checkpoint(args.checkpoint)
         ckpt_cfg = dict(ckpt.get("config") or {})

@@ -1,6 +1,6 @@
 """Learn one L2 strength per feature of a multinomial logistic regression on real data.
 
-    python -m applications.hyperopt                       # digits (its time: the README)
+    python -m applications.hyperopt                       # digits (its time: docs/applications/hyperopt.md)
     python -m applications.hyperopt --dataset breast_cancer --outer-steps 40
 
 Inner problem (W: d × C weights, b: C biases, ρ: d log-strengths)::

@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ContextManager, NamedTuple, Optional
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +105,7 @@ class LearnerConfig:
         linsolve: ``"cg"`` (the paper) or ``"minres"`` for the backward system
             ``(H + Λ) u = v``.  CG is only valid while ``H + Λ`` is positive definite; with
             batch norm the support-loss Hessian has negative eigenvalues (scale invariance
-            of the conv weights; README "Negative curvature"), so CG may stop early on
+            of the conv weights; docs/applications/imaml.md, "Negative curvature"), so CG may stop early on
             negative curvature (counted as ``cg_failures``).  MINRES needs only
             symmetry and, with the same budget, minimises the residual over the same
             Krylov space.
@@ -153,7 +155,7 @@ class LearnerConfig:
     learn_lam: bool = False
     lam_min: float = 0.1
     cg_steps: int = 5
-    cg_tol: Optional[float] = None
+    cg_tol: float | None = None
     hf_cg_steps: int = 5
     linsolve: str = "cg"
     hvp: str = "reverse"
@@ -249,7 +251,7 @@ class MetaLearner:
             p.requires_grad_(False)
         self.config = config
         # The algorithm builds its own inner procedure (None: the baselines' unrolled SGD).
-        self.layer: Optional[bilevel.Proximal] = ALGORITHMS[config.algorithm].build_layer(self)
+        self.layer: bilevel.Proximal | None = ALGORITHMS[config.algorithm].build_layer(self)
         #: ``clock(phase)``: a context manager around each phase of a meta-step; the profiler
         #: (:mod:`.phases`) swaps in one that times them, training leaves this no-op.
         self.clock: Callable[[str], ContextManager[None]] = no_clock
@@ -333,7 +335,7 @@ class MetaLearner:
 
         The query pass is the part of a meta-step every algorithm shares (75 query images per
         task at 5-way, against 5 support images), and which way of batching it is faster
-        depends on the net and the device (README: "Where a meta-step's time goes"): one
+        depends on the net and the device (docs/applications/imaml.md: "Where a meta-step's time goes"): one
         vmapped computation runs grouped convolutions, a loop plain ones.  So ``"auto"`` times
         both (forward and, with grad mode on, backward, on the actual batch) the first time it
         meets a shape, and keeps the faster (by :func:`bilevel.time_alternatives`, the rule
@@ -468,7 +470,7 @@ class PullbackSGD:
     loss).
     """
 
-    def __init__(self, learner: "MetaLearner", lr: float, steps: int, lam: float) -> None:
+    def __init__(self, learner: MetaLearner, lr: float, steps: int, lam: float) -> None:
         self.learner, self.lr, self.steps, self.lam = learner, lr, steps, lam
 
     def __call__(self, objective: Any, x0: Params, theta: Params, lam: Any, xs: Tensor, ys: Tensor,
@@ -595,7 +597,7 @@ class InnerDefaults(NamedTuple):
     steps: int
     steps20: int
     lr: float
-    lr20: Optional[float] = None
+    lr20: float | None = None
     cg_steps: int = 5
 
     def for_ways(self, ways: int) -> tuple[int, float]:
@@ -617,7 +619,7 @@ class Algorithm:
 
     name: str
     meta_gradient: Callable[[MetaLearner, Params, Params, TaskBatch], MetaGradient]
-    build_layer: Callable[[MetaLearner], Optional[bilevel.Proximal]]
+    build_layer: Callable[[MetaLearner], bilevel.Proximal | None]
     inner_defaults: dict[str, InnerDefaults]
 
     @property
@@ -633,7 +635,7 @@ D = InnerDefaults
 _SGD_BASELINE = {"sinusoid": D(1, 1, 0.01), "omniglot": D(1, 5, 0.4), "miniimagenet": D(5, 5, 0.01)}
 _ALL = (
     # Omniglot: 3 GD steps of 0.4 at 5-way, 5 of 0.3 at 20-way, 2 MINRES steps, measured
-    # against 16 steps of 0.1 with 5 MINRES steps and other budgets (README "A cheaper inner
+    # against 16 steps of 0.1 with 5 MINRES steps and other budgets (docs/applications/imaml.md, "A cheaper inner
     # solve" and "Time to accuracy").
     Algorithm("imaml", imaml_meta_gradient, _imaml_gd_layer,
               {"sinusoid": D(16, 16, 0.01), "omniglot": D(3, 5, 0.4, 0.3, cg_steps=2), "miniimagenet": D(16, 16, 0.01)}),

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import tempfile
 import warnings
 import zipfile
-import tempfile
 from pathlib import Path
 from typing import Any
 

@@ -6,7 +6,7 @@ parses and dispatches, and turns the expected errors into one-line messages.
 With no arguments: meta-train iMAML-GD on 5-shot sinusoid regression (generated, no
 download) with the settings of :data:`DEFAULT_RUN` (1000 meta-steps) and evaluate on 600
 test tasks, writing learning curves and fits (its time on the development machine: the
-application's README).
+application's page, docs/applications/imaml.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import math
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_RUN", "build_parser", "main"]
 DEFAULT_RUN = dict(dataset="sinusoid", algorithm="imaml", shots=5, meta_steps=1000, meta_batch=16, outer_lr=3e-3,
                    device="cpu", out="runs/sinusoid-imaml", eval_every=100)
 # device="cpu" even where CUDA exists: the 1.7k-parameter MLP is launch-bound on a GPU
-# (the times: README "Quick start").
+# (the times: docs/applications/imaml.md, "Quick start").
 
 
 def _positive_int(s: str) -> int:
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m applications.imaml",
         description="Few-shot meta-learning with implicit MAML (and MAML, first-order MAML, Reptile baselines). "
         "With no arguments: train iMAML-GD on sinusoid regression, evaluate it and draw its pictures (its time: the "
-        "README, 'Quick start').",
+        "docs/applications/imaml.md, 'Quick start').",
     )
     sub = p.add_subparsers(dest="command", metavar="{train,evaluate,plot}")
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--meta-steps", type=_nonneg_int, default=None, help="meta-iterations (default 30000; sinusoid 70000)")
     g.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-iteration (default 32 Omniglot 5-way, 16 20-way / sinusoid, 4 Mini-ImageNet)")
     g.add_argument("--inner-steps", type=_nonneg_int, default=None, help="inner GD/SGD steps, iMAML-HF: Newton iterations (default: iMAML-GD 16, MAML/FOMAML 1 (5 for 20-way), "
-                   "Reptile 10, iMAML-HF 5; README 'Algorithms and defaults')")
+                   "Reptile 10, iMAML-HF 5; docs/applications/imaml.md, 'Algorithms and defaults')")
     g.add_argument("--inner-lr", type=_positive_float, default=None, help="inner step size (default: Omniglot 0.1, MAML/FOMAML 5-way 0.4; sinusoid and Mini-ImageNet 0.01)")
     g.add_argument("--lam", type=_positive_float, default=None, help="proximal weight λ of iMAML, initial value if learned (default: Omniglot 0.1, sinusoid 1, Mini-ImageNet 0.5; "
                    "2 with --recipe imaml-dev)")
@@ -194,7 +194,7 @@ def _resume_config(args: argparse.Namespace) -> dict:
     return merged
 
 
-def main(argv: Optional[Sequence[str]] = None, *, log: Callable[[str], None] = print) -> int:
+def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] = print) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv:
@@ -261,7 +261,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _set_threads(threads: Optional[int], dataset: str, device: str) -> None:
+def _set_threads(threads: int | None, dataset: str, device: str) -> None:
     if threads is None and dataset == "sinusoid" and not device.startswith("cuda"):
         threads = 1
     if threads is not None:

@@ -22,8 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 
 def _run_dir(out: Path, ways: int, shots: int, alg: str) -> Path:
@@ -67,7 +67,7 @@ def summarise(run: Path) -> dict[str, object]:
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m applications.imaml.compare", description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=None)
     p.add_argument("--settings", default="5:1,20:1", help="comma-separated ways:shots")

@@ -6,7 +6,7 @@ evaluation and ``--resume`` reuse exactly the trained setup.
 
 Defaults follow measurements where we made them, the papers elsewhere:
 
-* iMAML-GD on Omniglot (measured: applications/imaml/README.md "Defaults and where they
+* iMAML-GD on Omniglot (measured: docs/applications/imaml.md "Defaults and where they
   come from" and "A cheaper inner solve"): λ = 0.1 as a proximal weight on every inner
   step (chosen with 16 GD steps of 0.1), then 3 GD steps of 0.4 (5-way) or 5 of 0.3
   (20-way) and 2 MINRES steps in the backward (the accuracy of 16 steps and 5 MINRES
@@ -23,7 +23,7 @@ Defaults follow measurements where we made them, the papers elsewhere:
   inner SGD (10 steps of 0.1 on Omniglot, as plain SGD rather than Reptile's Adam, so the
   baselines share one inner optimiser), iMAML-HF's budget (5 Newton iterations of 5
   CG steps each), the sinusoid iMAML settings (λ = 1, 16 GD steps of 0.01, meta-batch
-  16: the best of a small sweep of 1000-step runs, see README), and 15 query images
+  16: the best of a small sweep of 1000-step runs, see docs/applications/imaml.md), and 15 query images
   per class.
 """
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -63,9 +63,9 @@ class RunConfig:
     seed: int
     device: str
     dtype: str
-    filters: Optional[int]
+    filters: int | None
     split_scheme: str
-    data_root: Optional[str]
+    data_root: str | None
     out: str
     checkpoint_every: int
     eval_episodes: int
@@ -92,7 +92,7 @@ class RunConfig:
         return {**run, **{k: getattr(self.learner, k) for k in _LEARNER_FIELDS}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         run_names = [f.name for f in dataclasses.fields(cls) if f.name != "learner"]
         unknown = set(d) - set(run_names) - set(_LEARNER_FIELDS)
         if unknown:
@@ -186,7 +186,7 @@ def resolve_config(**kw: Any) -> RunConfig:
         cg_tol=kw.get("cg_tol"),
         hf_cg_steps=get("hf_cg_steps", 5),
         # Conv nets with batch norm have support-loss Hessians with negative eigenvalues
-        # (README: "Negative curvature"): CG may stop early there; MINRES needs only symmetry.
+        # (docs/applications/imaml.md: "Negative curvature"): CG may stop early there; MINRES needs only symmetry.
         linsolve=get("linsolve", "cg" if dataset == "sinusoid" else "minres"),
         hvp=get("hvp", "reverse"),
         recipe=recipe,

@@ -16,16 +16,17 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .config import RunConfig, check_device, default_device
-from .tasks import make_task_source
 from .learner import load_learner
+from .tasks import make_task_source
 
 __all__ = ["evaluate_checkpoint", "format_result"]
 
@@ -37,7 +38,7 @@ def format_result(metric: str, mean: float, ci: float, episodes: int) -> str:
 
 def evaluate_episodes(learner: Any, theta: dict, rho: dict, source: Any, n: int, batch_size: int, cfg: RunConfig, *,
                       progress: bool = False, desc: str = "evaluate",
-                      log: Optional[Callable[[str], None]] = None) -> dict[str, float]:
+                      log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Adapt to episodes ``0 .. n-1`` of ``source`` (fixed, index-addressed) in batches and
     return the mean metric, its 95% CI half-width (normal approximation), std and mean loss."""
     values: list[torch.Tensor] = []
@@ -77,10 +78,10 @@ def _duration(seconds: float) -> str:
 def evaluate_checkpoint(
     checkpoint: str,
     *,
-    episodes: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    device: Optional[str] = None,
-    data_root: Optional[str] = None,
+    episodes: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    data_root: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The training-time warning about an unstable inner loop (README: "Inner-loop health").
+"""The training-time warning about an unstable inner loop (docs/applications/imaml.md: "Inner-loop health").
 
 The implicit gradient assumes a solved inner problem; a fixed-step inner GD whose step is
 too large does not solve it.  :class:`InnerHealthWatch` reads the health statistics of each
@@ -9,7 +9,7 @@ the knob to turn, when the inner loop is unstable.
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Optional
+from collections.abc import Callable
 
 __all__ = ["HEALTH_WINDOW", "InnerHealthWatch"]
 
@@ -49,9 +49,9 @@ class InnerHealthWatch:
         self.warned = True
         knob = "--inner-lr" + (" or --lam (λ adds to the curvature GD sees)" if self.recipe == "proximal" else "")
         self.log(f"warning: meta-step {step}: the inner loop is unstable ({what}): lower {knob}. "
-                 "The implicit gradient assumes a solved inner problem (README: 'Inner-loop health').")
+                 "The implicit gradient assumes a solved inner problem (docs/applications/imaml.md: 'Inner-loop health').")
 
-    def _diagnosis(self, stats: dict[str, float]) -> Optional[str]:
+    def _diagnosis(self, stats: dict[str, float]) -> str | None:
         curv = stats.get("inner_lr_curvature")
         ratio, descent = stats.get("inner_grad_ratio"), stats.get("inner_descent")
         if ratio is not None and descent is not None:

@@ -23,7 +23,7 @@ backward.  ``tests/applications/test_imaml_models.py`` checks this.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,7 @@ def build_model(
     dataset: str,
     ways: int,
     *,
-    filters: Optional[int] = None,
+    filters: int | None = None,
     image_shape: tuple[int, int, int] = (1, 28, 28),
     hidden: tuple[int, ...] = (40, 40),
 ) -> nn.Module:

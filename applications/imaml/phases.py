@@ -33,8 +33,9 @@ import dataclasses
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -100,7 +101,7 @@ class _TimedLinsolve:
             return self.inner(*args, **kw)
 
 
-def profile(algorithms: Sequence[str], rounds: int, warmup: int, imaml: Optional[dict[str, Any]] = None,
+def profile(algorithms: Sequence[str], rounds: int, warmup: int, imaml: dict[str, Any] | None = None,
             **kw: Any) -> dict[str, dict[str, list[float]]]:
     """Per algorithm, per phase, the seconds of each timed meta-step (``"total"`` included).
 
@@ -158,7 +159,7 @@ class _Split:
     def __init__(self, learner: Any, clock: PhaseClock) -> None:
         self.learner = learner
         self.layer = learner.layer
-        self.t_hook: Optional[float] = None
+        self.t_hook: float | None = None
         self.saved: list[tuple[Any, str, Any]] = []
 
     def restore(self) -> None:
@@ -310,7 +311,7 @@ def _combine(p: argparse.ArgumentParser, specs: Sequence[str], out: Path) -> int
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m applications.imaml.phases", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="omniglot", choices=("sinusoid", "omniglot", "miniimagenet"))
     p.add_argument("--data-root", default=None)

@@ -23,8 +23,9 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ SMOOTH_FRACTION = 0.05
 # --------------------------------------------------------------------------------------
 # reading a run folder
 # --------------------------------------------------------------------------------------
-def _float(text: Optional[str]) -> float:
+def _float(text: str | None) -> float:
     """``float(text)``, or NaN for an empty or malformed cell (e.g. the half-written last
     line of a log that is still being appended to)."""
     try:
@@ -94,7 +95,7 @@ class _Run:
         else:
             raise ValueError(f"log.csv of run folder {str(folder)!r} has neither query_accuracy nor query_mse values")
 
-        self.val: Optional[dict[str, np.ndarray]] = None
+        self.val: dict[str, np.ndarray] | None = None
         val_path = folder / "val.csv"
         if val_path.is_file():
             vrows = _read_csv(val_path)
@@ -110,7 +111,7 @@ class _Run:
                 self.val = {"step": vstep[ok], "elapsed": velapsed, "metric": vmetric[ok],
                             "ci95": _column(vrows, "val_ci95")[ok]}
 
-    def setting(self) -> Optional[str]:
+    def setting(self) -> str | None:
         """``"omniglot 5-way 1-shot"`` / ``"sinusoid 5-shot"`` from config.json, if known."""
         c = self.config
         if "dataset" not in c:
@@ -201,7 +202,7 @@ def _log_scale_if_positive(ax: Any, *arrays: np.ndarray) -> None:
             """LogFormatter's choice of which ticks to label, written as plain numbers
             ("0.4", "2") rather than "4×10⁻¹", "2×10⁰"."""
 
-            def __call__(self, x: float, pos: Optional[int] = None) -> str:
+            def __call__(self, x: float, pos: int | None = None) -> str:
                 return f"{x:g}" if super().__call__(x, pos) else ""
 
         ax.set_yscale("log")
@@ -225,8 +226,8 @@ def plot_learning_curves(
     run_dirs: Sequence[str | Path],
     out_png: str | Path,
     *,
-    labels: Optional[Sequence[str]] = None,
-    title: Optional[str] = None,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Learning curves of one or several runs on one figure, one colour per run.
 
@@ -450,8 +451,8 @@ def plot_time_to_accuracy(
     run_dirs: Sequence[str | Path],
     out_png: str | Path,
     *,
-    title: Optional[str] = None,
-    order: Optional[Sequence[str]] = None,
+    title: str | None = None,
+    order: Sequence[str] | None = None,
 ) -> Path:
     """Validation metric against training seconds and against meta-steps: one colour per
     configuration, one line style per seed (so that many runs stay readable).
@@ -554,7 +555,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _dataset_of(folder: Path, ckpt_path: Path) -> Optional[str]:
+def _dataset_of(folder: Path, ckpt_path: Path) -> str | None:
     config = _read_json(folder / "config.json")
     if "dataset" in config:
         return str(config["dataset"])

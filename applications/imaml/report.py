@@ -19,7 +19,7 @@ setting this writes:
   :func:`~applications.imaml.plot.plot_learning_curves`), ``curves_all.png`` (all runs) and
   ``sweep.png`` (test accuracy of iMAML-GD against λ, the other configurations as bands);
 * a copy of each run's small files (``log.csv``, ``val.csv``, ``metrics.json``,
-  ``config.json``, ``console.txt``) so that the numbers in the README can be re-derived;
+  ``config.json``, ``console.txt``) so that the numbers in docs/applications/imaml.md can be re-derived;
   checkpoints are not copied.
 """
 
@@ -30,8 +30,9 @@ import json
 import re
 import shutil
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -176,7 +177,7 @@ def report_setting(setting_dir: Path, out: Path, default_lam: str = "0.1") -> di
     return summary
 
 
-def _sweep_plot(rows: list[dict[str, Any]], path: Path, setting: str) -> Optional[Path]:
+def _sweep_plot(rows: list[dict[str, Any]], path: Path, setting: str) -> Path | None:
     """Test accuracy of iMAML-GD against λ (one point per seed, mean line); baselines as bands."""
     lam_rows = [(float(m.group(1)), row) for row in rows if (m := re.fullmatch(r"imaml-lam([0-9.]+)", row["config"]))]
     if not lam_rows:
@@ -211,7 +212,7 @@ def _sweep_plot(rows: list[dict[str, Any]], path: Path, setting: str) -> Optiona
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m applications.imaml.report", description=__doc__.splitlines()[0])
     p.add_argument("protocol_dir", help="the DEST folder of cpu_protocol.sh")
     p.add_argument("--out", required=True, help="where to write the tables, pictures and run copies")

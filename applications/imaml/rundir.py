@@ -23,7 +23,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any
 
 __all__ = ["RUN_FILES", "RunLock", "RunLockedError", "discard_old_run", "new_run_id", "read_run_id",
            "remove_stale_temporaries"]
@@ -44,7 +44,7 @@ class RunLock:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / LOCK_NAME
-        self._f: Optional[IO[str]] = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        self._f: IO[str] | None = open(self.path, "a+")  # noqa: SIM115 (held until release)
         try:
             fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,7 +107,7 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
-def read_run_id(out: str | os.PathLike[str]) -> Optional[str]:
+def read_run_id(out: str | os.PathLike[str]) -> str | None:
     """The run id recorded in ``run_info.json`` (None: absent, e.g. a run of an older version)."""
     try:
         info = json.loads((Path(out) / "run_info.json").read_text())

@@ -4,7 +4,7 @@
 ``log.csv`` and how it is written: a meta-step hands :meth:`RunLog.write_step` its values
 keyed by column name (the meta-gradient's statistics, λ, the step's own measurements),
 and every column takes its value from there (empty where a step has none, e.g. the CG
-columns of MAML).  The columns' meanings: the application's README, "Outputs and log format".
+columns of MAML).  The columns' meanings: docs/applications/imaml.md, "Outputs and log format".
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import csv
 import json
 import os
 import resource
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

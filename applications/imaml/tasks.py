@@ -10,7 +10,7 @@ classification (Omniglot, Mini-ImageNet) task sources: :class:`TaskSource` with
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from .data import SinusoidTasks, TaskBatch, TaskSampler, load_dataset
 
@@ -48,7 +48,7 @@ class TaskSource:
         return self._sampler.tasks(indices)
 
 
-def resolve_data_root(dataset: str, data_root: Optional[str]) -> str:
+def resolve_data_root(dataset: str, data_root: str | None) -> str:
     """The data folder: ``data_root`` or the dataset's environment variable; clear errors."""
     env = _ENV[dataset]
     root = data_root if data_root is not None else os.environ.get(env) or None
@@ -70,7 +70,7 @@ def make_task_source(
     shots: int,
     queries: int,
     seed: int,
-    data_root: Optional[str] = None,
+    data_root: str | None = None,
     split_scheme: str = "maml",
     hold_out_val: bool = False,
 ) -> TaskSource:

@@ -13,15 +13,16 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .algorithms import ALGORITHMS
 from .config import resolve_config
-from .tasks import make_task_source
 from .learner import build_learner, set_meta_gradients
 from .runlog import peak_memory_mb
+from .tasks import make_task_source
 
 
 def setup(algorithm: str, source: Any = None, **kw: Any) -> tuple[Any, Any, Any, Any, Any, torch.optim.Optimizer]:
@@ -70,7 +71,7 @@ def time_algorithm(algorithm: str, steps: int, warmup: int, **kw: Any) -> dict[s
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m applications.imaml.timing", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="omniglot", choices=("sinusoid", "omniglot", "miniimagenet"))
     p.add_argument("--data-root", default=None)

@@ -22,8 +22,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class Trainer:
     """Owns the state of one meta-training run (so that tests can step it)."""
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = print, dist_ctx: Optional[DistContext] = None) -> None:
+                 log: Callable[[str], None] = print, dist_ctx: DistContext | None = None) -> None:
         self.cfg = cfg
         self.dist = dist_ctx or DistContext()
         if self.dist.enabled and cfg.meta_batch % self.dist.world:
@@ -118,13 +119,13 @@ class Trainer:
             cfg.dataset, "train", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed,
             data_root=cfg.data_root, split_scheme=cfg.split_scheme, hold_out_val=cfg.eval_every > 0,
         )
-        self.val_source: Optional[TaskSource] = None
+        self.val_source: TaskSource | None = None
         if cfg.eval_every > 0:
             self.val_source = make_task_source(
                 cfg.dataset, "val", ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.eval_seed,
                 data_root=cfg.data_root, split_scheme=cfg.split_scheme,
             )
-        self.best_val: Optional[float] = None
+        self.best_val: float | None = None
         self.health = InnerHealthWatch(cfg.meta_steps, cfg.learner.inner_optimizer, cfg.learner.recipe, self.log)
         self.val_last = ""
         random.seed(cfg.seed)
@@ -170,7 +171,7 @@ class Trainer:
         check_in_sync(list(self.theta.values()) + list(self.rho.values()), self.dist, self.step)
         if self.writer:
             atomic_torch_save(self.state_dict(), self.ckpt_path)
-        self.saved_step: Optional[int] = self.step
+        self.saved_step: int | None = self.step
 
     def _load(self, ckpt: dict[str, Any]) -> None:
         folder_id, ckpt_id = read_run_id(self.out), ckpt.get("run_id")
@@ -275,7 +276,7 @@ class Trainer:
                 atomic_torch_save(self.state_dict(), self.out / BEST_NAME)
         return row
 
-    def run(self, time_limit: Optional[float] = None, time_budget: Optional[float] = None) -> dict[str, Any]:
+    def run(self, time_limit: float | None = None, time_budget: float | None = None) -> dict[str, Any]:
         """Train up to ``cfg.meta_steps``; with ``time_limit`` (wall-clock seconds of this call)
         or ``time_budget`` (seconds of training of the whole run, the log's
         ``elapsed_seconds``: meta-steps only, validation excluded, counted across resumes),
@@ -343,8 +344,8 @@ class _NoLock:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, time_limit: Optional[float] = None,
-          dist_ctx: Optional[DistContext] = None, time_budget: Optional[float] = None) -> dict[str, Any]:
+          log: Callable[[str], None] = print, time_limit: float | None = None,
+          dist_ctx: DistContext | None = None, time_budget: float | None = None) -> dict[str, Any]:
     """Meta-train ``cfg`` (continuing from ``cfg.out/checkpoint.pt`` with ``resume``).
 
     ``time_limit``: optional wall-clock budget in seconds for this call; ``time_budget``: optional

@@ -4,16 +4,25 @@ Each solver is an immutable configuration, called as ``solver(matvec, b, x0=None
 batched=False)`` on tensor trees, returning a :class:`~bilevel.LinearSolveResult`
 (``.x``, ``.status``, ``.iterations``, ``.residual_norm``).
 
-==============  ==========================================  ===============================
-solver          operators                                   typical use
-==============  ==========================================  ===============================
-``CG``          symmetric positive definite                 Argmin / Proximal (default)
-``MINRES``      symmetric, possibly indefinite              non-convex inner problems
-``GMRES``       any (non-symmetric)                         FixedPoint, custom roots
-``BiCGSTAB``    any (non-symmetric)                         FixedPoint, custom roots
-``Neumann``     ``||I - alpha A|| < 1``                       cheap truncated series
-``Dense``       any (materialised; small problems, tests)   references
-==============  ==========================================  ===============================
+| solver            | operators                                  | typical use                  |
+|-------------------|--------------------------------------------|------------------------------|
+| :class:`CG`       | symmetric positive definite                | Argmin / Proximal (default)  |
+| :class:`MINRES`   | symmetric, possibly indefinite             | non-convex inner problems    |
+| :class:`GMRES`    | any (non-symmetric)                        | FixedPoint, custom roots     |
+| :class:`BiCGSTAB` | any (non-symmetric)                        | FixedPoint, custom roots     |
+| :class:`Neumann`  | spectral radius of ``I - alpha A`` below 1 | cheap truncated series       |
+| :class:`Dense`    | any (materialised; small problems, tests)  | references                   |
+
+Examples:
+    The backward of a layer solves its adjoint system with one of them (``CG`` for an
+    argmin by default); any of them can be called directly:
+
+    >>> import torch, bilevel
+    >>> from bilevel.linsolve import CG, MINRES
+    >>> layer = bilevel.Argmin(lambda x, a: ((x - a) ** 2).sum(), linsolve=MINRES())
+    >>> res = CG()(lambda v: 2.0 * v, torch.ones(3))
+    >>> res.x, res.status.name
+    (tensor([0.5000, 0.5000, 0.5000]), 'SUCCESS')
 """
 
 from __future__ import annotations

@@ -37,11 +37,25 @@ from .._validate import check_int, check_real, check_tol
 _UNDER_VMAP: contextvars.ContextVar[str | None] = contextvars.ContextVar("bilevel_linsolve_under_vmap", default=None)
 
 MatVec = Callable[[Any], Any]
-"""``matvec(v) -> A v`` on tensor trees shaped like the right-hand side."""
+"""``matvec(v) -> A v`` on tensor trees shaped like the right-hand side.
+
+The operator is never materialised (except by :class:`~bilevel.linsolve.Dense`): a solver
+only calls ``matvec``.  In batched mode ``v`` carries the leading task dimension and the
+operator must act on each task's slice separately (block-diagonal).
+
+Examples:
+    A diagonal operator on a ``{"w", "b"}`` tree:
+
+    >>> import torch
+    >>> from bilevel.linsolve import CG, MatVec
+    >>> matvec: MatVec = lambda v: {"w": 2.0 * v["w"], "b": 4.0 * v["b"]}
+    >>> CG()(matvec, {"w": torch.ones(2), "b": torch.ones(())}).x
+    {'w': tensor([0.5000, 0.5000]), 'b': tensor(0.2500)}
+"""
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearSolver(abc.ABC):
+class LinearSolver(abc.ABC):  # noqa: B024 (abstract: subclasses implement _solve)
     """Base class: an immutable configuration, called as ``solver(matvec, b, x0=None)``.
 
     Two ways to say how long to iterate (scipy's names):
@@ -74,6 +88,25 @@ class LinearSolver(abc.ABC):
             ``maxiter``.
 
     Subclasses set ``requires_symmetric`` when they are only valid for symmetric operators.
+
+    Examples:
+        The two ways to say how long to iterate, on the same system:
+
+        >>> import torch
+        >>> from bilevel.linsolve import CG, LinearSolver
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+        >>> b = torch.tensor([1.0, 2.0])
+        >>> isinstance(CG(), LinearSolver)
+        True
+        >>> CG(rtol=1e-5)(lambda v: A @ v, b).status.name     # to a tolerance
+        'SUCCESS'
+        >>> CG(steps=1)(lambda v: A @ v, b).status.name       # a fixed budget
+        'COMPLETED'
+        >>> try:
+        ...     CG(steps=1, rtol=1e-5)
+        ... except ValueError as e:
+        ...     print(e)
+        CG: steps (a fixed budget) excludes rtol, atol and maxiter (a tolerance); give one or the other
     """
 
     rtol: float | None = None

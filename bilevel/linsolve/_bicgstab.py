@@ -59,9 +59,21 @@ class BiCGSTAB(LinearSolver):
     convergence masks; stopped tasks stop moving and the loop ends when all have stopped
     (one host sync per iteration for that test, plus one at each verification).
 
+    How long to iterate (``rtol``, ``atol``, ``maxiter`` or ``steps``): see
+    :class:`~bilevel.linsolve.LinearSolver`.
+
     Args:
-        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.  ``maxiter``
-            counts iterations (two matvecs each).
+        maxiter: as in :class:`~bilevel.linsolve.LinearSolver`; it counts iterations (two
+            matvecs each).
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.linsolve import BiCGSTAB
+        >>> N = torch.tensor([[2.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)   # not symmetric
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> res = BiCGSTAB(rtol=1e-10)(lambda v: N @ v, b)
+        >>> res.status.name, torch.allclose(N @ res.x, b)
+        ('SUCCESS', True)
     """
 
     def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:

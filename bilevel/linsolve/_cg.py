@@ -34,9 +34,26 @@ class CG(LinearSolver):
     sync per iteration, for that test).  With a fixed budget (``steps``) there is no such
     test and no host sync in the loop: stopped tasks are masked on the device.
 
+    How long to iterate (``rtol``, ``atol``, ``maxiter`` or ``steps``): see
+    :class:`~bilevel.linsolve.LinearSolver`.
+
     Args:
         preconditioner: optional ``r -> M^{-1} r`` on trees, with ``M`` SPD.
-        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.linsolve import CG
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> res = CG(rtol=1e-10)(lambda v: A @ v, b)
+        >>> res.status.name, torch.allclose(A @ res.x, b)
+        ('SUCCESS', True)
+
+        On an indefinite operator CG stops instead of reporting success (use ``MINRES``):
+
+        >>> res = CG()(lambda v: torch.tensor([1.0, -2.0]) * v, torch.ones(2))
+        >>> res.status.name
+        'NEGATIVE_CURVATURE'
     """
 
     preconditioner: Callable[[Any], Any] | None = None

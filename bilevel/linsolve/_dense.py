@@ -41,6 +41,16 @@ class Dense(LinearSolver):
     Batched mode: the ``n`` matvecs are applied to batched unit vectors (the same ``e_i``
     for every task), giving the ``(B, n, n)`` stack of per-task matrices, solved by one
     batched LU; statuses are per task.
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.linsolve import Dense
+        >>> N = torch.tensor([[2.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)
+        >>> res = Dense()(lambda v: N @ v, torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> res.status.name, res.iterations, [round(v, 6) for v in res.x.tolist()]
+        ('SUCCESS', 0, [0.0, 1.0])
+        >>> Dense()(lambda v: 0 * v, torch.ones(2)).status.name       # a singular operator
+        'BREAKDOWN'
     """
 
     # A direct solve has no tolerance and no iteration cap: keep the inherited fields

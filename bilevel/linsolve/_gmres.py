@@ -58,9 +58,20 @@ class GMRES(LinearSolver):
     task whose estimate meets the tolerance leaves the cycle and stops moving.  One
     host sync per Arnoldi step, for the stopping test.
 
+    How long to iterate (``rtol``, ``atol``, ``maxiter`` or ``steps``): see
+    :class:`~bilevel.linsolve.LinearSolver`.
+
     Args:
         restart: Krylov dimension per cycle (``m``), an int >= 1.
-        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.linsolve import GMRES
+        >>> N = torch.tensor([[2.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)   # not symmetric
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> res = GMRES(rtol=1e-10)(lambda v: N @ v, b)
+        >>> res.status.name, torch.allclose(N @ res.x, b)
+        ('SUCCESS', True)
     """
 
     restart: int = 20

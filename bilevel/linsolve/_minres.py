@@ -69,8 +69,20 @@ class MINRES(LinearSolver):
     ``iterations`` counts Lanczos steps (one matvec each); verification matvecs are not
     counted.
 
+    How long to iterate (``rtol``, ``atol``, ``maxiter`` or ``steps``): see
+    :class:`~bilevel.linsolve.LinearSolver`.
+
     Args:
-        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+
+    Examples:
+        A symmetric indefinite system (eigenvalues 1 and -2), where CG would stop:
+
+        >>> import torch
+        >>> from bilevel.linsolve import MINRES
+        >>> d = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        >>> res = MINRES(rtol=1e-10)(lambda v: d * v, torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> res.status.name, [round(v, 6) for v in res.x.tolist()]
+        ('SUCCESS', [1.0, -1.0])
     """
 
     requires_symmetric: ClassVar[bool] = True

@@ -55,9 +55,28 @@ class Neumann(LinearSolver):
     computed by the recursion (equal to the true residual up to rounding).  Batched mode:
     per-task residuals and convergence masks; converged tasks stop adding terms.
 
+    How long to iterate (``rtol``, ``atol``, ``maxiter`` or ``steps``): see
+    :class:`~bilevel.linsolve.LinearSolver`.
+
     Args:
         alpha: positive, finite scale of the series (see above).
-        rtol, atol, maxiter: see :class:`~bilevel.linsolve.LinearSolver`.
+
+    Examples:
+        With ``alpha`` below ``2 / lambda_max(A)`` (here ``lambda_max < 4.7``) the series
+        converges, geometrically:
+
+        >>> import torch
+        >>> from bilevel.linsolve import Neumann
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> res = Neumann(alpha=0.2, rtol=1e-8, maxiter=200)(lambda v: A @ v, b)
+        >>> res.status.name, torch.allclose(A @ res.x, b)
+        ('SUCCESS', True)
+
+        A fixed budget of a few terms (an approximation, reported ``COMPLETED``):
+
+        >>> Neumann(alpha=0.2, steps=5)(lambda v: A @ v, b).status.name
+        'COMPLETED'
     """
 
     alpha: float = 1.0

@@ -61,8 +61,7 @@ class Adam(BudgetedSolver):
         atol: optional absolute gradient-norm tolerance (>= 0).
         maxiter: the cap of a solve to a tolerance (default 100).
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from bilevel.solvers import Adam
         >>> res = Adam(lr=0.1, rtol=1e-3, maxiter=2000)(lambda x: ((x - 1.0) ** 2).sum(), torch.zeros(3))

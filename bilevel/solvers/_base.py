@@ -29,7 +29,34 @@ from .._validate import Budgeted
 
 @dataclasses.dataclass(frozen=True)
 class Solver(abc.ABC):
-    """Base class of the inner solvers (immutable, validated at construction)."""
+    """Base class of the inner solvers (immutable, validated at construction).
+
+    A subclass is a frozen dataclass implementing ``__call__(objective, x0, *args,
+    batched=False) -> SolverResult``; ``supports_batched`` says whether it solves a batch
+    of tasks at once (a layer otherwise loops over the tasks).  Any callable with that
+    signature works as a layer's solver too (:class:`~bilevel.InnerSolver`); subclassing
+    only adds the immutability and the batched check.
+
+    Examples:
+        >>> import dataclasses, torch
+        >>> from bilevel import SolverResult, Status
+        >>> from bilevel.solvers import Solver
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Newton1D(Solver):
+        ...     steps: int = 20
+        ...     def __call__(self, objective, x0, *args, batched=False):
+        ...         self._check_batched(batched)
+        ...         x = x0.clone()
+        ...         for _ in range(self.steps):
+        ...             x = x.detach().requires_grad_(True)
+        ...             (g,) = torch.autograd.grad(objective(x, *args), x, create_graph=True)
+        ...             (h,) = torch.autograd.grad(g.sum(), x)
+        ...             x = (x - g / h).detach()
+        ...         return SolverResult(x=x, status=Status.COMPLETED, iterations=self.steps)
+        >>> res = Newton1D()(lambda x: (x ** 4 - 4 * x).sum(), torch.tensor([2.0]))
+        >>> res.status.name, round(float(res.x), 4)                   # 4 x³ = 4
+        ('COMPLETED', 1.0)
+    """
 
     supports_batched: ClassVar[bool] = False
 

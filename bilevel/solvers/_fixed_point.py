@@ -57,8 +57,7 @@ class FixedPointIteration(Solver):
         relaxation: ``t`` in (0, 1] (1: plain iteration ``x <- fn(x)``).
         atol: absolute residual tolerance (>= 0, default 0).
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from bilevel.solvers import FixedPointIteration
         >>> res = FixedPointIteration(rtol=1e-10)(lambda x: 0.5 * x + 1.0, torch.zeros(2, dtype=torch.float64))

@@ -81,12 +81,11 @@ class GradientDescent(BudgetedSolver):
             to a minute); later solves with the same objective reuse it -- the layers keep
             their objective functions stable across calls.  Inside a ``torch.func``
             transform the step runs eagerly.  Measured in ``benchmarks/small_problem.py``
-            (README "Performance").
+            (docs/performance.md).
         atol: optional absolute tolerance (>= 0) on the gradient norm.
         maxiter: the cap of a solve to a tolerance (>= 0); required with ``rtol``/``atol``.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from bilevel.solvers import GradientDescent
         >>> res = GradientDescent(lr=0.5, steps=20)(lambda x: ((x - 3.0) ** 2).sum(), torch.zeros(2))

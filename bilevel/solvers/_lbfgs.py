@@ -54,8 +54,7 @@ class LBFGS(Solver):
         line_search: a :class:`StrongWolfe` instance.
         atol: absolute gradient-norm tolerance (>= 0, default 0).
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from bilevel.solvers import LBFGS
         >>> res = LBFGS(rtol=1e-6)(lambda x: ((x - 2.0) ** 2).sum() + x.prod(), torch.zeros(2))

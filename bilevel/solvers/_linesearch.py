@@ -52,6 +52,19 @@ class LineSearchResult:
         n_fun: objective evaluations (one per trial; a batched evaluation counts once).
         n_grad: gradient evaluations.
         success: bool tensor, 0-d (or ``(B,)``): the conditions hold at the returned step.
+
+    Examples:
+        Steepest descent on ``f(x) = ||x||²`` from ``(1, 1)``: the full step overshoots to
+        ``(-1, -1)`` (no decrease), the halved one is accepted:
+
+        >>> import torch
+        >>> from bilevel.solvers import BacktrackingArmijo
+        >>> f = lambda x: (x ** 2).sum()
+        >>> x = torch.tensor([1.0, 1.0])
+        >>> g = 2 * x
+        >>> res = BacktrackingArmijo()(f, x, -g, f0=f(x), g0=g)
+        >>> res.step, res.x, bool(res.success), res.n_fun
+        (tensor(0.5000), tensor([0., 0.]), True, 2)
     """
 
     x: Any
@@ -102,12 +115,23 @@ class BacktrackingArmijo:
         noise: rounding allowance in units of ``eps * |f(x)|`` (>= 0; 0: exact test).
         maxiter: the cap on trial steps before giving up (>= 1).
 
-    Example::
+    Examples:
+        The line search of :class:`NewtonCG`, configured:
 
         >>> import torch
         >>> from bilevel.solvers import BacktrackingArmijo, NewtonCG
         >>> NewtonCG(line_search=BacktrackingArmijo(maxiter=10)).line_search.maxiter
         10
+
+        Called directly, the accepted step satisfies the Armijo condition:
+
+        >>> search = BacktrackingArmijo(c1=1e-4)
+        >>> f = lambda x: (x ** 2).sum()
+        >>> x = torch.tensor([1.0, 1.0])
+        >>> g = 2 * x
+        >>> res = search(f, x, -g, f0=f(x), g0=g)
+        >>> bool(res.value <= f(x) + search.c1 * res.step * (g @ -g))
+        True
     """
 
     c1: float = 1e-4
@@ -142,7 +166,8 @@ class BacktrackingArmijo:
 
         Args:
             objective: ``objective(x, *args)`` (a ``(B,)`` tensor when batched).
-            x, d: current point and search direction (trees of the same structure).
+            x: current point (a tree).
+            d: search direction (a tree of the same structure as ``x``).
             args: extra objective arguments.
             f0: ``objective(x, *args)``.
             g0: gradient tree at ``x``.
@@ -219,11 +244,21 @@ class StrongWolfe:
         noise: rounding allowance in units of ``eps * |f(x)|`` (>= 0; 0: exact strong Wolfe).
         maxiter: the cap on trial evaluations, bracketing and zoom together (>= 1).
 
-    Example::
+    Examples:
+        The line search of :class:`LBFGS`, configured:
 
+        >>> import torch
         >>> from bilevel.solvers import LBFGS, StrongWolfe
         >>> LBFGS(line_search=StrongWolfe(c2=0.9, maxiter=40)).line_search.maxiter
         40
+
+        Called directly, it returns the gradient at the accepted point too:
+
+        >>> f = lambda x: (x ** 2).sum()
+        >>> x = torch.tensor([1.0, 1.0])
+        >>> res = StrongWolfe()(f, x, -2 * x, f0=f(x), g0=2 * x)
+        >>> res.step, res.grad, bool(res.success)
+        (tensor(0.5000), tensor([0., 0.]), True)
     """
 
     c1: float = 1e-4

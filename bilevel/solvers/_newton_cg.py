@@ -75,7 +75,8 @@ class NewtonCG(Solver):
             :func:`~bilevel.solvers._checks.gradient_tol` of the dtype of ``x0``
             (``eps**0.5``).
         maxiter: the cap on Newton iterations (>= 0).
-        cg_maxiter, cg_rtol: deprecated; use ``linsolve=CG(maxiter=..., rtol=...)``.
+        cg_maxiter: deprecated; use ``linsolve=CG(maxiter=...)``.
+        cg_rtol: deprecated; use ``linsolve=CG(rtol=...)``.
         line_search: a :class:`BacktrackingArmijo` instance (its first trial is the full
             Newton step ``a = initial_step``, 1 by default).
         atol: absolute gradient-norm tolerance (>= 0, default 0).
@@ -85,8 +86,7 @@ class NewtonCG(Solver):
             (a fixed number of CG iterations).  Only CG: the inner solve must stop at
             negative curvature keeping its last iterate, which is CG's truncation rule.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from bilevel.linsolve import CG
         >>> from bilevel.solvers import NewtonCG

@@ -38,6 +38,16 @@ SCIPY_METHODS: tuple[str, ...] = (
     "trust-exact",
     "trust-krylov",
 )
+"""The ``method`` names :class:`ScipyMinimize` accepts (``scipy.optimize.minimize``'s
+unconstrained methods; matched case-insensitively).
+
+Examples:
+    >>> from bilevel.solvers import SCIPY_METHODS, ScipyMinimize
+    >>> "L-BFGS-B" in SCIPY_METHODS, len(SCIPY_METHODS)
+    (True, 15)
+    >>> ScipyMinimize("nelder-mead").method in ("nelder-mead", "Nelder-Mead")
+    True
+"""
 # Which methods use which derivatives (scipy warns — an error under our test settings —
 # when given a derivative the method ignores, so each is passed only where it is used).
 _DERIVATIVE_FREE = frozenset({"nelder-mead", "powell", "cobyla", "cobyqa"})
@@ -71,6 +81,20 @@ class ScipyMinimize(Solver):
         method: a name from :data:`SCIPY_METHODS` (case-insensitive).
         tol: scipy's ``tol`` (its meaning depends on the method), or ``None``.
         options: scipy's ``options`` dict for the method (stored read-only).
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.solvers import ScipyMinimize
+        >>> f = lambda x: ((x - 2.0) ** 2).sum() + x.prod()       # minimum at (4/3, 4/3)
+        >>> res = ScipyMinimize("BFGS")(f, torch.zeros(2))
+        >>> res.status.name, [round(v, 3) for v in res.x.tolist()], type(res.raw).__name__
+        ('SUCCESS', [1.333, 1.333], 'OptimizeResult')
+
+        A derivative-free method takes no gradient (the objective may leave torch):
+
+        >>> res = ScipyMinimize("Nelder-Mead", tol=1e-8)(f, torch.zeros(2, dtype=torch.float64))
+        >>> res.n_grad, [round(v, 3) for v in res.x.tolist()]
+        (0, [1.333, 1.333])
     """
 
     method: str = "L-BFGS-B"

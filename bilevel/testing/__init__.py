@@ -11,7 +11,18 @@
   Tensor, a tuple or a dict, in float32 or float64.  They need ``hypothesis`` (the
   ``test`` extra); the deterministic builders ``make_*`` do not.
 
-See the README's section "Testing your own implicit layer" for a walk-through.
+See docs/testing.md ("Testing your own implicit layer") for a walk-through.
+
+Examples:
+    Check the meta-gradient of a layer of your own against finite differences:
+
+    >>> import torch, bilevel
+    >>> from bilevel.testing import check_implicit_grad
+    >>> layer = bilevel.Proximal(lambda phi, x: ((phi - x) ** 2).sum() + (phi ** 4).sum(), lam=2.0)
+    >>> x = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    >>> theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    >>> check_implicit_grad(lambda t: layer(t, x).pow(2).sum(), (theta,)).ok
+    True
 """
 
 from __future__ import annotations

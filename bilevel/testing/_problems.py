@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,9 +40,31 @@ from .._proximal import Proximal
 from .._tree import default_tol, tree_axpy, tree_flatten, tree_unflatten
 
 PARAM_KINDS: tuple[str, ...] = ("tensor", "tuple", "dict")
-"""How a problem presents its parameters: one Tensor, a tuple of Tensors, or a dict."""
+"""How a problem presents its parameters: one Tensor, a tuple of Tensors, or a dict.
+
+The ``param_kind`` argument of the builders and strategies; the same problem in any kind
+has the same numbers (only the tree around them differs).
+
+Examples:
+    >>> import torch
+    >>> from bilevel.testing import PARAM_KINDS, make_ridge
+    >>> PARAM_KINDS
+    ('tensor', 'tuple', 'dict')
+    >>> [type(make_ridge(3, torch.float64, kind, seed=0).theta).__name__ for kind in PARAM_KINDS]
+    ['Tensor', 'tuple', 'dict']
+"""
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+"""The dtypes the problems are drawn in (everything is generated in float64, then cast).
+
+Examples:
+    >>> import torch
+    >>> from bilevel.testing import DTYPES, make_quadratic
+    >>> DTYPES
+    (torch.float32, torch.float64)
+    >>> make_quadratic(3, 2.0, torch.float32, "tensor", seed=0).theta.dtype
+    torch.float32
+"""
 
 _D = torch.float64
 
@@ -56,6 +78,16 @@ class Layout:
 
     ``kind="tensor"`` is one 1-d tensor of length ``n``; ``"tuple"`` and ``"dict"`` split
     it into the named, shaped leaves of ``specs`` (in that order).
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.testing import Layout
+        >>> layout = Layout("dict", (("w", (2,)), ("b", ())))
+        >>> tree = layout.tree(torch.arange(3.0))
+        >>> tree
+        {'w': tensor([0., 1.]), 'b': tensor(2.)}
+        >>> layout.n, layout.flat(tree)
+        (3, tensor([0., 1., 2.]))
     """
 
     kind: str
@@ -127,6 +159,20 @@ class BilevelProblem:
         quadratic: for quadratic and ridge, ``(A, b)`` (float64) with
             ``inner = 1/2 z^T A z - b^T z`` in flat coordinates ``z``; else ``None``.
         layout: the flat <-> tree :class:`Layout`.
+
+    Examples:
+        Ridge regression has a closed form, which the implicit layer reproduces:
+
+        >>> import torch
+        >>> from bilevel.testing import make_ridge
+        >>> problem = make_ridge(3, torch.float64, "dict", seed=1)
+        >>> problem
+        BilevelProblem(ridge, n=3, dict, float64, lam=..., mu=..., L=..., alpha=..., seed=1)
+        >>> theta = problem.theta_leaf()
+        >>> phi = problem.proximal_layer()(theta, *problem.data)
+        >>> exact = problem.exact_proximal(theta)
+        >>> all(torch.allclose(phi[k], exact[k]) for k in exact)
+        True
     """
 
     name: str
@@ -382,6 +428,16 @@ def make_quadratic(dim: int, condition: float, dtype: torch.dtype, param_kind: s
     The eigenvalues of ``A`` are geometrically spaced in ``[condition^-1/2, condition^1/2]``
     (so ``mu * L = 1``), its eigenvectors a random orthogonal basis; ``lam`` is
     log-uniform in ``[0.1, 10]``; the outer loss is ``1/2 ||z - c||^2 + 1/2 sum sin(z)``.
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.testing import make_quadratic
+        >>> problem = make_quadratic(4, 10.0, torch.float64, "tensor", seed=0)
+        >>> round(problem.L / problem.mu, 6), round(problem.mu * problem.L, 6)
+        (10.0, 1.0)
+        >>> A, b = problem.quadratic                   # inner(z) = z^T A z / 2 - b^T z
+        >>> A.shape
+        torch.Size([4, 4])
     """
     if dim < 1 or (param_kind != "tensor" and dim < 2):
         raise BilevelValueError(f"dim must be >= 1 (>= 2 for trees), got {dim}")
@@ -457,6 +513,15 @@ def make_ridge(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> Bile
     ``2 dim + 4`` training and as many validation samples (the outer loss is the
     validation squared error); ``alpha`` log-uniform in ``[0.01, 1]``, ``lam`` in
     ``[0.1, 10]``.  Closed form available (:meth:`BilevelProblem.exact_proximal`).
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.testing import make_ridge
+        >>> problem = make_ridge(3, torch.float64, "tuple", seed=0)
+        >>> problem.name, problem.dim, [tuple(t.shape) for t in problem.theta]   # weights, bias
+        ('ridge', 3, [(2,), ()])
+        >>> problem.quadratic is not None                 # a closed form exists
+        True
     """
     m, Xa, ya, alpha, lam, theta, x0 = _regression_draws(dim, seed)
     X, y, Xv, yv = Xa[:m], ya[:m], Xa[m:], ya[m:]
@@ -494,6 +559,15 @@ def make_logistic(dim: int, dtype: torch.dtype, param_kind: str, seed: int) -> B
 
     Hessian bounds: ``alpha <= H <= alpha + ||X||_2^2 / (4 m)``.  The outer loss is the
     validation logistic loss.
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.testing import make_logistic
+        >>> problem = make_logistic(3, torch.float64, "tensor", seed=0)
+        >>> problem.name, problem.dim, problem.quadratic is None
+        ('logistic', 3, True)
+        >>> 0 < problem.mu <= problem.L                     # strongly convex
+        True
     """
     m, Xa, sa, alpha, lam, theta, x0 = _regression_draws(dim, seed)
     ya = torch.where(sa >= 0, 1.0, -1.0).to(_D)
@@ -532,6 +606,13 @@ def make_softmax(features: int, classes: int, dtype: torch.dtype, param_kind: st
     ``mean CE(X W + b, y) + alpha/2 ||(W, b)||^2``; the Hessian of the cross-entropy in the
     logits is ``diag(p) - p p^T <= I/2``, so ``alpha <= H <= alpha + ||[X, 1]||_2^2 / (2 m)``.
     The outer loss is the validation cross-entropy.
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.testing import make_softmax
+        >>> problem = make_softmax(2, 3, torch.float64, "dict", seed=0)
+        >>> problem.dim, {k: tuple(v.shape) for k, v in problem.theta.items()}
+        (9, {'weight': (2, 3), 'bias': (3,)})
     """
     if features < 1 or classes < 2:
         raise BilevelValueError(f"need features >= 1 and classes >= 2, got {features}, {classes}")
@@ -599,6 +680,17 @@ def make_mlp(inputs: int, hidden: int, dtype: torch.dtype, param_kind: str, seed
     argmin objective (weight decay >= lam/2) and the proximal one (+lam) are strongly
     convex.  The choice is verified at both solutions (tight Newton-CG in float64) and
     ``lam`` doubled until the smallest Hessian eigenvalue there is >= lam/8.
+
+    Examples:
+        The inner loss may be non-convex (``mu < 0``), the proximal objective is not:
+
+        >>> import torch
+        >>> from bilevel.testing import make_mlp
+        >>> problem = make_mlp(1, 2, torch.float64, "dict", seed=0)
+        >>> list(problem.theta), problem.dim
+        (['w1', 'b1', 'w2', 'b2'], 7)
+        >>> problem.proximal_curvature[0] > 0
+        True
     """
     if inputs < 1 or hidden < 1:
         raise BilevelValueError(f"need inputs >= 1 and hidden >= 1, got {inputs}, {hidden}")
@@ -644,15 +736,15 @@ def make_mlp(inputs: int, hidden: int, dtype: torch.dtype, param_kind: str, seed
         w_lo = 0.5 * lam
 
         def prox(z: Tensor, th: Tensor) -> Tensor:
-            return flat_inner(z, Xtr, ytr) + 0.5 * lam * ((z - th) ** 2).sum()
+            return flat_inner(z, Xtr, ytr) + 0.5 * lam * ((z - th) ** 2).sum()  # noqa: B023 (used in this iteration)
 
         def amin(z: Tensor, th: Tensor) -> Tensor:
-            return flat_inner(z, Xtr, ytr) + 0.5 * (lam * (0.5 + torch.sigmoid(th)) * z * z).sum()
+            return flat_inner(z, Xtr, ytr) + 0.5 * (lam * (0.5 + torch.sigmoid(th)) * z * z).sum()  # noqa: B023
 
         worst = math.inf
         for obj, start in ((prox, theta), (amin, x0)):
             sol = solver(obj, start.clone(), theta).x
-            e = torch.linalg.eigvalsh(torch.func.hessian(lambda q: obj(q, theta))(sol))
+            e = torch.linalg.eigvalsh(torch.func.hessian(lambda q: obj(q, theta))(sol))  # noqa: B023
             worst = min(worst, float(e.min()))
             h = hess_eigs(sol)
             mu = min(mu, 1.5 * float(h.min()))
@@ -680,10 +772,10 @@ def make_mlp(inputs: int, hidden: int, dtype: torch.dtype, param_kind: str, seed
 # --------------------------------------------------------------------------------------
 # hypothesis strategies
 # --------------------------------------------------------------------------------------
-IntSpec = Union[int, tuple[int, int]]
-FloatSpec = Union[float, tuple[float, float]]
-DtypeSpec = Union[torch.dtype, Sequence[torch.dtype]]
-KindSpec = Union[str, Sequence[str]]
+IntSpec = int | tuple[int, int]
+FloatSpec = float | tuple[float, float]
+DtypeSpec = torch.dtype | Sequence[torch.dtype]
+KindSpec = str | Sequence[str]
 
 
 def _st() -> Any:
@@ -747,6 +839,21 @@ def quadratic_problems(
 
     Returns:
         a hypothesis strategy of :class:`BilevelProblem`.
+
+    Examples:
+        A property test: the implicit layer's solution matches the closed form.
+
+        >>> import torch
+        >>> from bilevel.testing import quadratic_problems
+        >>> from hypothesis import given, settings
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(quadratic_problems(dim=(2, 4), condition=(1.0, 10.0), dtype=torch.float64))
+        ... def test_closed_form(problem):
+        ...     theta = problem.theta_leaf()
+        ...     phi = problem.proximal_layer()(theta, *problem.data)
+        ...     exact = problem.exact_proximal(theta)
+        ...     assert torch.allclose(problem.layout.flat(phi), problem.layout.flat(exact))
+        >>> test_closed_form()
     """
     st = _st()
     if isinstance(condition, (int, float)):
@@ -762,12 +869,38 @@ def quadratic_problems(
 
 
 def ridge_problems(*, dim: IntSpec = (2, 8), dtype: DtypeSpec = DTYPES, param_kind: KindSpec = PARAM_KINDS) -> Any:
-    """Ridge regression problems (see :func:`make_ridge`)."""
+    """Ridge regression problems (see :func:`make_ridge`).
+
+    The arguments are those of :func:`quadratic_problems` (here ``dim >= 2``); the result is a
+    hypothesis strategy of :class:`BilevelProblem`.
+
+    Examples:
+        >>> from bilevel.testing import ridge_problems
+        >>> from hypothesis import given, settings
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(ridge_problems(dim=3, param_kind="dict"))
+        ... def test_ridge(problem):
+        ...     assert problem.name == "ridge" and problem.dim == 3 and set(problem.theta) == {"w", "b"}
+        >>> test_ridge()
+    """
     return _builds(make_ridge, dtype, param_kind, dim=_ints(dim, "dim", 2))
 
 
 def logistic_problems(*, dim: IntSpec = (2, 8), dtype: DtypeSpec = DTYPES, param_kind: KindSpec = PARAM_KINDS) -> Any:
-    """L2-regularised logistic regression problems (see :func:`make_logistic`)."""
+    """L2-regularised logistic regression problems (see :func:`make_logistic`).
+
+    The arguments are those of :func:`quadratic_problems` (here ``dim >= 2``); the result is a
+    hypothesis strategy of :class:`BilevelProblem`.
+
+    Examples:
+        >>> from bilevel.testing import logistic_problems
+        >>> from hypothesis import given, settings
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(logistic_problems(dim=(2, 4)))
+        ... def test_logistic(problem):
+        ...     assert 0 < problem.mu <= problem.L and 2 <= problem.dim <= 4
+        >>> test_logistic()
+    """
     return _builds(make_logistic, dtype, param_kind, dim=_ints(dim, "dim", 2))
 
 
@@ -778,7 +911,26 @@ def softmax_problems(
     dtype: DtypeSpec = DTYPES,
     param_kind: KindSpec = PARAM_KINDS,
 ) -> Any:
-    """Softmax regression problems, ``features * classes + classes`` unknowns (see :func:`make_softmax`)."""
+    """Softmax regression problems, ``features * classes + classes`` unknowns (see :func:`make_softmax`).
+
+    Args:
+        features: number of input features (>= 1), or a range ``(lo, hi)``.
+        classes: number of classes (>= 2), or a range ``(lo, hi)``.
+        dtype: a dtype or a sequence of dtypes to draw from.
+        param_kind: ``"tensor"``, ``"tuple"``, ``"dict"`` or a sequence of them.
+
+    Returns:
+        a hypothesis strategy of :class:`BilevelProblem`.
+
+    Examples:
+        >>> from bilevel.testing import softmax_problems
+        >>> from hypothesis import given, settings
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(softmax_problems(features=1, classes=(2, 3)))
+        ... def test_softmax(problem):
+        ...     assert problem.dim in (1 * 2 + 2, 1 * 3 + 3)
+        >>> test_softmax()
+    """
     return _builds(
         make_softmax, dtype, param_kind, features=_ints(features, "features", 1), classes=_ints(classes, "classes", 2)
     )
@@ -791,11 +943,38 @@ def mlp_proximal_problems(
     dtype: DtypeSpec = DTYPES,
     param_kind: KindSpec = PARAM_KINDS,
 ) -> Any:
-    """Small tanh-MLP problems with a proximal weight strong enough for convexity (see :func:`make_mlp`)."""
+    """Small tanh-MLP problems with a proximal weight strong enough for convexity (see :func:`make_mlp`).
+
+    Args:
+        inputs: number of inputs (>= 1), or a range ``(lo, hi)``.
+        hidden: number of hidden units (>= 1), or a range ``(lo, hi)``.
+        dtype: a dtype or a sequence of dtypes to draw from.
+        param_kind: ``"tensor"``, ``"tuple"``, ``"dict"`` or a sequence of them.
+
+    Returns:
+        a hypothesis strategy of :class:`BilevelProblem`.
+
+    Examples:
+        >>> import torch
+        >>> from bilevel.testing import mlp_proximal_problems
+        >>> from hypothesis import given, settings
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(mlp_proximal_problems(inputs=1, hidden=2, dtype=torch.float64))
+        ... def test_mlp(problem):
+        ...     assert problem.proximal_curvature[0] > 0     # strongly convex with the proximal term
+        >>> test_mlp()
+    """
     return _builds(make_mlp, dtype, param_kind, inputs=_ints(inputs, "inputs", 1), hidden=_ints(hidden, "hidden", 1))
 
 
 PROBLEM_NAMES: tuple[str, ...] = ("quadratic", "ridge", "logistic", "softmax", "mlp")
+"""The problem families :func:`problems` draws from (its ``names`` argument).
+
+Examples:
+    >>> from bilevel.testing import PROBLEM_NAMES
+    >>> PROBLEM_NAMES
+    ('quadratic', 'ridge', 'logistic', 'softmax', 'mlp')
+"""
 
 
 def problems(
@@ -811,7 +990,20 @@ def problems(
         names: which families to draw from (a subset of :data:`PROBLEM_NAMES`).
         max_dim: upper bound on the number of unknowns (>= 4: the smallest softmax
             problem has 4; the smallest MLP 4).
-        dtype, param_kind: as for :func:`quadratic_problems`.
+        dtype: a dtype or a sequence of dtypes to draw from.
+        param_kind: ``"tensor"``, ``"tuple"``, ``"dict"`` or a sequence of them.
+
+    Returns:
+        a hypothesis strategy of :class:`BilevelProblem`.
+
+    Examples:
+        >>> from bilevel.testing import problems
+        >>> from hypothesis import given, settings
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(problems(names=("quadratic", "logistic"), max_dim=5))
+        ... def test_any(problem):
+        ...     assert problem.name in ("quadratic", "logistic") and problem.dim <= 5
+        >>> test_any()
     """
     st = _st()
     if not names or any(n not in PROBLEM_NAMES for n in names):

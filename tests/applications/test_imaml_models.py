@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vmap
 
-from applications.imaml.models import ConvNet, MLP, build_model, task_batch_norm
+from applications.imaml.models import MLP, ConvNet, build_model, task_batch_norm
 
 DT = torch.float64
 

@@ -15,7 +15,13 @@ import torch
 pytest.importorskip("matplotlib")
 
 from applications.imaml.cli import main  # noqa: E402
-from applications.imaml.plot import add_parser, plot_learning_curves, plot_sinusoid_fits, run, running_mean  # noqa: E402
+from applications.imaml.plot import (  # noqa: E402
+    add_parser,
+    plot_learning_curves,
+    plot_sinusoid_fits,
+    run,
+    running_mean,
+)
 from applications.imaml.runlog import CSV_COLUMNS  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,12 @@ import pytest
 import torch
 from test_imaml_gradients import _flat, _mlp_problem, _unflat
 
-from applications.imaml.algorithms import LearnerConfig, MetaLearner, inner_health, imaml_meta_gradient
+from applications.imaml.algorithms import (
+    LearnerConfig,
+    MetaLearner,
+    imaml_meta_gradient,
+    inner_health,
+)
 
 DT = torch.float64
 

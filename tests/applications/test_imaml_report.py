@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from applications.imaml.cli import main
-from applications.imaml.report import group_runs, main as report_main
+from applications.imaml.report import group_runs
+from applications.imaml.report import main as report_main
 
 
 @pytest.fixture(autouse=True)

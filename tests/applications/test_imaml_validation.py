@@ -1,5 +1,5 @@
 """``--eval-every``: validation curve (val.csv), best checkpoint, exact resume of both, the
-validation split kept out of meta-training; and the defaults the README states."""
+validation split kept out of meta-training; and the defaults the documentation states."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from test_imaml_cli import OMNIGLOT, needs_omniglot
 from applications.imaml.checkpoint import load_checkpoint
 from applications.imaml.cli import main
 from applications.imaml.config import resolve_config
-from applications.imaml.tasks import make_task_source
 from applications.imaml.runlog import VAL_COLUMNS
+from applications.imaml.tasks import make_task_source
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +77,7 @@ def test_validation_characters_are_held_out_of_training() -> None:
 
 
 def test_omniglot_defaults_are_what_the_readme_says() -> None:
-    """applications/imaml/README.md, 'Defaults and where they come from'."""
+    """docs/applications/imaml.md, 'Defaults' and 'Defaults and where they come from'."""
     five = resolve_config(dataset="omniglot", algorithm="imaml", data_root="x", device="cpu").learner
     assert (five.lam, five.inner_steps, five.inner_lr, five.linsolve, five.cg_steps, five.recipe) == (0.1, 3, 0.4, "minres", 2, "proximal")
     assert five.inner_optimizer == "gd" and five.compile == "off"

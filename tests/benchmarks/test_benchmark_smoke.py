@@ -18,6 +18,7 @@ from types import ModuleType
 import pytest
 import torch
 
+
 @pytest.fixture(scope="module")
 def bench(load_script) -> ModuleType:  # type: ignore[no-untyped-def]
     return load_script("backward_cost")

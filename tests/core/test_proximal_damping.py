@@ -39,15 +39,15 @@ def test_damped_gradients_match_dense_system(hvp: str, linsolve: type) -> None:
 
     # Dense: φ* is the undamped minimiser; u = (H + λI + δI)^{-1} v; g_θ = λu; g_λ = -(φ*-θ)·u.
     H = X.T @ X / X.shape[0]
-    I = torch.eye(5, dtype=DT)
-    phi_ref = torch.linalg.solve(H + lam0 * I, X.T @ y / X.shape[0] + lam0 * theta0)
+    eye = torch.eye(5, dtype=DT)
+    phi_ref = torch.linalg.solve(H + lam0 * eye, X.T @ y / X.shape[0] + lam0 * theta0)
     torch.testing.assert_close(phi.detach(), phi_ref, rtol=1e-10, atol=1e-12)
     v = c + 2 * phi_ref
-    u = torch.linalg.solve(H + (lam0 + delta) * I, v)
+    u = torch.linalg.solve(H + (lam0 + delta) * eye, v)
     torch.testing.assert_close(gt, lam0 * u, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(gl, -((phi_ref - theta0) * u).sum(), rtol=1e-9, atol=1e-11)
     # And it is biased: not the exact gradient λ(H + λI)^{-1} v.
-    exact = lam0 * torch.linalg.solve(H + lam0 * I, v)
+    exact = lam0 * torch.linalg.solve(H + lam0 * eye, v)
     assert (gt - exact).norm() > 1e-3 * exact.norm()
 
 

@@ -1,4 +1,4 @@
-"""The README's "works with" table, cell by cell: what composes with an implicit layer and
+"""The "works with" table of docs/works-with.md, cell by cell: what composes with an implicit layer and
 what raises a clear error naming the layer (the supported cells' numerics are checked in
 test_forward_mode.py, test_vmap_rule.py, test_backward_dtype.py and test_meta_device.py)."""
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bilevel import LinearSolveResult, Status
-from bilevel.linsolve import CG, MINRES, GMRES, BiCGSTAB, Dense, LinearSolver, Neumann
+from bilevel.linsolve import CG, GMRES, MINRES, BiCGSTAB, Dense, LinearSolver, Neumann
 from tests import registry
 
 # Every linear solver at its defaults, and GMRES restarted below n.

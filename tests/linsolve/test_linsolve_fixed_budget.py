@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -50,7 +51,9 @@ def test_fixed_budget_runs_exactly_m_steps_and_completes(solver: Any, batched: b
     b = torch.randn(3, N, dtype=DT, generator=torch.Generator().manual_seed(1))
     if not batched:
         b = b[0]
-    mv = (lambda v: v @ a.T)
+    def mv(v):
+        return v @ a.T
+
     m = 4
     res = fixed(solver, m)(mv, b, batched=batched)
     ref = capped(solver, m)(mv, b, batched=batched)

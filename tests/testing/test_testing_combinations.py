@@ -19,7 +19,8 @@ form one input, so that direction moves both.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +28,14 @@ import torch
 import bilevel
 from bilevel import ConvergenceWarning, FixedPoint, custom_root
 from bilevel.linsolve import Neumann
-from bilevel.solvers import LBFGS, Adam, FixedPointIteration, GradientDescent, NewtonCG, ScipyMinimize
+from bilevel.solvers import (
+    LBFGS,
+    Adam,
+    FixedPointIteration,
+    GradientDescent,
+    NewtonCG,
+    ScipyMinimize,
+)
 from bilevel.testing import BilevelProblem, check_implicit_grad, make_logistic
 from tests import registry
 

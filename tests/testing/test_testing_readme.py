@@ -1,6 +1,6 @@
-"""The README section "Testing your own implicit layer" runs as written.
+"""The documentation's section "Testing your own implicit layer" (docs/testing.md) runs as written.
 
-Every ```python block of that section of README.md is executed as-is, in a fresh
+Every ```python block of that section of docs/testing.md is executed as-is, in a fresh
 namespace; the test functions it defines (``test_*``) are then called, as pytest would.
 """
 
@@ -13,8 +13,7 @@ import re
 
 import pytest
 
-
-README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "docs" / "testing.md"
 HEADING = "## Testing your own implicit layer"
 
 
@@ -47,7 +46,7 @@ def test_python_examples_run_as_is(index: int) -> None:
     namespace: dict = {"__name__": f"readme_example_{index}"}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, f"README.md:{HEADING}:block{index}", "exec"), namespace)
+        exec(compile(code, f"docs/testing.md:{HEADING}:block{index}", "exec"), namespace)
         tests = [v for k, v in namespace.items() if k.startswith("test_") and callable(v)]
         for t in tests:
             t()
@@ -55,7 +54,7 @@ def test_python_examples_run_as_is(index: int) -> None:
         printed = out.getvalue()
         assert "check_implicit_grad: OK (3 checks)" in printed
         assert "check_implicit_grad: FAILED" in printed
-        # The README shows the printed tables; they must match what runs (up to the last
+        # The page shows the printed tables; they must match what runs (up to the last
         # digits of the errors, which depend on the platform's rounding).
         shown = _blocks("text")[0].splitlines()
         actual = printed.splitlines()

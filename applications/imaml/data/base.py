@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -9,7 +9,8 @@ Every task source — N-way K-shot episodes of an image dataset
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -38,15 +39,15 @@ class TaskBatch:
     query_x: Tensor
     query_y: Tensor
     index: int = 0
-    classes: Optional[Tensor] = None
-    amplitude: Optional[Tensor] = None
-    phase: Optional[Tensor] = None
+    classes: Tensor | None = None
+    amplitude: Tensor | None = None
+    phase: Tensor | None = None
 
-    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "TaskBatch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
         """A copy with every tensor on ``device``; floating tensors cast to ``dtype`` if given
         (integer labels keep their dtype)."""
 
-        def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        def cast(t: Tensor | None) -> Tensor | None:
             if t is None:
                 return None
             if dtype is not None and t.is_floating_point():

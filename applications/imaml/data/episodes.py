@@ -14,7 +14,7 @@ episodes are ``sampler.episode(0) .. sampler.episode(599)``).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from .batch import TaskBatch
 
 __all__ = ["EpisodeSampler", "default_transform"]
 
-ImagesByClass = Union[np.ndarray, Tensor, Sequence[Union[np.ndarray, Tensor]]]
+ImagesByClass = np.ndarray | Tensor | Sequence[np.ndarray | Tensor]
 
 
 def default_transform(images: Tensor) -> Tensor:

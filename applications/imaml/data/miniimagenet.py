@@ -30,14 +30,21 @@ import csv
 import logging
 import os
 import pickle
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from .base import ClassDataset, atomic_save_npz, load_npz_cache, pil_resample_lanczos, resolve_cache_dir
+from .base import (
+    ClassDataset,
+    atomic_save_npz,
+    load_npz_cache,
+    pil_resample_lanczos,
+    resolve_cache_dir,
+)
 
 __all__ = [
     "MINIIMAGENET_SPLITS",

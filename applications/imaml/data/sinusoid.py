@@ -12,7 +12,7 @@ batch size or of what was drawn before.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -33,12 +33,18 @@ The package is split by concern: :mod:`._read` (layouts, conversion, cache),
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..base import ClassDataset
-from ._download import OMNIGLOT_URL_BASE, OMNIGLOT_ZIP_MD5, OMNIGLOT_ZIP_SHA256, download_omniglot, safe_extract
+from ._download import (
+    OMNIGLOT_URL_BASE,
+    OMNIGLOT_ZIP_MD5,
+    OMNIGLOT_ZIP_SHA256,
+    download_omniglot,
+    safe_extract,
+)
 from ._read import (
     OMNIGLOT_ZIP_NAMES,
     SOURCE_SPLITS,
@@ -49,7 +55,13 @@ from ._read import (
     read_omniglot_npz,
     read_omniglot_official,
 )
-from ._splits import DEFAULT_ROTATIONS, SPLIT_SCHEMES, SPLITS, omniglot_split_classes, vinyals_split_lines
+from ._splits import (
+    DEFAULT_ROTATIONS,
+    SPLIT_SCHEMES,
+    SPLITS,
+    omniglot_split_classes,
+    vinyals_split_lines,
+)
 
 __all__ = [
     "DEFAULT_ROTATIONS",

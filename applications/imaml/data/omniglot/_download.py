@@ -9,9 +9,8 @@ import re
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
-
 
 from ._read import OMNIGLOT_ZIP_NAMES, _zip_entry_is_symlink
 

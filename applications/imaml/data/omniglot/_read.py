@@ -8,9 +8,10 @@ import os
 import re
 import stat
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class OmniglotCharacters:
         return len(self.names)
 
     @staticmethod
-    def concatenate(parts: Sequence["OmniglotCharacters"]) -> "OmniglotCharacters":
+    def concatenate(parts: Sequence[OmniglotCharacters]) -> OmniglotCharacters:
         """Join several parts (e.g. background and evaluation) into one."""
         return OmniglotCharacters(
             images=np.concatenate([p.images for p in parts]),
