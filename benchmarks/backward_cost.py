@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 import bilevel
+from benchmarks.metastep import int_list
 from bilevel.linsolve import CG
 
 Params = dict[str, Tensor]
@@ -519,14 +520,6 @@ def write_out(res: dict[str, Any], path: str) -> None:
 # --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
-def _int_list(s: str) -> list[int]:
-    try:
-        vals = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
-    return vals
 
 
 QUICK = dict(
@@ -548,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=0.1, help="inner gradient-descent step size")
     p.add_argument("--inner-steps", type=int, default=20, help="inner steps in the forward of the timing part")
-    p.add_argument("--cg-iters", type=_int_list, default=[5, 10, 20], help="CG iteration caps (comma-separated)")
-    p.add_argument("--steps", type=_int_list, default=[10, 100, 1000], help="inner step counts for the memory table")
+    p.add_argument("--cg-iters", type=int_list(), default=[5, 10, 20], help="CG iteration caps (comma-separated)")
+    p.add_argument("--steps", type=int_list(), default=[10, 100, 1000], help="inner step counts for the memory table")
     p.add_argument("--max-unrolled-steps", type=int, default=1000, help="skip unrolled GD above this many steps")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

@@ -63,6 +63,7 @@ from benchmarks.metastep import (
     SETTINGS,
     FewShotProblem,
     add_run_options,
+    int_list,
     make_layer,
     parse_run_args,
     run_memory_child,
@@ -160,14 +161,6 @@ def measure_memory(method: str, k: int, a: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
-def _int_list(s: str) -> list[int]:
-    try:
-        vals = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
-    return vals
 
 
 def _methods(s: str) -> list[str]:
@@ -180,7 +173,7 @@ def _methods(s: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fig2b", description=" ".join((__doc__ or "").split("\n\n")[0].split()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ks", type=_int_list, default=list(KS), help="inner step counts K (comma-separated)")
+    p.add_argument("--ks", type=int_list(), default=list(KS), help="inner step counts K (comma-separated)")
     p.add_argument("--methods", type=_methods, default=list(METHODS))
     p.add_argument("--mem-methods", type=_methods, default=None, help="methods whose memory is measured (default: all)")
     p.add_argument("--no-memory", action="store_true")

@@ -684,6 +684,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def int_list(minimum: int = 1) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers, each ``>= minimum``."""
+
+    def parse(s: str) -> list[int]:
+        try:
+            vals = [int(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+        if not vals or min(vals) < minimum:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {minimum}, got {s!r}")
+        return vals
+
+    return parse
+
+
 def add_run_options(p: argparse.ArgumentParser, quick: dict, out_help: str) -> None:
     """Options every timing script shares: --jobs, --threads, --out, --quick, the memory child."""
     p.add_argument("--jobs", type=int, default=1,

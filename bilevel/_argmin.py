@@ -21,7 +21,7 @@ from ._errors import BilevelTypeError, BilevelValueError
 from ._layer_base import _Layer
 from ._problem import ClosedBt, RootProblem, task_slice
 from ._result import SolverResult, stack_results
-from ._transforms import any_wrapped
+from ._transforms import any_dual, any_wrapped
 from ._tree import batch_size, is_tree, tree_flatten, tree_map
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
 
@@ -154,8 +154,10 @@ class Argmin(_Layer):
         Why measured: which is faster depends on the net, the task size and the device
         (``benchmarks/metastep.py``; docs/performance.md): a fixed rule on the examples per
         task, measured on one conv net, picked the slower strategy on another.
-        Not measured (``"vmap"``): inside a ``torch.func`` transform, on meta tensors, or for
-        a single task; a solver declaring ``supports_batched = False`` gets ``"loop"``.
+        Not measured (``"vmap"``): inside a ``torch.func`` transform, with forward-mode
+        (dual) tensors -- the loop has no forward-mode rule, so a measured choice of the loop
+        must not apply to them --, on meta tensors, or for a single task; a solver declaring
+        ``supports_batched = False`` gets ``"loop"``.
         """
         diag = self.diagnostics
         if strategy != "auto":
@@ -165,7 +167,7 @@ class Argmin(_Layer):
             diag.strategy, diag.strategy_seconds = "loop", None
             return "loop"
         leaves = [*tree_flatten(x0)[0], *(t for a in args if is_tree(a) for t in tree_flatten(a)[0])]
-        if batch_size(x0) < 2 or any_wrapped(leaves) or any(t.device.type == "meta" for t in leaves):
+        if batch_size(x0) < 2 or any_wrapped(leaves) or any_dual(leaves) or any(t.device.type == "meta" for t in leaves):
             diag.strategy, diag.strategy_seconds = "vmap", None
             return "vmap"
         cache: dict[tuple, dict[str, float]] = self.__dict__.setdefault("_strategy_cache", {})
@@ -240,6 +242,18 @@ class Argmin(_Layer):
         return RootProblem(solve, optimality, x0, args, True, strategy is not None, closed_bt=closed_bt)
 
     def __call__(self, x0: Any, *args: Any, batched: Batched = False, in_dims: InDims = 0) -> Any:
+        """Minimise the objective from ``x0`` and return x*, differentiable in ``args``.
+
+        Args:
+            x0: the starting point (a tensor or a tree); it gets no gradient.
+            *args: the objective's further arguments, after x.
+            batched: ``False`` (one task), ``True``/``"auto"`` (measured), ``"vmap"`` or ``"loop"``;
+                when batched, ``x0`` carries the task dimension.
+            in_dims: per argument of ``args``, 0 (carries the task dimension) or ``None`` (shared).
+
+        Returns:
+            x*, shaped like ``x0``.
+        """
         strategy = strategy_of(batched, x0, self._name)
         dims = arg_dims(args, in_dims) if strategy else ()
         if strategy:

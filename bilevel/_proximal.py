@@ -113,8 +113,8 @@ class Proximal(Argmin):
     The inner solver starts at θ.  The backward solves ``(H + Λ) u = v`` with ``H`` the
     Hessian of ``inner_loss`` at φ* and returns ``dl/dθ = Λ u`` — for a scalar λ the
     paper's ``(I + H/λ)^{-1} v`` (Rajeswaran et al. 2019, Eq. 6) — and, as a by-product
-    of the same solve, ``dl/dλ_j = −Σ (φ*_j − θ_j) u_j``.  ``H + Λ`` is SPD whenever λ
-    exceeds the most negative eigenvalue of ``H``, so CG runs on it directly (not on the
+    of the same solve, ``dl/dλ_j = −Σ (φ*_j − θ_j) u_j``.  ``H + Λ`` is SPD whenever
+    ``λ > −λ_min(H)`` (every λ_j, for a tree of λ), so CG runs on it directly (not on the
     normal equations).  Memory kept for backward: φ*, θ, λ and the task data, whatever
     the number of inner steps.
 
@@ -233,6 +233,20 @@ class Proximal(Argmin):
         batched: Batched = False,
         in_dims: InDims = 0,
     ) -> Any:
+        """Solve the proximal problem at θ and return φ*, differentiable in θ, λ and ``args``.
+
+        Args:
+            theta: the meta-parameters θ (a tensor or a tree of tensors); the solver starts there.
+            *args: the inner loss's further arguments (task data), after φ.
+            lam: λ for this call (a float, a 0-d tensor or a tree matching θ), e.g. computed from
+                a learned parameter; ``None`` uses the layer's ``lam``.
+            batched: ``False`` (one task), ``True``/``"auto"`` (measured), ``"vmap"`` or ``"loop"``.
+            in_dims: per argument of ``args``, 0 (carries the task dimension) or ``None``
+                (shared); one int applies to all.
+
+        Returns:
+            φ*, shaped like θ (with a leading task dimension when batched).
+        """
         name = type(self).__name__
         strategy = strategy_of(batched, theta, name)
         theta_leaves, _ = flatten_checked(theta, name, "theta")

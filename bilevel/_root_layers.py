@@ -67,6 +67,18 @@ class FixedPoint(_Layer):
         self.solver = solver
 
     def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:
+        """Solve ``x = fn(x, *args)`` from ``x0`` and return x*, differentiable in ``args``.
+
+        Args:
+            x0: the starting point (a tensor or a tree); it gets no gradient.
+            *args: ``fn``'s further arguments, after x.
+            batched: with ``True`` every leaf of ``x0`` and every argument whose ``in_dims``
+                entry is 0 carries a leading task dimension; ``fn`` is written for one task.
+            in_dims: per argument of ``args``, 0 (carries the task dimension) or ``None`` (shared).
+
+        Returns:
+            x*, shaped like ``x0``.
+        """
         fn = self.fn
         if batched:
             dims = arg_dims(args, in_dims)

@@ -33,6 +33,13 @@ def any_wrapped(tensors: Iterable[Tensor]) -> bool:
     return any(wrapped(t) for t in tensors)
 
 
+def any_dual(tensors: Iterable[Tensor]) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
+    from torch.autograd import forward_ad
+
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def is_vmapped(t: Tensor) -> bool:
     """Whether ``t`` is batched by a ``vmap`` at any level of its ``torch.func`` wrappers."""
     ft = torch._C._functorch

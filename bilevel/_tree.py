@@ -107,25 +107,40 @@ def tree_flatten(tree: Any) -> tuple[list[Tensor], TreeDef]:
         >>> [tuple(t.shape) for t in leaves], treedef
         ([(2, 3), (2,)], {'w': *, 'b': *})
     """
+    if isinstance(tree, Tensor):  # the common case, without the recursion
+        return [tree], _LEAF
     leaves: list[Tensor] = []
-
-    def rec(t: Any, path: str) -> TreeDef:
-        if isinstance(t, Tensor):
-            leaves.append(t)
-            return _LEAF
-        if isinstance(t, dict):
-            keys = tuple(t.keys())
-            return TreeDef("dict", keys, tuple(rec(t[k], f"{path}[{k!r}]") for k in keys))
-        if isinstance(t, (tuple, list)) and not hasattr(t, "_fields"):
-            kind = "tuple" if isinstance(t, tuple) else "list"
-            return TreeDef(kind, None, tuple(rec(c, f"{path}[{i}]") for i, c in enumerate(t)))
-        raise BilevelTypeError(
-            f"expected a tensor tree (Tensor, tuple/list or dict of Tensors), "
-            f"found {type(t).__name__} at {path or 'the root'}"
-        )
-
-    treedef = rec(tree, "")
+    treedef = _flatten_into(tree, "", leaves)
     return leaves, treedef
+
+
+# The recursions are module-level functions, not closures: a nested function that calls
+# itself is a reference cycle (function -> closure cell -> function) holding the leaves it
+# saw until Python's cyclic garbage collector runs -- in a solver loop, iterate-sized
+# tensors piling up in memory between collections.
+def _flatten_into(t: Any, path: str, leaves: list[Tensor]) -> TreeDef:
+    if isinstance(t, Tensor):
+        leaves.append(t)
+        return _LEAF
+    if isinstance(t, dict):
+        keys = tuple(t.keys())
+        return TreeDef("dict", keys, tuple(_flatten_into(t[k], f"{path}[{k!r}]", leaves) for k in keys))
+    if isinstance(t, (tuple, list)) and not hasattr(t, "_fields"):
+        kind = "tuple" if isinstance(t, tuple) else "list"
+        return TreeDef(kind, None, tuple(_flatten_into(c, f"{path}[{i}]", leaves) for i, c in enumerate(t)))
+    raise BilevelTypeError(
+        f"expected a tensor tree (Tensor, tuple/list or dict of Tensors), "
+        f"found {type(t).__name__} at {path or 'the root'}"
+    )
+
+
+def _unflatten_from(d: TreeDef, it: Any) -> Any:
+    if d.kind == "leaf":
+        return next(it)
+    if d.kind == "dict":
+        return {k: _unflatten_from(c, it) for k, c in zip(d.meta, d.children)}
+    children = [_unflatten_from(c, it) for c in d.children]
+    return tuple(children) if d.kind == "tuple" else children
 
 
 def tree_unflatten(treedef: TreeDef, leaves: list[Tensor] | tuple[Tensor, ...]) -> Any:
@@ -142,16 +157,7 @@ def tree_unflatten(treedef: TreeDef, leaves: list[Tensor] | tuple[Tensor, ...]) 
         {'w': tensor([2., 2.]), 'b': tensor([0.])}
     """
     it = iter(leaves)
-
-    def rec(d: TreeDef) -> Any:
-        if d.kind == "leaf":
-            return next(it)
-        if d.kind == "dict":
-            return {k: rec(c) for k, c in zip(d.meta, d.children)}
-        children = [rec(c) for c in d.children]
-        return tuple(children) if d.kind == "tuple" else children
-
-    out = rec(treedef)
+    out = _unflatten_from(treedef, it)
     rest = list(it)
     if rest:
         raise BilevelValueError(f"{len(rest)} leaves left over when rebuilding {treedef!r}")

@@ -34,14 +34,17 @@ from typing import Any
 import pytest
 
 from bilevel.linsolve import CG, GMRES, MINRES, BiCGSTAB, Dense, Neumann
+from bilevel.linsolve import Broyden as LinearBroyden
 from bilevel.solvers import (
     LBFGS,
     Adam,
+    Anderson,
     FixedPointIteration,
     GradientDescent,
     NewtonCG,
     ScipyMinimize,
 )
+from bilevel.solvers import Broyden as InnerBroyden
 from tests.problems import SYSTEM_FAMILIES
 
 LINEAR, INNER = "linear", "inner"
@@ -56,6 +59,8 @@ TAGS: dict[str, str] = {
     "indefinite": "linear: solves symmetric indefinite systems",
     "nonsymmetric": "linear: solves non-symmetric (non-singular) systems",
     "contraction": "linear: requires I - alpha*A to be a contraction (a Neumann series)",
+    "near_identity": "linear: meant for operators near initial_jacobian * I (Broyden from H0 = I / initial_jacobian, "
+    "as the fixed-point backward's I - J): run on the Neumann families",
     "device_loop": "linear: no host-side control besides the driver's stopping test: a fixed budget makes "
     "no host sync inside the loop, and a tolerance solve runs under torch.func.vmap",
     "fixed_point": "inner: finds x = fn(x) (takes a map, not an objective)",
@@ -82,6 +87,9 @@ CAPABILITIES: dict[type, frozenset[str]] = {
     LBFGS: frozenset({"driver"}),
     ScipyMinimize: frozenset(),
     FixedPointIteration: frozenset({"driver", "batched", "fixed_point"}),
+    LinearBroyden: frozenset({"driver", "batched", "device_loop", "nonsymmetric", "near_identity"}),
+    InnerBroyden: frozenset({"driver", "batched", "fixed_point"}),
+    Anderson: frozenset({"driver", "batched", "fixed_point"}),
 }
 
 def _label(solver: Any) -> str:
@@ -111,7 +119,7 @@ def capabilities(solver: Any) -> frozenset[str]:
 def families(solver: Any) -> tuple[str, ...]:
     """The linear-system families of ``tests/problems.py`` that ``solver``'s class solves."""
     caps = capabilities(solver)
-    if "contraction" in caps:
+    if caps & {"contraction", "near_identity"}:
         return ("neumann-symmetric", "neumann-nonsymmetric")
     out = ["spd"]  # every other linear solver solves symmetric positive definite systems
     out += [f for f in ("indefinite", "nonsymmetric") if f in caps]
@@ -184,9 +192,13 @@ _add(LINEAR, Neumann(alpha=1 / 30, steps=4))
 _add(LINEAR, GMRES(restart=2), GMRES(restart=3), GMRES(restart=5), GMRES(restart=8))
 # Neumann steps for operators whose eigenvalues exceed 1 (alpha * lambda_max < 2).
 _add(LINEAR, Neumann(alpha=0.3), Neumann(alpha=0.05, maxiter=400))
+# Broyden's method on A x - b (the inner solver's algorithm), and a fixed budget.
+_add(LINEAR, LinearBroyden(), LinearBroyden(steps=4))
 
 # -- inner solvers ----------------------------------------------------------------------
-_add(INNER, NewtonCG(), LBFGS(), ScipyMinimize(), FixedPointIteration())
+_add(INNER, NewtonCG(), LBFGS(), ScipyMinimize(), FixedPointIteration(), Anderson())
+# Broyden (the ids of the defaults belong to the linear Broyden): both updates, a short memory.
+_add(INNER, InnerBroyden(variant="bad"), InnerBroyden(memory=5))
 # First-order: a fixed budget, a tolerance, the monitored fixed-step loop.
 _add(
     INNER,

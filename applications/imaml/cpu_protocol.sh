@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU protocol behind applications/imaml/README.md#results (issue 7): Omniglot 1-shot,
+# The CPU protocol behind docs/applications/imaml.md#results (issue 7): Omniglot 1-shot,
 # 64 filters, meta-batch 8, Adam 1e-3, the same number of meta-steps for every algorithm,
 # validation every 50 meta-steps on 100 fixed validation episodes (curves), the final
 # meta-parameters evaluated on the same 600 fixed test episodes.  Two jobs at a time, one

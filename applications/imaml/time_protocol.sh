@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The equal-time protocol behind applications/imaml/README.md#time-to-accuracy (issue 17):
+# The equal-time protocol behind docs/applications/imaml.md#time-to-accuracy (issue 17):
 # Omniglot 1-shot, 64 filters, meta-batch 8, Adam 1e-3, every run trained for the SAME number
 # of training seconds (--time-budget: log.csv's elapsed_seconds, validation excluded) or the
 # same number of meta-steps, validation every EVAL meta-steps on 100 fixed validation episodes

@@ -10,6 +10,7 @@ batched=False)`` on tensor trees, returning a :class:`~bilevel.LinearSolveResult
 | :class:`MINRES`   | symmetric, possibly indefinite             | non-convex inner problems    |
 | :class:`GMRES`    | any (non-symmetric)                        | FixedPoint, custom roots     |
 | :class:`BiCGSTAB` | any (non-symmetric)                        | FixedPoint, custom roots     |
+| :class:`Broyden`  | any; best near the identity (``I - J``)    | FixedPoint (quasi-Newton)    |
 | :class:`Neumann`  | spectral radius of ``I - alpha A`` below 1 | cheap truncated series       |
 | :class:`Dense`    | any (materialised; small problems, tests)  | references                   |
 
@@ -29,10 +30,11 @@ from __future__ import annotations
 
 from ._base import LinearSolver, MatVec
 from ._bicgstab import BiCGSTAB
+from ._broyden import Broyden
 from ._cg import CG
 from ._dense import Dense
 from ._gmres import GMRES
 from ._minres import MINRES
 from ._neumann import Neumann
 
-__all__ = ["CG", "GMRES", "MINRES", "BiCGSTAB", "Dense", "LinearSolver", "MatVec", "Neumann"]
+__all__ = ["CG", "GMRES", "MINRES", "BiCGSTAB", "Broyden", "Dense", "LinearSolver", "MatVec", "Neumann"]

@@ -10,6 +10,8 @@ See :mod:`bilevel.solvers._base` for the protocol (tensor trees, batched mode, r
 | :class:`NewtonCG`              | yes     | gradient + Hessian-vector products (Armijo search)     |
 | :class:`ScipyMinimize`         | no      | whatever the scipy method uses (none for Nelder-Mead)  |
 | :class:`FixedPointIteration`   | yes     | none (solves ``x = fn(x)``)                            |
+| :class:`Broyden`               | yes     | none (``x = fn(x)`` or ``F(x) = 0``, quasi-Newton)     |
+| :class:`Anderson`              | yes     | none (solves ``x = fn(x)`` mixing the last m iterates) |
 
 Examples:
     A fixed budget (``steps``) or a tolerance (``rtol``, capped by ``maxiter``), with the
@@ -28,7 +30,9 @@ Examples:
 from __future__ import annotations
 
 from ._adam import Adam
+from ._anderson import Anderson
 from ._base import Solver
+from ._broyden import Broyden
 from ._fixed_point import FixedPointIteration
 from ._gradient_descent import GradientDescent
 from ._lbfgs import LBFGS
@@ -40,7 +44,9 @@ __all__ = [
     "LBFGS",
     "SCIPY_METHODS",
     "Adam",
+    "Anderson",
     "BacktrackingArmijo",
+    "Broyden",
     "FixedPointIteration",
     "GradientDescent",
     "LineSearchResult",

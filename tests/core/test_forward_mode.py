@@ -102,3 +102,24 @@ def test_func_grad_of_a_loss_containing_a_layer_equals_autograd(name: str) -> No
     ref = torch.autograd.grad(loss(*req), req)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_strategy_runs_forward_mode_even_when_the_loop_was_measured_faster() -> None:
+    """``batched=True`` measures vmap against the loop; under load the loop can win. Forward
+    mode (dual tensors) must then still run -- vmapped -- and give the vmap strategy's tangent,
+    not refuse because of a timing."""
+    prox = _prox()
+    th, t = torch.randn(4, dtype=DT), torch.randn(4, dtype=DT)
+    prox(th, XB, YB, batched=True)                       # the first call measures and caches a choice
+    state = prox.strategy_state()
+    assert len(state) == 1
+    (key,) = state
+    prox.load_strategy_state({key: {"vmap": 1.0, "loop": 0.5}})    # as if the loop had been faster
+    prox(th, XB, YB, batched=True)
+    assert prox.diagnostics.strategy == "loop"
+    with fwAD.dual_level():
+        out = prox(fwAD.make_dual(th, t), XB, YB, batched=True)
+        tan = fwAD.unpack_dual(out).tangent
+    assert prox.diagnostics.strategy == "vmap"
+    _, ref = torch.func.jvp(lambda p: _prox()(p, XB, YB, batched="vmap"), (th,), (t,))
+    torch.testing.assert_close(tan, ref, rtol=1e-10, atol=1e-12)

@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from bilevel import Status, solvers
+from bilevel import Status
 from bilevel._iterate import Outcome, Tally, Verifier, iterate
 from tests import registry
 
@@ -152,9 +152,13 @@ INNER = registry.solvers("inner", tags={"driver", "default"}, exclude={"fixed_po
 )
 
 
+# The fixed-point solvers (they take a map, not an objective): each configuration.
+FIXED_POINT = registry.solvers("inner", tags={"driver", "fixed_point"})
+
+
 def test_every_solver_on_the_driver_is_tested_here() -> None:
     """A solver class registered as running on the driver has a configuration above."""
-    tested = {type(p.values[0]) for p in LINEAR + INNER} | {solvers.FixedPointIteration}
+    tested = {type(p.values[0]) for p in LINEAR + INNER + FIXED_POINT}
     assert tested == {type(e.solver) for e in registry.entries(tags={"driver"})}
 
 
@@ -194,8 +198,9 @@ def test_inner_solvers_run_on_the_driver(monkeypatch: pytest.MonkeyPatch, solver
     assert res.status in (Status.SUCCESS, Status.COMPLETED)
 
 
-def test_fixed_point_iteration_runs_on_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _counting(monkeypatch, "bilevel.solvers._fixed_point")
-    res = solvers.FixedPointIteration()(lambda x: 0.5 * torch.cos(x), torch.zeros(3, dtype=torch.float64))
+@pytest.mark.parametrize("solver", FIXED_POINT)
+def test_fixed_point_solvers_run_on_the_driver(monkeypatch: pytest.MonkeyPatch, solver) -> None:
+    calls = _counting(monkeypatch, type(solver).__module__)
+    res = solver(lambda x: 0.5 * torch.cos(x), torch.zeros(3, dtype=torch.float64))
     assert calls == [1] and res.status is Status.SUCCESS
     torch.testing.assert_close(res.x, 0.5 * torch.cos(res.x), rtol=0, atol=1e-10)

@@ -24,6 +24,7 @@ CASES = registry.cases(
     ("BiCGSTAB", "nonsymmetric"),
     ("BiCGSTAB", "indefinite"),
     ("Neumann", "neumann-nonsymmetric"),
+    ("Broyden", "neumann-nonsymmetric"),
     ("Dense", "nonsymmetric"),
 )
 

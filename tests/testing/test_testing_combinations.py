@@ -123,6 +123,8 @@ def _fp_fn(x: torch.Tensor, W: torch.Tensor, U: torch.Tensor, a: torch.Tensor) -
 FP_SOLVERS: dict[str, Any] = {
     "FixedPointIteration": FixedPointIteration(rtol=1e-13, maxiter=2000),
     "FixedPointIteration(relaxation=0.5)": FixedPointIteration(rtol=1e-13, maxiter=4000, relaxation=0.5),
+    "Broyden": bilevel.solvers.Broyden(rtol=1e-13),
+    "Anderson": bilevel.solvers.Anderson(rtol=1e-13, maxiter=500),
 }
 # The linear solvers for non-symmetric systems, and the Neumann series with alpha = 1.
 FP_LINSOLVES: dict[str, Any] = {

@@ -1,0 +1,1 @@
+"""A deep-equilibrium classifier trained through ``bilevel.FixedPoint`` (``python -m applications.deq``)."""
