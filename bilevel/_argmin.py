@@ -208,7 +208,7 @@ class Argmin(_Layer):
 
     def _problem(
         self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, strategy: str | None,
-        damping: float = 0.0, closed_bt: ClosedBt | None = None,
+        damping: float = 0.0, closed_bt: ClosedBt | None = None, arg_labels: tuple[str, ...] | None = None,
     ) -> RootProblem:
         """The ``(solve, optimality)`` pair of one call.  ``strategy``: None (one task),
         ``"vmap"`` or ``"loop"`` (a batch of tasks)."""
@@ -231,7 +231,7 @@ class Argmin(_Layer):
 
             # The backward uses task_optimality task by task (the batched optimality is unused then).
             return RootProblem(solve_loop, optimality_one, x0, args, True, True, task_optimality=optimality_one,
-                           task_dims=dims, closed_bt=closed_bt)
+                               task_dims=dims, closed_bt=closed_bt, arg_labels=arg_labels)
 
         def solve(x0_: Any, *a: Any) -> Any:
             return self.solver(obj, x0_, *a, batched=True) if strategy else self.solver(obj, x0_, *a)
@@ -239,7 +239,8 @@ class Argmin(_Layer):
         optimality = _sum_grad(obj)
         if damping:
             optimality = _damped(optimality, damping)
-        return RootProblem(solve, optimality, x0, args, True, strategy is not None, closed_bt=closed_bt)
+        return RootProblem(solve, optimality, x0, args, True, strategy is not None, closed_bt=closed_bt,
+                           arg_labels=arg_labels)
 
     def __call__(self, x0: Any, *args: Any, batched: Batched = False, in_dims: InDims = 0) -> Any:
         """Minimise the objective from ``x0`` and return x*, differentiable in ``args``.

@@ -30,8 +30,11 @@ from ._guards import (
     eager_only,
     first_order_only,
     flatten_checked,
+    refuse_inference_mode,
+    refuse_modified_arguments,
     solution_of,
     suspended_saved_tensor_hooks,
+    versions,
     warn_if_only_closed_over_tensors_need_grad,
 )
 from ._precision import autocast_off, cast, work_dtype
@@ -111,6 +114,30 @@ def _pack_args(args: tuple) -> tuple[list[Tensor], list[tuple]]:
         layout.append(("tree", d, len(ls)))
         leaves.extend(ls)
     return leaves, layout
+
+
+def _leaf_labels(args: tuple, layout: list[tuple], labels: tuple[str, ...] | None) -> list[str]:
+    """A name per tensor leaf of the arguments, for messages: ``args[1]``, ``theta['w']``."""
+    out: list[str] = []
+    for i, (a, entry) in enumerate(zip(args, layout)):
+        if entry[0] != "tree":
+            continue
+        base = labels[i] if labels is not None and i < len(labels) else f"args[{i}]"
+        if isinstance(a, Tensor):
+            out.append(base)
+        elif isinstance(a, dict):
+            out.extend(f"{base}[{k!r}]" for k in _dict_leaf_keys(a))
+        else:
+            out.extend(f"{base} (leaf {j})" for j in range(entry[2]))
+    return out
+
+
+def _dict_leaf_keys(d: dict) -> list[Any]:
+    """The top-level key of each tensor leaf of a dict tree, in leaf order."""
+    keys: list[Any] = []
+    for k, v in d.items():
+        keys.extend([k] * len(tree_flatten(v)[0]))
+    return keys
 
 
 def _record_linear_solve(spec: CallSpec, res: LinearSolveResult, what: str) -> None:
@@ -262,6 +289,8 @@ def implicit_apply(
     """
     x0, args, batched = problem.x0, problem.args, problem.batched
     x_leaves, x_def = flatten_checked(x0, name, "the initial point")
+    arg_leaves, layout = _pack_args(args)
+    refuse_inference_mode(name, [*x_leaves, *arg_leaves])
     if not x_leaves:
         raise BilevelValueError(f"{name}: the initial point is an empty tree")
     for leaf in x_leaves:
@@ -269,7 +298,6 @@ def implicit_apply(
             raise BilevelTypeError(f"{name}: the unknowns must be floating-point tensors, got {leaf.dtype}")
     if batched:
         batch_size(x0)
-    arg_leaves, layout = _pack_args(args)
     if any(t.device.type == "meta" for t in (*x_leaves, *arg_leaves)):
         # A shape-only run (e.g. a model built on the meta device): no solver can run on
         # values that do not exist; the solution has the initial point's shapes and dtypes.
@@ -294,7 +322,9 @@ def implicit_apply(
         call_id=diagnostics.start_call(),
         backward_dtype=backward_dtype,
     )
+    before = versions(arg_leaves)
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
+    refuse_modified_arguments(name, arg_leaves, before, _leaf_labels(args, layout, problem.arg_labels))
     if torch.is_grad_enabled() and not any(t.requires_grad for t in arg_leaves):
         # Costs one evaluation of F, and only here (grad mode on, no argument requiring
         # grad -- e.g. evaluation outside torch.no_grad()).

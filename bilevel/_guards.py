@@ -10,7 +10,10 @@ derivative cannot do, and says so in one message naming the layer:
 * second derivatives (:func:`refuse_second_order`, :func:`first_order_only`) and vmapped
   cotangents into a solver with host-side stopping tests (:func:`refuse_vmapped`);
 * ``torch.compile``: one clean graph break at the layer (:func:`eager_only`);
-* the user's saved-tensor hooks, set aside while the core runs (:func:`suspended_saved_tensor_hooks`).
+* the user's saved-tensor hooks, set aside while the core runs (:func:`suspended_saved_tensor_hooks`);
+* ``torch.inference_mode`` and inference tensors, which autograd cannot record at all
+  (:func:`refuse_inference_mode`), and arguments the objective modified in place
+  (:func:`versions`, :func:`refuse_modified_arguments`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,47 @@ def suspended_saved_tensor_hooks() -> Iterator[None]:
     finally:
         for pack, unpack in reversed(stack):
             ag._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def refuse_inference_mode(name: str, tensors: Sequence[Tensor]) -> None:
+    """Refuse ``torch.inference_mode()`` and inference tensors, naming what to do instead.
+
+    The inner solver takes gradients and the backward records a graph; inference mode
+    switches autograd off for good (its tensors cannot be recorded even under
+    ``torch.enable_grad()``), so the solve would fail deep inside with a message about
+    the objective not depending on x.
+    """
+    if torch.is_inference_mode_enabled():
+        raise UnsupportedError(
+            f"{name}: called under torch.inference_mode(); the inner solver needs autograd, which inference mode "
+            "switches off. Call the layer under torch.no_grad() instead: it then returns the solution without a graph"
+        )
+    if any(t.is_inference() for t in tensors):
+        raise UnsupportedError(
+            f"{name}: an input is an inference tensor (created under torch.inference_mode()), which autograd cannot "
+            "record; create it under torch.no_grad() instead, or pass a clone made outside inference mode (t.clone())"
+        )
+
+
+def versions(tensors: Sequence[Tensor]) -> list[int]:
+    """The version counters of ``tensors`` (each in-place operation increments a tensor's)."""
+    return [t._version for t in tensors]
+
+
+def refuse_modified_arguments(name: str, tensors: Sequence[Tensor], before: Sequence[int],
+                              labels: Sequence[str]) -> None:
+    """Raise if the solve modified an argument in place (its version counter moved).
+
+    An objective that writes into its data (``x *= 2``, ``x.clamp_(...)``) changes the
+    caller's tensor, and the solution then depends on how often the solver evaluated it.
+    """
+    changed = [label for t, v, label in zip(tensors, before, labels) if t._version != v]
+    if changed:
+        raise BilevelValueError(
+            f"{name}: the objective modified {', '.join(changed)} in place during the solve (its version counter "
+            "changed): the caller's tensor was changed and the solution depends on the number of evaluations; "
+            "compute out of place (x = x * 2, not x *= 2; x.clamp(...), not x.clamp_(...))"
+        )
 
 
 def flatten_checked(tree: Any, name: str, what: str) -> tuple[list[Tensor], TreeDef]:

@@ -36,6 +36,8 @@ class RootProblem:
             the task dimension of each argument (``None``: shared).
         task_dims: see ``task_optimality``.
         closed_bt: a closed form of the argument product ``Bᵀw`` (:data:`ClosedBt`).
+        arg_labels: how messages name each argument (default ``args[i]``), e.g. ``theta``
+            for the meta-parameters that :class:`~bilevel.Proximal` passes first.
     """
 
     solve: Callable[..., Any]
@@ -47,6 +49,7 @@ class RootProblem:
     task_optimality: Callable[..., Any] | None = None
     task_dims: tuple[int | None, ...] | None = None
     closed_bt: ClosedBt | None = None
+    arg_labels: tuple[str, ...] | None = None
 
 
 def task_slice(args: tuple, dims: Sequence[int | None], b: int) -> tuple:

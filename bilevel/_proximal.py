@@ -12,9 +12,10 @@ from torch import Tensor
 from ._argmin import Argmin
 from ._batching import InDims, arg_dims, strategy_of, task_count
 from ._errors import BilevelTypeError, BilevelValueError
-from ._guards import flatten_checked
-from ._problem import ClosedBt
-from ._tree import tree_flatten, tree_map
+from ._guards import eager_only, flatten_checked, refuse_inference_mode
+from ._problem import ClosedBt, task_slice
+from ._transforms import any_wrapped
+from ._tree import is_tree, tree_flatten, tree_map
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
 
 
@@ -265,6 +266,37 @@ class Proximal(Argmin):
             # A copy: a solver that updates its initial point in place must not touch θ.
             x0 = tree_map(lambda t: t.detach().clone(), theta)
             self.diagnostics.strategy, self.diagnostics.strategy_seconds = None, None
+        if not self.__dict__.get("_inner_loss_checked"):
+            _check_inner_loss(self, theta, args, dims[2:] if strategy else None, name)
         scalar_lam = isinstance(lam_t, Tensor) and lam_t.dim() == 0
         closed = proximal_closed_bt(len(tree_flatten(theta)[0]), scalar_lam, strategy is not None)
-        return self._apply(self._problem(objective, x0, (theta, lam_t, *args), dims, strategy, self.damping, closed))
+        labels = ("theta", "lam", *(f"args[{i}]" for i in range(len(args))))
+        return self._apply(self._problem(objective, x0, (theta, lam_t, *args), dims, strategy, self.damping, closed,
+                                         labels))
+
+
+@eager_only  # evaluates the loss: part of the layer's eager region under torch.compile
+def _check_inner_loss(layer: Proximal, theta: Any, args: tuple, dims: Sequence[int | None] | None, name: str) -> None:
+    """Refuse an inner loss with no gradient path to φ (detached, or computed outside
+    torch): the proximal term alone would then be minimised, φ* = θ whatever the data,
+    and the meta-gradient would be the identity -- silently.  Checked once per layer, on
+    its first call (one evaluation of the inner loss, of one task)."""
+    leaves = [*tree_flatten(theta)[0], *(t for a in args if is_tree(a) for t in tree_flatten(a)[0])]
+    refuse_inference_mode(name, leaves)  # before evaluating anything: its own message
+    if any_wrapped(leaves) or any(t.device.type == "meta" for t in leaves):
+        return  # inside a torch.func transform or a shape-only run: nothing to evaluate
+    a = args if dims is None else task_slice(args, dims, 0)
+    with torch.enable_grad():
+        phi = tree_map(lambda t: t.detach().requires_grad_(True), theta)
+        value = layer.objective(phi, *a)  # Argmin keeps the inner loss as its objective
+        reaches_phi = isinstance(value, Tensor) and value.requires_grad and any(
+            g is not None for g in torch.autograd.grad(value.sum(), tree_flatten(phi)[0], allow_unused=True))
+    if not reaches_phi:
+        raise BilevelValueError(
+            f"{name}: the inner loss does not depend on φ through torch operations (it returned "
+            f"{'a tensor with no graph to φ' if isinstance(value, Tensor) else type(value).__name__}: detached, "
+            "computed with .item()/.numpy(), or under torch.no_grad()): the layer would minimise the proximal "
+            "term alone and return φ* = θ whatever the data. Return a differentiable function of φ"
+        )
+    layer.__dict__["_inner_loss_checked"] = True
+

@@ -41,10 +41,13 @@ class RunLock:
     """Exclusive lock on a run folder for the life of this object (or a ``with`` block)."""
 
     def __init__(self, out: str | os.PathLike[str]) -> None:
+        self._f: IO[str] | None = None  # set first: release() must work whatever fails below
         self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--out {str(self.out)!r} is a file, not a folder: choose a folder for the run")
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / LOCK_NAME
-        self._f: IO[str] | None = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        self._f = open(self.path, "a+")  # noqa: SIM115 (held until release)
         try:
             fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

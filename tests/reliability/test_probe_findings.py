@@ -1,0 +1,111 @@
+"""The reliability probes' findings: each misuse gets one clear message instead of a
+misleading failure or a silently wrong result (issue 22)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import bilevel
+from bilevel.solvers import GradientDescent
+
+DT = torch.float64
+g = torch.Generator().manual_seed(0)
+X, Y = torch.randn(20, 3, generator=g, dtype=DT), torch.randn(20, generator=g, dtype=DT)
+
+
+def _sq(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((x @ p - y) ** 2).mean()
+
+
+LAYERS = {
+    "Proximal": lambda: (bilevel.Proximal(_sq, 1.0), (torch.zeros(3, dtype=DT, requires_grad=True),)),
+    "Argmin": lambda: (bilevel.Argmin(lambda w, a, x, y: _sq(w, x, y) + a * (w ** 2).sum()),
+                       (torch.zeros(3, dtype=DT), torch.tensor(0.5, dtype=DT, requires_grad=True))),
+    "FixedPoint": lambda: (bilevel.FixedPoint(lambda z, a, x, y: 0.5 * torch.tanh(z + a + x.T @ y / 20)),
+                           (torch.zeros(3, dtype=DT), torch.tensor(0.5, dtype=DT, requires_grad=True))),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_inference_mode_is_named_with_what_to_do(kind: str) -> None:
+    layer, lead = LAYERS[kind]()
+    with torch.inference_mode(), pytest.raises(bilevel.UnsupportedError, match=r"inference_mode.*torch\.no_grad"):
+        layer(*[t.detach() for t in lead], X, Y)
+    # ... and the fix it names works: under no_grad the solution comes back without a graph.
+    with torch.no_grad():
+        out = layer(*[t.detach() for t in lead], X, Y)
+    assert not out.requires_grad
+
+
+def test_an_inference_tensor_input_is_named() -> None:
+    with torch.inference_mode():
+        xi = X.clone()
+    with pytest.raises(bilevel.UnsupportedError, match="inference tensor"):
+        bilevel.Proximal(_sq, 1.0)(torch.zeros(3, dtype=DT, requires_grad=True), xi, Y)
+
+
+@pytest.mark.parametrize(("batched", "label"), [(False, "args[0]"), (True, "args[0]")])
+def test_an_objective_that_modifies_its_data_in_place_is_refused(batched: bool, label: str) -> None:
+    def scaling_loss(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x.mul_(1.0)  # in place: the caller's tensor
+        return _sq(p, x, y)
+
+    x = X.clone().expand(2, 20, 3).clone() if batched else X.clone()
+    y = Y.expand(2, 20).clone() if batched else Y
+    layer = bilevel.Proximal(scaling_loss, 1.0, solver=GradientDescent(lr=0.1, steps=3))
+    with pytest.raises(bilevel.BilevelValueError, match=re.escape(f"modified {label} in place")):
+        layer(torch.zeros(3, dtype=DT, requires_grad=True), x, y, batched="vmap" if batched else False)
+
+
+def test_a_modified_dict_argument_is_named_by_its_key() -> None:
+    def loss(w: torch.Tensor, data: dict) -> torch.Tensor:
+        data["y"].add_(0.0)
+        return _sq(w, data["x"], data["y"])
+
+    data = {"x": X.clone(), "y": Y.clone()}
+    with pytest.raises(bilevel.BilevelValueError, match=r"args\[0\]\['y'\] in place"):
+        bilevel.Argmin(loss)(torch.zeros(3, dtype=DT), data)
+
+
+def test_an_unmodified_argument_passes() -> None:
+    x = X.clone()
+    v = x._version
+    bilevel.Proximal(_sq, 1.0)(torch.zeros(3, dtype=DT, requires_grad=True), x, Y).sum().backward()
+    assert x._version == v
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_detached_inner_loss_is_refused_not_answered_with_theta(batched: bool) -> None:
+    def detached(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _sq(p.detach(), x, y)
+
+    x, y = (X.expand(2, 20, 3), Y.expand(2, 20)) if batched else (X, Y)
+    with pytest.raises(bilevel.BilevelValueError, match=r"Proximal: the inner loss does not depend on φ"):
+        bilevel.Proximal(detached, 1.0)(torch.zeros(3, dtype=DT, requires_grad=True), x, y, batched=batched)
+
+
+def test_an_inner_loss_that_reaches_only_a_closed_over_parameter_is_refused() -> None:
+    w = torch.ones(3, dtype=DT, requires_grad=True)  # the loss depends on w, not on φ
+
+    def wrong(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _sq(w, x, y) + 0 * p.detach().sum()
+
+    with pytest.raises(bilevel.BilevelValueError, match="does not depend on φ"):
+        bilevel.Proximal(wrong, 1.0)(torch.zeros(3, dtype=DT, requires_grad=True), X, Y)
+
+
+def test_the_imaml_cli_refuses_an_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    from applications.imaml import cli
+
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--dataset", "sinusoid", "--meta-steps", "1", "--out", str(f), "--no-progress"])
+    assert info.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "is a file, not a folder" in err[0]
