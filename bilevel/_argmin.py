@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -19,10 +21,11 @@ from ._batching import (
 )
 from ._errors import BilevelTypeError, BilevelValueError
 from ._layer_base import _Layer
+from ._precision import work_dtype
 from ._problem import ClosedBt, RootProblem, task_slice
 from ._result import SolverResult, stack_results
 from ._transforms import any_dual, any_wrapped
-from ._tree import batch_size, is_tree, tree_flatten, tree_map
+from ._tree import batch_size, is_tree, tree_flatten, tree_map, tree_unflatten
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
 
 
@@ -43,6 +46,36 @@ def _scalar_objective(objective: Callable[..., Tensor], name: str) -> Callable[.
         return v
 
     return f
+
+
+def _master_casts(master: torch.dtype | None, dtypes: list[torch.dtype]) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """``(lift, lower)``: floating tensors of any tree to ``master``, and the unknowns back
+    to their own ``dtypes`` (identities when there is no master precision)."""
+    if master is None:
+        return (lambda t: t), (lambda t: t)
+
+    def lift(tree: Any) -> Any:
+        leaves, d = tree_flatten(tree) if is_tree(tree) else ([], None)
+        if d is None:  # a tuple of arguments with static (non-tensor) entries
+            return tuple(lift(a) if is_tree(a) else a for a in tree) if isinstance(tree, tuple) else tree
+        return tree_unflatten(d, [t.to(master) if t.is_floating_point() else t for t in leaves])
+
+    def lower(tree: Any) -> Any:
+        leaves, d = tree_flatten(tree)
+        return tree_unflatten(d, [t.to(dt) for t, dt in zip(leaves, dtypes)])
+
+    return lift, lower
+
+
+def _with_solution(res: Any, x: Any) -> Any:
+    """The solver's result with its solution replaced (a dataclass, an object with ``.x``, or the tree itself)."""
+    if dataclasses.is_dataclass(res) and not isinstance(res, type):
+        return dataclasses.replace(res, x=x)
+    if hasattr(res, "x"):
+        out = copy.copy(res)
+        out.x = x
+        return out
+    return x
 
 
 def _sum_grad(objective: Callable[..., Tensor]) -> Callable[..., Any]:
@@ -84,6 +117,12 @@ class Argmin(_Layer):
         hvp: ``"reverse"`` or ``"forward"`` Hessian-vector products in the backward (see
             :class:`ImplicitLayer`).
         backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
+        solve_dtype: the precision of the inner solve: ``"auto"`` (default) solves
+            float16/bfloat16 unknowns as a float32 problem -- iterate, solver state,
+            tolerance and the objective's inputs; the solution is returned in the unknowns'
+            dtype (a master copy, as in mixed-precision training); ``None`` solves in the
+            inputs' precision; a dtype forces one.  Under ``torch.autocast`` the objective's
+            operations still run in the autocast precision.
 
     Call ``layer(x0, *args, batched=False, in_dims=0)``.  In batched mode the objective is
     still written for one task; it is vmapped over the leading task dimension of ``x0``
@@ -118,8 +157,12 @@ class Argmin(_Layer):
         on_failure: OnFailure = "warn",
         hvp: HvpMode = "reverse",
         backward_dtype: BackwardDtype = "auto",
+        solve_dtype: BackwardDtype = "auto",
     ) -> None:
         super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
+        if not (solve_dtype in ("auto", None) or (isinstance(solve_dtype, torch.dtype) and solve_dtype.is_floating_point)):
+            raise BilevelValueError(f"solve_dtype must be 'auto', None or a floating torch.dtype, got {solve_dtype!r}")
+        self.solve_dtype = solve_dtype
         if not callable(objective):
             raise BilevelTypeError("objective must be callable")
         if solver is None:
@@ -213,6 +256,14 @@ class Argmin(_Layer):
         """The ``(solve, optimality)`` pair of one call.  ``strategy``: None (one task),
         ``"vmap"`` or ``"loop"`` (a batch of tasks)."""
         one, obj = self._objectives(objective, strategy, dims)
+        # The precision policy of the inner solve: half-precision unknowns are solved as a
+        # float32 problem (iterate, optimiser state, tolerance and the objective's inputs),
+        # and the solution comes back in the inputs' dtypes (a master copy, as in mixed-
+        # precision training): a bfloat16 solve stops at bfloat16's tolerance, far from φ*.
+        x_leaves = tree_flatten(x0)[0]
+        master = work_dtype(self.solve_dtype, x_leaves)
+        self.diagnostics.solve_dtype = master
+        lift, lower = _master_casts(master, [t.dtype for t in x_leaves])
         if strategy == "loop":
             optimality_one = _sum_grad(one)
             if damping:
@@ -221,9 +272,9 @@ class Argmin(_Layer):
             def solve_loop(x0_: Any, *a: Any) -> Any:
                 results = []
                 for b in range(batch_size(x0_)):
-                    x0_b = tree_map(lambda t, b=b: t[b], x0_)
-                    results.append(self.solver(one, x0_b, *task_slice(a, dims, b)))
-                xs = [_solution_tree(r) for r in results]
+                    x0_b = tree_map(lambda t, b=b: t[b], lift(x0_))
+                    results.append(self.solver(one, x0_b, *task_slice(lift(a), dims, b)))
+                xs = [lower(_solution_tree(r)) for r in results]
                 x = tree_map(lambda *ls: torch.stack(ls), *xs)
                 if all(isinstance(r, SolverResult) for r in results):
                     return stack_results(results, x)
@@ -234,7 +285,9 @@ class Argmin(_Layer):
                                task_dims=dims, closed_bt=closed_bt, arg_labels=arg_labels)
 
         def solve(x0_: Any, *a: Any) -> Any:
-            return self.solver(obj, x0_, *a, batched=True) if strategy else self.solver(obj, x0_, *a)
+            x0_, a = lift(x0_), lift(a)
+            res = self.solver(obj, x0_, *a, batched=True) if strategy else self.solver(obj, x0_, *a)
+            return _with_solution(res, lower(_solution_tree(res))) if master is not None else res
 
         optimality = _sum_grad(obj)
         if damping:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from ._result import LinearSolveResult, SolverResult
 
 
@@ -37,6 +39,9 @@ class Diagnostics:
         strategy_seconds: the measurement behind an ``"auto"`` choice: seconds of one
             gradient and one Hessian-vector product for all tasks, per strategy (``None``
             when the strategy was given or not measured).
+        solve_dtype: the precision :class:`~bilevel.Argmin` / :class:`~bilevel.Proximal`
+            solved the last call's inner problem in, when not the unknowns' own (``None``):
+            ``torch.float32`` for float16/bfloat16 unknowns with ``solve_dtype="auto"``.
 
     Examples:
         >>> import torch, bilevel
@@ -58,6 +63,7 @@ class Diagnostics:
     backward_call: int | None = None
     strategy: str | None = None
     strategy_seconds: dict[str, float] | None = None
+    solve_dtype: torch.dtype | None = None
 
     def start_call(self) -> int:
         """Number a new call and clear the forward statistics (returns the call's number)."""
@@ -74,6 +80,8 @@ class Diagnostics:
             lines.append(f"forward : {f.status} after {f.iterations} iterations{gn}")
         if self.backward is not None:
             lines.append(f"backward: {self.backward.summary()}")
+        if self.solve_dtype is not None:
+            lines.append(f"precision: the inner problem solved in {str(self.solve_dtype).replace('torch.', '')}")
         if self.strategy is not None:
             how = ""
             if self.strategy_seconds:

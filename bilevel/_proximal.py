@@ -142,6 +142,8 @@ class Proximal(Argmin):
         hvp: ``"reverse"`` or ``"forward"`` Hessian-vector products in the backward (see
             :class:`ImplicitLayer`).
         backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
+        solve_dtype: the precision of the inner solve (see :class:`Argmin`; by default
+            half-precision θ is solved for in float32 and φ* returned in θ's dtype).
 
     Call ``layer(theta, *args, lam=None, batched=False, in_dims=0)``: ``lam`` given per
     call replaces the layer's λ for that call.  Batched (a meta-batch of B tasks in one
@@ -191,8 +193,10 @@ class Proximal(Argmin):
         on_failure: OnFailure = "warn",
         hvp: HvpMode = "reverse",
         backward_dtype: BackwardDtype = "auto",
+        solve_dtype: BackwardDtype = "auto",
     ) -> None:
-        super().__init__(inner_loss, solver, linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
+        super().__init__(inner_loss, solver, linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype,
+                         solve_dtype=solve_dtype)
         if isinstance(lam, (int, float)) and not isinstance(lam, bool):
             if not math.isfinite(lam) or lam <= 0:
                 raise BilevelValueError(f"Proximal: lam must be finite and > 0, got {lam}")
