@@ -3,8 +3,9 @@
 A checkpoint is a plain dict saved with :func:`torch.save` and loadable with
 ``torch.load(..., weights_only=True)`` (no pickled code): meta-parameters, raw λ
 parameters, Adam's state, the step, the full run configuration, the task sampler's
-position and the random-number-generator states (torch CPU and CUDA, numpy's legacy global
-generator, Python's ``random``).  Writing goes to a temporary file in the same folder,
+position, the random-number-generator states (torch CPU and CUDA, numpy's legacy global
+generator, Python's ``random``) and the torchrun launch that wrote it (a restart of that
+launch resumes from it: :mod:`.elastic`).  Writing goes to a temporary file in the same folder,
 flushed and fsynced, then :func:`os.replace` moves it into place, so a crash leaves
 either the previous checkpoint or the new one, never a truncated file.
 """

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from . import plot
 from .algorithms import ALGORITHMS
+from .checkpoint import CHECKPOINT_NAME
 from .config import resolve_config
 from .distributed import setup_from_env, shutdown
+from .elastic import plan_restart, restart_count
 from .evaluate import evaluate_checkpoint
 from .tasks import DATASETS
 from .train import TrainingInterrupted, train
@@ -176,9 +180,7 @@ _TRAIN_KEYS = (
 
 def _resume_config(args: argparse.Namespace) -> dict:
     """With --resume, options not given on the command line come from the checkpoint."""
-    from pathlib import Path
-
-    from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from .checkpoint import load_checkpoint
     from .config import default_out_dir
 
     kw = {k: getattr(args, k) for k in _TRAIN_KEYS}
@@ -218,19 +220,38 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] = prin
 def _train_command(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> int:
     """``train``: meta-train (joining a torchrun process group if there is one), then with
     ``--evaluate`` evaluate the last checkpoint."""
-    kw = _resume_config(args) if args.resume else {k: getattr(args, k) for k in _TRAIN_KEYS}
+    restart = restart_count()  # > 0: torchrun restarted the group after a failure (.elastic)
+    try:
+        kw = _resume_config(args) if args.resume else {k: getattr(args, k) for k in _TRAIN_KEYS}
+    except (ValueError, OSError) as err:
+        if restart:
+            if os.environ.get("RANK", "0") != "0":
+                raise SystemExit(2) from None  # rank 0 says why, in one line
+            raise ValueError(f"torchrun restart {restart}: cannot resume: {err}; stopping") from None
+        raise
     if args.download:
         _download(kw)
     cfg = resolve_config(**kw)
     _set_threads(args.threads, cfg.dataset, cfg.device)
     ctx = setup_from_env(cfg.device)  # torchrun: join the process group (else one process)
+    resume, overwrite = args.resume, args.overwrite
     try:
         if not ctx.is_writer:
             log = _quiet  # rank 0 speaks for the run
+        plan = plan_restart(Path(cfg.out) / CHECKPOINT_NAME, resume=resume, overwrite=overwrite,
+                            checkpoint_every=cfg.checkpoint_every, ctx=ctx)  # None unless torchrun restarted the group
+        if plan is not None:
+            if plan.error is not None:
+                if not ctx.is_writer:
+                    raise SystemExit(2)  # rank 0 says why, in one line
+                raise ValueError(plan.error)
+            resume, overwrite = plan.resume, plan.overwrite
         procs = f", {ctx.world} processes" if ctx.enabled else ""
         log(f"training {cfg.algorithm} on {cfg.dataset} for {cfg.meta_steps} meta-steps "
             f"(meta-batch {cfg.meta_batch}, device {cfg.device}{procs}); outputs in {cfg.out}")
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
+        if plan is not None and plan.message:
+            log(plan.message)
+        summary = train(cfg, resume=resume, overwrite=overwrite,
                         progress=not args.no_progress and ctx.is_writer, log=log, time_limit=args.time_limit,
                         dist_ctx=ctx, time_budget=args.time_budget)
         log(f"trained to step {summary['step']}; checkpoint {summary['checkpoint']}, log {summary['log']}")
@@ -269,8 +290,6 @@ def _set_threads(threads: int | None, dataset: str, device: str) -> None:
 
 
 def _download(kw: dict) -> None:
-    import os
-
     if kw.get("dataset") != "omniglot":
         raise ValueError("--download is only available for Omniglot (Mini-ImageNet has no official download)")
     root = kw.get("data_root") or os.environ.get("BILEVEL_OMNIGLOT")

@@ -9,7 +9,9 @@ all-reduce before the outer Adam step -- the mean of N equal-sized means is the 
 the meta-batch, so the run does not depend on N (up to rounding).  Rank 0 alone writes
 the log, the configuration and the checkpoints; every rank reads the checkpoint on
 ``--resume``.  A rank that fails brings the others down: collectives time out after
-``BILEVEL_DIST_TIMEOUT`` seconds (default 300) instead of hanging forever.
+``BILEVEL_DIST_TIMEOUT`` seconds (default 300) instead of hanging forever; with
+``torchrun --max-restarts=N`` the restarted group resumes from the last checkpoint
+(:mod:`.elastic`).
 """
 
 from __future__ import annotations
@@ -67,7 +69,16 @@ def setup_from_env(device: str) -> DistContext:
     if backend == "nccl":
         torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timeout)
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one key-value store across restarts of the group: each
+            # attempt gets its own keys, else a restarted group reads the dead group's
+            # addresses and fails to connect (PyTorch issue #135712).
+            attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"bilevel/attempt_{attempt}", store), rank=rank,
+                                    world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     if dist.get_world_size() != world:
         raise ValueError(f"the process group has {dist.get_world_size()} processes, WORLD_SIZE says {world}")
     return DistContext(rank=rank, world=world)

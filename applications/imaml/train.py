@@ -3,7 +3,8 @@
 Outputs in ``cfg.out``:
 
 * ``checkpoint.pt`` — written atomically every ``checkpoint_every`` steps and at the end
-  (see :mod:`.checkpoint`); ``--resume`` continues from it exactly;
+  (see :mod:`.checkpoint`); ``--resume`` continues from it exactly, and so does a
+  ``torchrun --max-restarts`` restart of the launch that wrote it (:mod:`.elastic`);
 * ``log.csv`` — one row per meta-step (columns :data:`CSV_COLUMNS`; a resumed run drops
   rows logged after the checkpoint it restarts from, then appends);
 * ``config.json`` — the resolved configuration;
@@ -44,6 +45,7 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .distributed import DistContext, check_in_sync, shard
+from .elastic import fault_step, inject_fault, launch_key
 from .evaluate import evaluate_episodes
 from .health import InnerHealthWatch
 from .learner import build_learner, set_meta_gradients
@@ -89,6 +91,7 @@ class Trainer:
         self.log = log
         self._announced: set[tuple] = set()  # the measured choices already printed
         self.device = torch.device(cfg.device)
+        self._fault_at = fault_step(self.dist.rank)  # a test hook (BILEVEL_FAULT_AT_STEP), normally None
         # One writer per folder (released on exit, however the process ends); then clean up
         # what an interrupted atomic write left behind.  Ranks other than 0 write nothing.
         self.lock = RunLock(self.out) if self.writer else _NoLock()
@@ -161,6 +164,8 @@ class Trainer:
             "rng": capture_rng_state(),
             "best_val": self.best_val,
             "run_id": self.run_id,
+            # The torchrun launch that wrote it: a restart of that launch resumes from it (.elastic).
+            "launch": launch_key(),
             # The measured batching choices: a resumed run makes the same ones (vmap and the
             # per-task loop agree to rounding only, and a new timing can come out the other way).
             "choices": {"layer_strategies": self.learner.layer.strategy_state() if self.learner.layer is not None else {},
@@ -312,6 +317,8 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.meta_steps:
                     self.save()
+                if self.step == self._fault_at:
+                    inject_fault(self.step, self.dist.rank)
                 over_limit = time_limit is not None and time.perf_counter() - t_start > time_limit
                 over_budget = time_budget is not None and self.elapsed >= time_budget
                 if (over_limit or over_budget) and self.step < cfg.meta_steps:
