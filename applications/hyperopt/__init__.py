@@ -1,3 +1,2 @@
-"""Hyperparameter learning by implicit differentiation: per-feature L2 strengths of a
-multinomial logistic regression, learned by gradient descent on the validation loss
-through an external (scipy) inner solver.  Run ``python -m applications.hyperopt``."""
+"""Hyperparameter learning by implicit differentiation: ``python -m applications.hyperopt
+[clean|distill|l2|compare]`` (data hyper-cleaning by default; see :mod:`applications.hyperopt.cli`)."""

@@ -1,4 +1,4 @@
-from .app import main
+from .cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -14,7 +14,8 @@ import torch
 
 pytest.importorskip("sklearn", reason="the hyperparameter application reads scikit-learn's bundled data sets")
 
-from applications.hyperopt import app, external  # noqa: E402
+from applications.hyperopt import external  # noqa: E402
+from applications.hyperopt import l2 as app  # noqa: E402
 from bilevel.testing import check_implicit_grad  # noqa: E402
 
 

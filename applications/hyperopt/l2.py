@@ -1,7 +1,7 @@
 """Learn one L2 strength per feature of a multinomial logistic regression on real data.
 
-    python -m applications.hyperopt                       # digits (its time: docs/applications/hyperopt.md)
-    python -m applications.hyperopt --dataset breast_cancer --outer-steps 40
+    python -m applications.hyperopt l2                       # digits (its time: docs/applications/hyperopt.md)
+    python -m applications.hyperopt l2 --dataset breast_cancer --outer-steps 40
 
 Inner problem (W: d × C weights, b: C biases, ρ: d log-strengths)::
 
@@ -108,7 +108,7 @@ def grid_search(data: dict[str, torch.Tensor], grid: Sequence[float], layer: bil
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m applications.hyperopt", description=(__doc__ or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m applications.hyperopt l2", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--dataset", default="digits", choices=("digits", "breast_cancer"))
     p.add_argument("--outer-steps", type=int, default=60, help="Adam steps on the log-strengths")
     p.add_argument("--outer-lr", type=float, default=0.1)
