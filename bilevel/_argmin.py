@@ -55,9 +55,10 @@ def _master_casts(master: torch.dtype | None, dtypes: list[torch.dtype]) -> tupl
         return (lambda t: t), (lambda t: t)
 
     def lift(tree: Any) -> Any:
-        leaves, d = tree_flatten(tree) if is_tree(tree) else ([], None)
-        if d is None:  # a tuple of arguments with static (non-tensor) entries
-            return tuple(lift(a) if is_tree(a) else a for a in tree) if isinstance(tree, tuple) else tree
+        try:
+            leaves, d = tree_flatten(tree)
+        except TypeError:  # a static (non-tensor) argument, or a tuple of arguments holding one
+            return tuple(lift(a) for a in tree) if isinstance(tree, tuple) else tree
         return tree_unflatten(d, [t.to(master) if t.is_floating_point() else t for t in leaves])
 
     def lower(tree: Any) -> Any:

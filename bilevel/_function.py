@@ -324,7 +324,7 @@ def implicit_apply(
     )
     before = versions(arg_leaves)
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
-    refuse_modified_arguments(name, arg_leaves, before, _leaf_labels(args, layout, problem.arg_labels))
+    refuse_modified_arguments(name, arg_leaves, before, lambda: _leaf_labels(args, layout, problem.arg_labels))
     if torch.is_grad_enabled() and not any(t.requires_grad for t in arg_leaves):
         # Costs one evaluation of F, and only here (grad mode on, no argument requiring
         # grad -- e.g. evaluation outside torch.no_grad()).

@@ -90,14 +90,16 @@ def versions(tensors: Sequence[Tensor]) -> list[int]:
 
 
 def refuse_modified_arguments(name: str, tensors: Sequence[Tensor], before: Sequence[int],
-                              labels: Sequence[str]) -> None:
+                              labels: Callable[[], Sequence[str]]) -> None:
     """Raise if the solve modified an argument in place (its version counter moved).
 
     An objective that writes into its data (``x *= 2``, ``x.clamp_(...)``) changes the
     caller's tensor, and the solution then depends on how often the solver evaluated it.
     """
-    changed = [label for t, v, label in zip(tensors, before, labels) if t._version != v]
-    if changed:
+    moved = [i for i, (t, v) in enumerate(zip(tensors, before)) if t._version != v]
+    if moved:
+        names = labels()  # built only for the message: this check runs on every call
+        changed = [names[i] for i in moved]
         raise BilevelValueError(
             f"{name}: the objective modified {', '.join(changed)} in place during the solve (its version counter "
             "changed): the caller's tensor was changed and the solution depends on the number of evaluations; "
