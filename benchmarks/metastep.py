@@ -49,6 +49,9 @@ Methods (``--methods``, all by default):
 * ``bilevel-compiled`` — ``bilevel`` with ``GradientDescent(compile=True)`` (only when
   named in ``--methods``: it first compiles, in the warm-up rounds, which takes a while;
   ``benchmarks/README.md``).
+* ``bilevel-fullgraph`` — the whole meta-loss (the batched layer and the vmapped query
+  losses) under ``torch.compile(fullgraph=True)``, the traced layer of fixed budgets, then
+  ``torch.autograd.grad`` (only when named: it compiles in the warm-up rounds).
 
 Nets (``--nets``):
 
@@ -134,9 +137,9 @@ SETTINGS = {"5w1s": (5, 1, 15), "20w5s": (20, 5, 5)}  # ways, shots, query image
 NETS = ("paper", "app")
 METHODS = ("bilevel", "bilevel-vmap", "bilevel-loop", "bilevel-outer-per-task", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc", "fomaml", "maml")
 #: Run only when named in --methods: the compiled inner loop compiles first (benchmarks/README.md).
-EXTRA_METHODS = ("bilevel-compiled",)
+EXTRA_METHODS = ("bilevel-compiled", "bilevel-fullgraph")
 IMPLICIT = ("bilevel", "bilevel-vmap", "bilevel-loop", "bilevel-outer-per-task", "bilevel-per-task", "hand-written", "torchopt-cg", "torchopt-doc",
-            "bilevel-compiled")  # same meta-gradient (doc: ≈)
+            "bilevel-compiled", "bilevel-fullgraph")  # same meta-gradient (doc: ≈)
 TORCHOPT = ("torchopt-cg", "torchopt-doc")
 TOL = 1e-3  # bilevel vs hand-written, float32
 NOISY = 1.5  # max/min above this is flagged
@@ -261,6 +264,25 @@ def _bilevel(p: FewShotProblem, batched: Any, compile: bool = False) -> tuple[St
         return picked + "bilevel CG: " + ", ".join(f"{n} ×{names.count(n)}" for n in sorted(set(names)))
 
     return step, info
+
+
+def _bilevel_fullgraph(p: FewShotProblem) -> tuple[Step, Callable[[], str]]:
+    """The whole meta-loss -- the batched layer (vmap) and the query losses -- under
+    ``torch.compile(fullgraph=True)``: with fixed budgets the layer is traced (its 16 GD
+    steps in the forward graph, its CG in the compiled backward; docs/works-with.md)."""
+    layer = make_layer(p.loss, p.lam, p.steps, p.lr, p.cg_steps)
+    th = [p.theta[k] for k in p.names]
+
+    def meta_loss(theta: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        phi = layer(theta, xs, ys, batched=True)
+        return torch.vmap(p.loss)(phi, xq, yq).sum()
+
+    compiled = torch.compile(meta_loss, fullgraph=True)
+
+    def step() -> list[Tensor]:
+        return list(torch.autograd.grad(compiled(p.theta, p.xs, p.ys, p.xq, p.yq), th))
+
+    return step, _no_info
 
 
 def _bilevel_outer_per_task(p: FewShotProblem) -> tuple[Step, Callable[[], str]]:
@@ -524,6 +546,7 @@ BUILDERS: dict[str, Callable[[FewShotProblem], tuple[Step, Callable[[], str]]]] 
     "fomaml": _fomaml,
     "maml": _maml,
     "bilevel-compiled": lambda p: _bilevel(p, True, compile=True),
+    "bilevel-fullgraph": lambda p: _bilevel_fullgraph(p),
 }
 
 

@@ -24,6 +24,7 @@ from ._layer_base import _Layer
 from ._precision import work_dtype
 from ._problem import ClosedBt, RootProblem, task_slice
 from ._result import SolverResult, stack_results
+from ._traced import compile_boundary, tracing, untraceable_linsolve, untraceable_solver
 from ._transforms import any_dual, any_wrapped
 from ._tree import batch_size, is_tree, tree_flatten, tree_map, tree_unflatten
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
@@ -175,6 +176,11 @@ class Argmin(_Layer):
         self.objective = objective
         self.solver = solver
 
+    def _untraceable(self, batched: Any = False) -> str | None:
+        if batched == "loop":
+            return "the per-task loop strategy (batched='loop') keeps one graph of F per task"
+        return untraceable_solver(self.solver) or untraceable_linsolve(self.linsolve)
+
     def _objectives(self, objective: Callable[..., Tensor], strategy: str | None, dims: tuple) -> tuple[Any, Any]:
         """``(one, obj)``: the checked objective of one task and the one the solver gets
         (vmapped over tasks for ``strategy="vmap"``).
@@ -210,6 +216,9 @@ class Argmin(_Layer):
         if getattr(self.solver, "supports_batched", True) is False:
             diag.strategy, diag.strategy_seconds = "loop", None
             return "loop"
+        if tracing():  # a timing cannot be traced, and the traced path runs the vmapped solve
+            diag.strategy, diag.strategy_seconds = "vmap", None
+            return "vmap"
         leaves = [*tree_flatten(x0)[0], *(t for a in args if is_tree(a) for t in tree_flatten(a)[0])]
         if batch_size(x0) < 2 or any_wrapped(leaves) or any_dual(leaves) or any(t.device.type == "meta" for t in leaves):
             diag.strategy, diag.strategy_seconds = "vmap", None
@@ -296,6 +305,7 @@ class Argmin(_Layer):
         return RootProblem(solve, optimality, x0, args, True, strategy is not None, closed_bt=closed_bt,
                            arg_labels=arg_labels)
 
+    @compile_boundary
     def __call__(self, x0: Any, *args: Any, batched: Batched = False, in_dims: InDims = 0) -> Any:
         """Minimise the objective from ``x0`` and return x*, differentiable in ``args``.
 

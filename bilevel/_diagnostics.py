@@ -29,7 +29,8 @@ class Diagnostics:
             ``None`` before the first call).  Per task in batched mode
             (``task_status``, ``task_iterations``, ``grad_norm`` of shape ``(B,)``).
         backward: the linear solve's :class:`~bilevel.LinearSolveResult` with ``x=None``.
-        calls: number of calls of the layer so far.
+        calls: number of eager calls of the layer so far (a call traced into a
+            ``torch.compile`` graph is not counted: a graph cannot count on the host).
         forward_call: the call ``forward`` belongs to (``None``: none yet, or the current
             call has not finished its forward).
         backward_call: the call ``backward`` belongs to.
@@ -42,6 +43,9 @@ class Diagnostics:
         solve_dtype: the precision :class:`~bilevel.Argmin` / :class:`~bilevel.Proximal`
             solved the last call's inner problem in, when not the unknowns' own (``None``):
             ``torch.float32`` for float16/bfloat16 unknowns with ``solve_dtype="auto"``.
+        traced: whether the last call ran inside a ``torch.compile`` graph (the traced
+            path of fixed-budget layers, docs/works-with.md): a graph reads nothing on
+            the host, so ``forward`` and ``backward`` are then left at ``None``.
 
     Examples:
         >>> import torch, bilevel
@@ -64,6 +68,7 @@ class Diagnostics:
     strategy: str | None = None
     strategy_seconds: dict[str, float] | None = None
     solve_dtype: torch.dtype | None = None
+    traced: bool = False
 
     def start_call(self) -> int:
         """Number a new call and clear the forward statistics (returns the call's number)."""
@@ -74,6 +79,8 @@ class Diagnostics:
 
     def __str__(self) -> str:
         lines = []
+        if self.traced:
+            lines.append("traced: the last call ran inside a torch.compile graph (no statuses or statistics)")
         if self.forward is not None:
             f = self.forward
             gn = "" if f.grad_norm is None else f", gradient norm {_fmt(f.grad_norm)}"

@@ -40,6 +40,7 @@ from ._guards import (
 from ._precision import autocast_off, cast, work_dtype
 from ._problem import ClosedBt, RootProblem, task_slice
 from ._result import LinearSolveResult, Status, report
+from ._traced import traced_apply, tracing
 from ._transforms import any_wrapped
 from ._tree import TreeDef, batch_size, tree_flatten, tree_unflatten
 from ._types import HvpMode, OnFailure
@@ -269,7 +270,6 @@ class _ImplicitFunction(torch.autograd.Function):
 _once_differentiable_backward = once_differentiable(_ImplicitFunction._backward)
 
 
-@eager_only
 def implicit_apply(
     problem: RootProblem,
     *,
@@ -279,31 +279,54 @@ def implicit_apply(
     name: str,
     hvp: HvpMode = "reverse",
     backward_dtype: Any = "auto",
+    untraceable: str | None = "its solve is user code",
 ) -> Any:
     """Run ``problem.solve`` and return its solution, differentiable w.r.t. the tensor trees
     in ``problem.args``.
 
     The configuration was validated once, by the layer that built ``problem``.  With
     ``task_optimality`` and ``task_dims`` (batched only), the backward works task by task
-    (the ``batched="loop"`` strategy).
+    (the ``batched="loop"`` strategy).  While ``torch.compile`` traces the call, a layer
+    whose solver and linear solver run fixed budgets (``untraceable`` is ``None``: the
+    layer vouches for its solve) takes the traced path (:mod:`bilevel._traced`); any other
+    runs eagerly, one clean graph break.
     """
-    x0, args, batched = problem.x0, problem.args, problem.batched
-    x_leaves, x_def = flatten_checked(x0, name, "the initial point")
-    arg_leaves, layout = _pack_args(args)
-    refuse_inference_mode(name, [*x_leaves, *arg_leaves])
+
+    def spec(x_def: TreeDef, x_leaves: list[Tensor], layout: list[tuple], call_id: int | None = None) -> CallSpec:
+        return _call_spec(problem, x_def, x_leaves, layout, linsolve, diagnostics, on_failure, hvp, name,
+                          backward_dtype, call_id)
+
+    if tracing() and untraceable is None and problem.task_optimality is None:
+        x_leaves, x_def, arg_leaves, layout = _flat_inputs(problem, name)
+        # Call 0: counting calls would read an int on the layer, which dynamo guards on
+        # (a recompilation per call).
+        return tree_unflatten(x_def, list(traced_apply(spec(x_def, x_leaves, layout, 0), x_leaves, arg_leaves)))
+    return _eager_apply(problem, name, diagnostics, spec)
+
+
+def _flat_inputs(problem: RootProblem, name: str, eager: bool = False) -> tuple[list[Tensor], TreeDef, list[Tensor], list[tuple]]:
+    """The initial point's leaves and tree, the arguments' leaves and layout, checked (the
+    checks read shapes and dtypes only: the traced path runs them too; inference mode,
+    eager only, first)."""
+    x_leaves, x_def = flatten_checked(problem.x0, name, "the initial point")
+    arg_leaves, layout = _pack_args(problem.args)
+    if eager:
+        refuse_inference_mode(name, [*x_leaves, *arg_leaves])
     if not x_leaves:
         raise BilevelValueError(f"{name}: the initial point is an empty tree")
     for leaf in x_leaves:
         if not leaf.dtype.is_floating_point:
             raise BilevelTypeError(f"{name}: the unknowns must be floating-point tensors, got {leaf.dtype}")
-    if batched:
-        batch_size(x0)
-    if any(t.device.type == "meta" for t in (*x_leaves, *arg_leaves)):
-        # A shape-only run (e.g. a model built on the meta device): no solver can run on
-        # values that do not exist; the solution has the initial point's shapes and dtypes.
-        # No gradient flows (there is nothing to differentiate), and no diagnostics.
-        return tree_unflatten(x_def, [torch.empty_like(t, device="meta") for t in x_leaves])
-    spec = CallSpec(
+    if problem.batched:
+        batch_size(problem.x0)
+    return x_leaves, x_def, arg_leaves, layout
+
+
+def _call_spec(problem: RootProblem, x_def: TreeDef, x_leaves: list[Tensor], layout: list[tuple], linsolve: Any,
+               diagnostics: Diagnostics, on_failure: OnFailure, hvp: HvpMode, name: str, backward_dtype: Any,
+               call_id: int | None = None) -> CallSpec:
+    batched = problem.batched
+    return CallSpec(
         solve=problem.solve,
         optimality=problem.optimality,
         x_def=x_def,
@@ -319,9 +342,23 @@ def implicit_apply(
         task_optimality=problem.task_optimality if batched else None,
         task_dims=problem.task_dims if batched else None,
         closed_bt=problem.closed_bt,
-        call_id=diagnostics.start_call(),
+        call_id=diagnostics.start_call() if call_id is None else call_id,
         backward_dtype=backward_dtype,
     )
+
+
+@eager_only
+def _eager_apply(problem: RootProblem, name: str, diagnostics: Diagnostics, make_spec: Callable[..., CallSpec]) -> Any:
+    """:func:`implicit_apply`'s eager path: every check, statistics in the diagnostics."""
+    diagnostics.traced = False
+    args = problem.args
+    x_leaves, x_def, arg_leaves, layout = _flat_inputs(problem, name, eager=True)
+    if any(t.device.type == "meta" for t in (*x_leaves, *arg_leaves)):
+        # A shape-only run (e.g. a model built on the meta device): no solver can run on
+        # values that do not exist; the solution has the initial point's shapes and dtypes.
+        # No gradient flows (there is nothing to differentiate), and no diagnostics.
+        return tree_unflatten(x_def, [torch.empty_like(t, device="meta") for t in x_leaves])
+    spec = make_spec(x_def, x_leaves, layout)
     before = versions(arg_leaves)
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
     refuse_modified_arguments(name, arg_leaves, before, lambda: _leaf_labels(args, layout, problem.arg_labels))

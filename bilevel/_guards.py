@@ -286,13 +286,14 @@ def first_order_only(name: str, out: tuple[Tensor | None, ...], anchors: list[Te
     return tuple(res)
 
 
-#: What ``torch.compile(..., fullgraph=True)`` says when it meets a layer (torch >= 2.8
-#: shows a ``torch.compiler.disable`` reason; older versions their generic message).
+#: What ``torch.compile(..., fullgraph=True)`` says when it meets a layer it cannot trace
+#: (torch >= 2.8 shows a ``torch.compiler.disable`` reason; older versions their generic message).
 EAGER_REASON = (
-    "a bilevel implicit layer runs eagerly between compiled graphs: its black-box inner solver and the "
-    "backward's linear solve have host-side control flow and torch.func internals that dynamo does not trace. "
-    "Compile with fullgraph=False (one graph break at the layer; the code before and after it is compiled), "
-    "or compile the functions the layer calls (the inner loss, a model) instead of the whole step"
+    "a bilevel implicit layer runs eagerly between compiled graphs unless it is traceable: an inner solver or a "
+    "backward linear solver that iterates to a tolerance (or a user-written solve) reads values on the host. "
+    "For a traced layer give both fixed budgets -- Argmin/Proximal with GradientDescent or Adam(steps=K) and "
+    "CG, MINRES, Neumann or Broyden(steps=m). Otherwise compile with fullgraph=False (one graph break at the layer; the "
+    "code before and after it is compiled), or compile the functions the layer calls (the inner loss, a model)"
 )
 
 

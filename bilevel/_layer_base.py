@@ -11,6 +11,7 @@ from ._diagnostics import Diagnostics
 from ._errors import BilevelTypeError, BilevelValueError
 from ._function import HVP_MODES, ON_FAILURE, implicit_apply
 from ._problem import RootProblem
+from ._traced import compile_boundary
 from ._types import BackwardDtype, HvpMode, OnFailure
 
 
@@ -64,7 +65,14 @@ class _Layer:
             hvp=self.hvp,
             backward_dtype=self.backward_dtype,
             name=self._name,
+            untraceable=self._untraceable(problem.batched),
         )
+
+    def _untraceable(self, batched: Any = False) -> str | None:
+        """Why ``torch.compile`` cannot trace a call with this ``batched`` (``None``: it can;
+        see :mod:`bilevel._traced`).  A user-written solve may read values on the host: it
+        keeps the eager path."""
+        return "its solve is user code (ImplicitLayer, FixedPoint, custom_root), which may read values on the host"
 
 
 class ImplicitLayer(_Layer, abc.ABC):
@@ -144,6 +152,7 @@ class ImplicitLayer(_Layer, abc.ABC):
     def optimality(self, x: Any, *args: Any) -> Any:
         """Differentiable residual, zero at the solution, shaped like ``x``."""
 
+    @compile_boundary
     def __call__(self, x0: Any, *args: Any, batched: bool = False) -> Any:
         """Solve and return x*, differentiable w.r.t. the tensors in ``args``.
 

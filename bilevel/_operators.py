@@ -185,11 +185,15 @@ def eager_operators(spec: CallSpec, x_leaves: list[Tensor], arg_leaves: Sequence
     return Operators(a_t=a_t, bt=bt, a_t_blocks=blocks)
 
 
-def functional_operators(spec: CallSpec, x_leaves: list[Tensor], arg_leaves: list[Tensor]) -> Operators:
+def functional_operators(spec: CallSpec, x_leaves: list[Tensor], arg_leaves: list[Tensor],
+                         need: Sequence[bool] | None = None) -> Operators:
     """All four products with ``torch.func.vjp`` only (inside transforms, and forward mode).
 
     ``A u`` and ``B t`` are VJPs of the linear maps ``w ↦ Aᵀw`` and ``w ↦ Bᵀw`` (at zero,
-    with cotangent ``u`` or ``t``); they are built at first use.
+    with cotangent ``u`` or ``t``); they are built at first use.  With ``need`` (one flag
+    per argument leaf), ``Bᵀw`` differentiates only the flagged leaves (``None`` for the
+    others): the traced path's backward, where a VJP in an integer leaf (labels) cannot
+    be traced.
     """
 
     def F_x(*xl: Tensor) -> list[Tensor]:
@@ -199,22 +203,40 @@ def functional_operators(spec: CallSpec, x_leaves: list[Tensor], arg_leaves: lis
         return tree_flatten(spec.optimality(tree_unflatten(spec.x_def, x_leaves), *spec.unpack(list(a))))[0]
 
     vjp_x = torch.func.vjp(F_x, *x_leaves)[1]
+    # Built at first use and kept (a dict, not functools.cache: dynamo traces this in the
+    # traced path's backward, bilevel/_traced.py, and cannot trace an lru_cache wrapper).
+    memo: dict[str, Any] = {}
 
-    @functools.cache
     def args_map() -> tuple[list[Tensor], Callable[..., Any]]:
-        F0, vjp_args = torch.func.vjp(F_args, *arg_leaves)[:2]
-        return F0, vjp_args
+        if "args" not in memo:
+            memo["args"] = torch.func.vjp(F_args, *arg_leaves)[:2]
+        return memo["args"]
 
     def a_t(u: Any) -> Any:
         return tree_unflatten(spec.x_def, list(vjp_x(tree_flatten(u)[0])))
 
     def bt(w: list[Tensor]) -> list[Tensor | None]:
-        return list(args_map()[1](list(w)))
+        if need is None:
+            return list(args_map()[1](list(w)))
+        idx = [i for i, n in enumerate(need) if n]
 
-    @functools.cache
+        def F_needed(*a: Tensor) -> list[Tensor]:
+            leaves = list(arg_leaves)
+            for i, t in zip(idx, a):
+                leaves[i] = t
+            return F_args(*leaves)
+
+        gs = torch.func.vjp(F_needed, *[arg_leaves[i] for i in idx])[1](list(w))
+        out: list[Tensor | None] = [None] * len(arg_leaves)
+        for i, g in zip(idx, gs):
+            out[i] = g
+        return out
+
     def a_map() -> Callable[..., Any]:
-        zeros = [torch.zeros_like(f) for f in args_map()[0]]
-        return torch.func.vjp(lambda *w: vjp_x(list(w)), *zeros)[1]
+        if "a" not in memo:
+            zeros = [torch.zeros_like(f) for f in args_map()[0]]
+            memo["a"] = torch.func.vjp(lambda *w: vjp_x(list(w)), *zeros)[1]
+        return memo["a"]
 
     def a(u: Any) -> Any:
         if spec.symmetric:

@@ -14,6 +14,7 @@ from ._batching import InDims, arg_dims, strategy_of, task_count
 from ._errors import BilevelTypeError, BilevelValueError
 from ._guards import eager_only, flatten_checked, refuse_inference_mode
 from ._problem import ClosedBt, task_slice
+from ._traced import compile_boundary, tracing
 from ._transforms import any_wrapped
 from ._tree import is_tree, tree_flatten, tree_map
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
@@ -230,6 +231,7 @@ class Proximal(Argmin):
             self.__dict__["_proximal_cache"] = cached
         return cached[1]
 
+    @compile_boundary
     def __call__(  # type: ignore[override]
         self,
         theta: Any,
@@ -270,7 +272,8 @@ class Proximal(Argmin):
             # A copy: a solver that updates its initial point in place must not touch θ.
             x0 = tree_map(lambda t: t.detach().clone(), theta)
             self.diagnostics.strategy, self.diagnostics.strategy_seconds = None, None
-        if not self.__dict__.get("_inner_loss_checked"):
+        # Not while dynamo traces (the check reads a gradient on the host): the first eager call checks.
+        if not self.__dict__.get("_inner_loss_checked") and not tracing():
             _check_inner_loss(self, theta, args, dims[2:] if strategy else None, name)
         scalar_lam = isinstance(lam_t, Tensor) and lam_t.dim() == 0
         closed = proximal_closed_bt(len(tree_flatten(theta)[0]), scalar_lam, strategy is not None)

@@ -13,6 +13,7 @@ from ._batching import InDims, arg_dims
 from ._errors import BilevelTypeError
 from ._layer_base import ImplicitLayer, _Layer
 from ._problem import RootProblem
+from ._traced import compile_boundary
 from ._tree import tree_map
 from ._types import BackwardDtype, HvpMode, OnFailure
 
@@ -66,6 +67,7 @@ class FixedPoint(_Layer):
         self.fn = fn
         self.solver = solver
 
+    @compile_boundary
     def __call__(self, x0: Any, *args: Any, batched: bool = False, in_dims: InDims = 0) -> Any:
         """Solve ``x = fn(x, *args)`` from ``x0`` and return x*, differentiable in ``args``.
 
@@ -117,6 +119,7 @@ class _CustomRoot(_Layer):
     def _name(self) -> str:
         return getattr(self._solve_fn, "__name__", "custom_root")
 
+    @compile_boundary
     def __call__(self, x0: Any, *args: Any, batched: bool = False) -> Any:
         return self._apply(RootProblem(self._solve_fn, self._optimality_fn, x0, args, self.symmetric, batched))
 

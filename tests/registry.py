@@ -70,6 +70,8 @@ TAGS: dict[str, str] = {
     "tolerance": "runs to rtol/atol (or the method's own test); maxiter is a cap",
     "lean": "GradientDescent/Adam's lean fixed-step loop (steps=, monitor=False)",
     "transforms": "linear: callable under torch.func.vmap/jacrev (a fixed budget, or a device_loop)",
+    "traceable": "torch.compile traces it into a graph (a layer's traced path): GradientDescent/Adam with steps= and "
+    "no check_minimum; a device_loop linear solver with steps= and no preconditioner",
     # -- choices of the test suite --
     "compile": "run compiled (compile=True) by tests/solvers/test_solvers_compile.py",
 }
@@ -143,6 +145,9 @@ def _derived(solver: Any, kind: str) -> set[str]:
         tags.add("lean")
     if kind == LINEAR and (fixed or "device_loop" in CAPABILITIES[cls]):
         tags.add("transforms")
+    if fixed and (cls in (GradientDescent, Adam) and not solver.check_minimum
+                  or kind == LINEAR and "device_loop" in CAPABILITIES[cls] and getattr(solver, "preconditioner", None) is None):
+        tags.add("traceable")
     return tags
 
 

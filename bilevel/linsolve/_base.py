@@ -14,6 +14,7 @@ from torch import Tensor
 from .._errors import BilevelTypeError, BilevelValueError, UnsupportedError
 from .._iterate import Tally, Verifier
 from .._result import LinearSolveResult, Status, overall_status, result_from_codes
+from .._traced import tracing
 from .._transforms import is_vmapped
 from .._tree import (
     default_tol,
@@ -140,6 +141,14 @@ class LinearSolver(abc.ABC):  # noqa: B024 (abstract: subclasses implement _solv
         return self.steps is not None
 
     @property
+    def traceable(self) -> bool:
+        """Whether ``torch.compile`` can trace a solve into a graph: a fixed budget
+        (``steps``) on a loop with no host-side control flow besides the stopping test
+        (CG, MINRES, Neumann, Broyden); a layer's backward then runs in the graph
+        (docs/works-with.md)."""
+        return self.steps is not None and self.vmap_tolerance
+
+    @property
     def _syncless(self) -> bool:
         """Run the driver without its stopping test: a fixed budget, or any solve under vmap."""
         return self.steps is not None or _UNDER_VMAP.get() is not None
@@ -183,18 +192,21 @@ class LinearSolver(abc.ABC):  # noqa: B024 (abstract: subclasses implement _solv
                 and convergence.  ``matvec`` must be block-diagonal over tasks.
         """
         check_rhs(b, batched)
-        if any(is_vmapped(t) for t in tree_flatten(b)[0]):
+        # Dynamo tracing a fixed budget (a layer's traced path): nothing may be read on the
+        # host either, so the solve runs as under vmap.
+        traced = self.traceable and tracing()
+        if traced or any(is_vmapped(t) for t in tree_flatten(b)[0]):
             if self.steps is None and not self.vmap_tolerance:
                 raise UnsupportedError(
                     f"{type(self).__name__}: a solve to a tolerance under torch.func.vmap (jacrev, jacfwd, vmap of grad) "
                     f"needs a loop without data-dependent host control: use {type(self).__name__}(steps=m), or CG, "
                     "MINRES or Neumann, which run all their maxiter iterations there"
                 )
+            if traced:  # dynamo cannot trace a ContextVar: finish() asks tracing() itself
+                return self._solve_syncless(matvec, b, x0, batched)
             token = _UNDER_VMAP.set("fixed" if self.steps is not None else "tolerance")
             try:
-                atol = torch.as_tensor(self.atol, dtype=tree_dtype(b))
-                res = self._solve(matvec, b, x0, batched, atol)
-                return dataclasses.replace(res, iterations=self._maxiter(b, batched))
+                return self._solve_syncless(matvec, b, x0, batched)
             finally:
                 _UNDER_VMAP.reset(token)
         scale = tree_amax(b, batched)
@@ -212,6 +224,12 @@ class LinearSolver(abc.ABC):  # noqa: B024 (abstract: subclasses implement _solv
         x = tree_scale(s, res.x, batched)
         rnorm = torch.where(bad, torch.full_like(s, float("nan")), res.residual_norm * s.reshape(res.residual_norm.shape))
         return nonfinite_tasks(dataclasses.replace(res, x=x, residual_norm=rnorm), bad, batched)
+
+    def _solve_syncless(self, matvec: MatVec, b: Any, x0: Any, batched: bool) -> LinearSolveResult:
+        """The solve under vmap or while dynamo traces: unscaled, every iteration, nothing read on the host."""
+        atol = torch.as_tensor(self.atol, dtype=tree_dtype(b))
+        res = self._solve(matvec, b, x0, batched, atol)
+        return dataclasses.replace(res, iterations=self._maxiter(b, batched))
 
     def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
         """The algorithm, on a right-hand side scaled to ``max |b|`` in [1/2, 1) per task (or 0).
@@ -261,7 +279,8 @@ def check_rhs(b: Any, batched: bool) -> None:
 
 def finish(x: Any, rnorm: Tensor, tally: Tally, default: Status, batched: bool) -> LinearSolveResult:
     """Build a :class:`LinearSolveResult` from the driver's tally (one host sync)."""
-    mode = _UNDER_VMAP.get()
+    # While dynamo traces a fixed budget (its default status is COMPLETED): as under vmap.
+    mode = "fixed" if default is Status.COMPLETED and tracing() else _UNDER_VMAP.get()
     if mode is not None:  # nothing can be read on the host
         if mode == "tolerance":
             # No status can be reported from inside vmap: a slice that did not reach the

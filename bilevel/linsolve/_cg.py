@@ -67,6 +67,12 @@ class CG(LinearSolver):
         if self.preconditioner is not None and not callable(self.preconditioner):
             raise BilevelTypeError("CG: preconditioner must be a callable r -> M^{-1} r")
 
+    @property
+    def traceable(self) -> bool:
+        """A fixed budget without a preconditioner (whose first output is checked on the host)."""
+        # Not ``super().traceable``: torch 2.13's dynamo evaluates that to true for any CG.
+        return self.steps is not None and self.preconditioner is None
+
     def _solve(self, matvec: MatVec, b: Any, x0: Any, batched: bool, atol: Tensor) -> LinearSolveResult:
         precond = self.preconditioner or (lambda r: r)
         if self.preconditioner is not None:

@@ -96,6 +96,11 @@ class Adam(BudgetedSolver):
         check_bool(name, "check_minimum", self.check_minimum)
         check_compile(name, self.compile, self.rtol is not None or self.atol > 0)
 
+    @property
+    def traceable(self) -> bool:
+        """A fixed budget without ``check_minimum`` (a Lanczos test read on the host) traces."""
+        return self.maxiter is None and not self.check_minimum
+
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         res = self._run(objective, x0, *args, batched=batched)
         return with_minimum_check(res, objective, args, batched) if self.check_minimum else res

@@ -64,6 +64,13 @@ class Solver(abc.ABC):
     def __call__(self, objective: Objective, x0: Any, *args: Any, batched: bool = False) -> SolverResult:
         """Minimise ``objective(x, *args)`` starting from ``x0`` (a tensor tree)."""
 
+    @property
+    def traceable(self) -> bool:
+        """Whether ``torch.compile`` can trace a solve into a graph: no value is read on the
+        host (a fixed budget, no tolerance test); a layer then takes the traced path
+        (docs/works-with.md).  ``False`` unless a solver says otherwise."""
+        return False
+
     def _check_batched(self, batched: bool) -> None:
         if batched and not self.supports_batched:
             raise UnsupportedError(f"{type(self).__name__} does not support batched (multi-task) solves")

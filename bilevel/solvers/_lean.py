@@ -14,6 +14,7 @@ from .._autodiff import (
     value_and_grad_leaves,
 )
 from .._result import SolverResult, Status, code, result_from_codes
+from .._traced import tracing
 from .._tree import tree_flatten, tree_norm, tree_unflatten
 
 Health = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -79,7 +80,10 @@ class LeanLoop:
     """
 
     def __init__(self, x: Any, args: tuple, health: bool = False, batched: bool = False) -> None:
-        self.transform = inside_transform(x, args)  # once per solve, not per step
+        # torch.func primitives inside a transform and while dynamo traces (it does not
+        # trace torch.autograd.grad); checked once per solve, not per step.
+        self.tracing = tracing()
+        self.transform = self.tracing or inside_transform(x, args)
         self.fsum: Tensor | None = None
         self.n_eval = 0
         self.health: Health | None = health_start(x, batched) if health else None
@@ -99,7 +103,12 @@ class LeanLoop:
         return gl
 
     def failed(self, x: Any) -> bool:
-        """Whether a value, the last gradient norm or the returned iterate is non-finite (the one host sync)."""
+        """Whether a value, the last gradient norm or the returned iterate is non-finite (the one host sync).
+
+        Never while dynamo traces: a graph cannot branch on a value, and a NaN/Inf then
+        propagates into the returned point instead of being named (:mod:`bilevel._traced`)."""
+        if self.tracing:
+            return False
         checks = [torch.isfinite(t).all() for t in tree_flatten(x)[0]]
         if self.fsum is not None:
             checks.append(torch.isfinite(self.fsum).all())
@@ -112,9 +121,14 @@ class LeanLoop:
         leaves = tree_flatten(x)[0]
         n = leaves[0].shape[0] if batched else 1
         iters = torch.full((n,), steps, dtype=torch.long, device=leaves[0].device)
+        stats: dict[str, Any] = {"n_fun": self.n_eval, "n_grad": self.n_eval}
+        if self.health is not None:
+            f, gn, gn0, mono, desc = self.health
+            stats.update(grad_norm=gn, value=f, grad_norm_initial=gn0, grad_norm_monotone=mono, value_monotone=desc)
+        if self.tracing:  # every task COMPLETED, known without reading a value (a graph cannot)
+            if batched:
+                return SolverResult(x=x, status=Status.COMPLETED, iterations=steps, task_status=(Status.COMPLETED,) * n,
+                                    task_iterations=iters, **stats)
+            return SolverResult(x=x, status=Status.COMPLETED, iterations=steps, **stats)
         codes = torch.full((n,), code(Status.COMPLETED), dtype=torch.long, device=leaves[0].device)
-        if self.health is None:
-            return result_from_codes(SolverResult, x, codes, iters, batched, n_fun=self.n_eval, n_grad=self.n_eval)
-        f, gn, gn0, mono, desc = self.health
-        return result_from_codes(SolverResult, x, codes, iters, batched, grad_norm=gn, value=f, n_fun=self.n_eval,
-                                 n_grad=self.n_eval, grad_norm_initial=gn0, grad_norm_monotone=mono, value_monotone=desc)
+        return result_from_codes(SolverResult, x, codes, iters, batched, **stats)
