@@ -279,7 +279,7 @@ def implicit_apply(
     name: str,
     hvp: HvpMode = "reverse",
     backward_dtype: Any = "auto",
-    untraceable: str | None = "its solve is user code",
+    traceable: bool = False,
 ) -> Any:
     """Run ``problem.solve`` and return its solution, differentiable w.r.t. the tensor trees
     in ``problem.args``.
@@ -287,8 +287,8 @@ def implicit_apply(
     The configuration was validated once, by the layer that built ``problem``.  With
     ``task_optimality`` and ``task_dims`` (batched only), the backward works task by task
     (the ``batched="loop"`` strategy).  While ``torch.compile`` traces the call, a layer
-    whose solver and linear solver run fixed budgets (``untraceable`` is ``None``: the
-    layer vouches for its solve) takes the traced path (:mod:`bilevel._traced`); any other
+    whose solver and linear solver run fixed budgets (``traceable``: the layer vouches for
+    its solve) takes the traced path (:mod:`bilevel._traced`); any other
     runs eagerly, one clean graph break.
     """
 
@@ -296,7 +296,7 @@ def implicit_apply(
         return _call_spec(problem, x_def, x_leaves, layout, linsolve, diagnostics, on_failure, hvp, name,
                           backward_dtype, call_id)
 
-    if tracing() and untraceable is None and problem.task_optimality is None:
+    if traceable and tracing() and problem.task_optimality is None:
         x_leaves, x_def, arg_leaves, layout = _flat_inputs(problem, name)
         # Call 0: counting calls would read an int on the layer, which dynamo guards on
         # (a recompilation per call).

@@ -11,7 +11,7 @@ from ._diagnostics import Diagnostics
 from ._errors import BilevelTypeError, BilevelValueError
 from ._function import HVP_MODES, ON_FAILURE, implicit_apply
 from ._problem import RootProblem
-from ._traced import compile_boundary
+from ._traced import compile_boundary, tracing
 from ._types import BackwardDtype, HvpMode, OnFailure
 
 
@@ -65,7 +65,8 @@ class _Layer:
             hvp=self.hvp,
             backward_dtype=self.backward_dtype,
             name=self._name,
-            untraceable=self._untraceable(problem.batched),
+            # Asked only while dynamo traces: an eager call (the hot path) skips the question.
+            traceable=tracing() and self._untraceable(problem.batched) is None,
         )
 
     def _untraceable(self, batched: Any = False) -> str | None:
