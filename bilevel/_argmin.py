@@ -21,12 +21,12 @@ from ._batching import (
 )
 from ._errors import BilevelTypeError, BilevelValueError
 from ._layer_base import _Layer
-from ._precision import work_dtype
+from ._precision import check_dtype_policy, master_casts, work_dtype
 from ._problem import ClosedBt, RootProblem, task_slice
 from ._result import SolverResult, stack_results
 from ._traced import compile_boundary, tracing, untraceable_linsolve, untraceable_solver
 from ._transforms import any_dual, any_wrapped
-from ._tree import batch_size, is_tree, tree_flatten, tree_map, tree_unflatten
+from ._tree import batch_size, is_tree, tree_flatten, tree_map
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
 
 
@@ -47,26 +47,6 @@ def _scalar_objective(objective: Callable[..., Tensor], name: str) -> Callable[.
         return v
 
     return f
-
-
-def _master_casts(master: torch.dtype | None, dtypes: list[torch.dtype]) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """``(lift, lower)``: floating tensors of any tree to ``master``, and the unknowns back
-    to their own ``dtypes`` (identities when there is no master precision)."""
-    if master is None:
-        return (lambda t: t), (lambda t: t)
-
-    def lift(tree: Any) -> Any:
-        try:
-            leaves, d = tree_flatten(tree)
-        except TypeError:  # a static (non-tensor) argument, or a tuple of arguments holding one
-            return tuple(lift(a) for a in tree) if isinstance(tree, tuple) else tree
-        return tree_unflatten(d, [t.to(master) if t.is_floating_point() else t for t in leaves])
-
-    def lower(tree: Any) -> Any:
-        leaves, d = tree_flatten(tree)
-        return tree_unflatten(d, [t.to(dt) for t, dt in zip(leaves, dtypes)])
-
-    return lift, lower
 
 
 def _with_solution(res: Any, x: Any) -> Any:
@@ -162,9 +142,7 @@ class Argmin(_Layer):
         solve_dtype: BackwardDtype = "auto",
     ) -> None:
         super().__init__(linsolve, on_failure=on_failure, hvp=hvp, backward_dtype=backward_dtype)
-        if not (solve_dtype in ("auto", None) or (isinstance(solve_dtype, torch.dtype) and solve_dtype.is_floating_point)):
-            raise BilevelValueError(f"solve_dtype must be 'auto', None or a floating torch.dtype, got {solve_dtype!r}")
-        self.solve_dtype = solve_dtype
+        self.solve_dtype = check_dtype_policy("solve_dtype", solve_dtype)
         if not callable(objective):
             raise BilevelTypeError("objective must be callable")
         if solver is None:
@@ -273,7 +251,7 @@ class Argmin(_Layer):
         x_leaves = tree_flatten(x0)[0]
         master = work_dtype(self.solve_dtype, x_leaves)
         self.diagnostics.solve_dtype = master
-        lift, lower = _master_casts(master, [t.dtype for t in x_leaves])
+        lift, lower = master_casts(master, [t.dtype for t in x_leaves])
         if strategy == "loop":
             optimality_one = _sum_grad(one)
             if damping:

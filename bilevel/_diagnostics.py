@@ -40,8 +40,8 @@ class Diagnostics:
         strategy_seconds: the measurement behind an ``"auto"`` choice: seconds of one
             gradient and one Hessian-vector product for all tasks, per strategy (``None``
             when the strategy was given or not measured).
-        solve_dtype: the precision :class:`~bilevel.Argmin` / :class:`~bilevel.Proximal`
-            solved the last call's inner problem in, when not the unknowns' own (``None``):
+        solve_dtype: the precision :class:`~bilevel.Argmin`, :class:`~bilevel.Proximal`
+            or :class:`~bilevel.FixedPoint` solved the last call's inner problem in, when not the unknowns' own (``None``):
             ``torch.float32`` for float16/bfloat16 unknowns with ``solve_dtype="auto"``.
         traced: whether the last call ran inside a ``torch.compile`` graph (the traced
             path of fixed-budget layers, docs/works-with.md): a graph reads nothing on

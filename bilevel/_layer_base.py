@@ -5,11 +5,10 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
-import torch
-
 from ._diagnostics import Diagnostics
 from ._errors import BilevelTypeError, BilevelValueError
 from ._function import HVP_MODES, ON_FAILURE, implicit_apply
+from ._precision import check_dtype_policy
 from ._problem import RootProblem
 from ._traced import compile_boundary, tracing
 from ._types import BackwardDtype, HvpMode, OnFailure
@@ -46,9 +45,7 @@ class _Layer:
         if hvp not in HVP_MODES:
             raise BilevelValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         self.hvp: HvpMode = hvp
-        if not (backward_dtype in ("auto", None) or (isinstance(backward_dtype, torch.dtype) and backward_dtype.is_floating_point)):
-            raise BilevelValueError(f"backward_dtype must be 'auto', None or a floating torch.dtype, got {backward_dtype!r}")
-        self.backward_dtype = backward_dtype
+        self.backward_dtype = check_dtype_policy("backward_dtype", backward_dtype)
         self.diagnostics = Diagnostics()
 
     @property

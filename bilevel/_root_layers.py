@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 
-from ._argmin import Argmin
+from ._argmin import Argmin, _solution_tree, _with_solution
 from ._batching import InDims, arg_dims
 from ._errors import BilevelTypeError
 from ._layer_base import ImplicitLayer, _Layer
+from ._precision import check_dtype_policy, master_casts, work_dtype
 from ._problem import RootProblem
 from ._traced import compile_boundary
-from ._tree import tree_map
+from ._tree import tree_flatten, tree_map
 from ._types import BackwardDtype, HvpMode, OnFailure
 
 
@@ -34,6 +35,10 @@ class FixedPoint(_Layer):
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence (see
             :class:`ImplicitLayer`).
         backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
+        solve_dtype: the precision of the forward solve, as for :class:`Argmin`:
+            ``"auto"`` (default) iterates float16/bfloat16 unknowns in float32 -- iterate,
+            solver state, tolerance and ``fn``'s inputs -- and returns x* in the unknowns'
+            dtype; ``None`` iterates in the inputs' precision; a dtype forces one.
 
     Call ``layer(x0, *args, batched=False, in_dims=0)``.
 
@@ -55,9 +60,10 @@ class FixedPoint(_Layer):
 
     def __init__(
         self, fn: Callable[..., Any], solver: Any = None, linsolve: Any = None, *, on_failure: OnFailure = "warn",
-        backward_dtype: BackwardDtype = "auto",
+        backward_dtype: BackwardDtype = "auto", solve_dtype: BackwardDtype = "auto",
     ) -> None:
         super().__init__(linsolve, on_failure=on_failure, backward_dtype=backward_dtype)
+        self.solve_dtype = check_dtype_policy("solve_dtype", solve_dtype)
         if not callable(fn):
             raise BilevelTypeError("fn must be callable")
         if solver is None:
@@ -86,8 +92,17 @@ class FixedPoint(_Layer):
             dims = arg_dims(args, in_dims)
             fn = torch.func.vmap(self.fn, in_dims=(0, *dims))
 
+        # The inner solve's precision policy (bilevel/_precision.py): half-precision
+        # unknowns iterate in float32 and x* comes back in their dtype.
+        x_leaves = tree_flatten(x0)[0]
+        master = work_dtype(self.solve_dtype, x_leaves)
+        self.diagnostics.solve_dtype = master
+        lift, lower = master_casts(master, [t.dtype for t in x_leaves])
+
         def solve(x0_: Any, *a: Any) -> Any:
-            return self.solver(fn, x0_, *a, batched=True) if batched else self.solver(fn, x0_, *a)
+            x0_, a = lift(x0_), lift(a)
+            res = self.solver(fn, x0_, *a, batched=True) if batched else self.solver(fn, x0_, *a)
+            return _with_solution(res, lower(_solution_tree(res))) if master is not None else res
 
         def optimality(x: Any, *a: Any) -> Any:
             # x − fn(x), not fn(x) − x: same root and gradient, but I − J has its spectrum

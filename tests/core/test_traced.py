@@ -200,3 +200,21 @@ def test_a_non_finite_traced_call_gives_nan_gradients_where_eager_raises() -> No
     torch._dynamo.reset()
     (g,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(w, X, bad), w)
     assert torch.isnan(g).all()  # not a silent zero from a solver that stopped on a NaN curvature
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "eager"])
+def test_a_compiled_gradient_is_first_order_and_never_differentiated_silently(backend: str) -> None:
+    """``create_graph=True`` through a compiled layer: the gradient equals the eager one, and
+    differentiating it again raises -- AOTAutograd (inductor, aot_eager) refuses double
+    backward; dynamo's ``eager`` backend returns every autograd.Function's gradient without a
+    graph (torch's handling, docs/works-with.md), so there is nothing to differentiate."""
+    layer = bilevel.Argmin(_objective, solver=GradientDescent(0.3, steps=30), linsolve=CG(steps=4))
+    f = _meta_loss(layer)
+    w = torch.tensor(0.8, dtype=DT, requires_grad=True)
+    (want,) = torch.autograd.grad(f(w, X, Y), w)
+    torch._dynamo.reset()
+    (got,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend=backend)(w, X, Y), w, create_graph=True)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+    match = "double backward" if backend == "aot_eager" else "does not require grad"
+    with pytest.raises(RuntimeError, match=match):
+        torch.autograd.grad(got, w)
