@@ -79,7 +79,7 @@ def backward_vjp(
                 f"{spec.name}: torch.func transforms of batched='loop' are not supported; use batched=True (vmap)"
             )
         refuse_second_order(spec.name, "reverse")
-        refuse_vmapped(spec.name, "reverse", v_leaves, spec.linsolve)
+        refuse_vmapped(spec.name, "reverse", v_leaves, spec.linsolve, spec.symmetric)
         with suspended_saved_tensor_hooks():
             grads, res = implicit_vjp(functional_operators(spec, x_leaves, arg_leaves), spec.linsolve, v, spec.batched)
         return [g if n else None for g, n in zip(grads, need)], res
@@ -98,7 +98,7 @@ def backward_jvp(
         )
     tangents = [torch.zeros_like(a) if t is None else t for a, t in zip(arg_leaves, t_args)]
     refuse_second_order(spec.name, "forward")
-    refuse_vmapped(spec.name, "forward", tangents, spec.linsolve)
+    refuse_vmapped(spec.name, "forward", tangents, spec.linsolve, spec.symmetric)
     with suspended_saved_tensor_hooks():
         ops = functional_operators(spec, x_leaves, arg_leaves)
         return implicit_jvp(ops, spec.linsolve, tangents, spec.x_def, spec.batched)

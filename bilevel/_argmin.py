@@ -20,8 +20,14 @@ from ._batching import (
     task_count,
 )
 from ._errors import BilevelTypeError, BilevelValueError
-from ._layer_base import _Layer
-from ._precision import check_dtype_policy, master_casts, work_dtype
+from ._layer_base import _Layer, check_solver_role
+from ._precision import (
+    check_dtype_policy,
+    explain_dtype_errors,
+    master_casts,
+    tensor_leaves,
+    work_dtype,
+)
 from ._problem import ClosedBt, RootProblem, task_slice
 from ._result import SolverResult, stack_results
 from ._traced import compile_boundary, tracing, untraceable_linsolve, untraceable_solver
@@ -99,11 +105,13 @@ class Argmin(_Layer):
         hvp: ``"reverse"`` or ``"forward"`` Hessian-vector products in the backward (see
             :class:`ImplicitLayer`).
         backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
-        solve_dtype: the precision of the inner solve: ``"auto"`` (default) solves
-            float16/bfloat16 unknowns as a float32 problem -- iterate, solver state,
-            tolerance and the objective's inputs; the solution is returned in the unknowns'
-            dtype (a master copy, as in mixed-precision training); ``None`` solves in the
-            inputs' precision; a dtype forces one.  Under ``torch.autocast`` the objective's
+        solve_dtype: the precision of the inner solve: ``"auto"`` (default) solves a
+            problem with float16/bfloat16 unknowns or arguments in float32 (float64 if an
+            input is float64) -- iterate, solver state, tolerance and the objective's
+            inputs; the solution is returned in the unknowns' dtype (a master copy, as in
+            mixed-precision training); ``None`` solves in the inputs' precision; a dtype
+            forces one.  A half-precision tensor the objective closes over is not lifted:
+            pass it as an argument.  Under ``torch.autocast`` the objective's
             operations still run in the autocast precision.
 
     Call ``layer(x0, *args, batched=False, in_dims=0)``.  In batched mode the objective is
@@ -129,6 +137,7 @@ class Argmin(_Layer):
     """
 
     symmetric = True
+    positive_definite = True
 
     def __init__(
         self,
@@ -149,8 +158,7 @@ class Argmin(_Layer):
             from .solvers import NewtonCG
 
             solver = NewtonCG()
-        if not callable(solver):
-            raise BilevelTypeError(f"solver must be callable, got {type(solver).__name__}")
+        check_solver_role("solver", solver)
         self.objective = objective
         self.solver = solver
 
@@ -249,7 +257,7 @@ class Argmin(_Layer):
         # and the solution comes back in the inputs' dtypes (a master copy, as in mixed-
         # precision training): a bfloat16 solve stops at bfloat16's tolerance, far from φ*.
         x_leaves = tree_flatten(x0)[0]
-        master = work_dtype(self.solve_dtype, x_leaves)
+        master = work_dtype(self.solve_dtype, [*x_leaves, *tensor_leaves(args)])
         self.diagnostics.solve_dtype = master
         lift, lower = master_casts(master, [t.dtype for t in x_leaves])
         if strategy == "loop":
@@ -261,7 +269,8 @@ class Argmin(_Layer):
                 results = []
                 for b in range(batch_size(x0_)):
                     x0_b = tree_map(lambda t, b=b: t[b], lift(x0_))
-                    results.append(self.solver(one, x0_b, *task_slice(lift(a), dims, b)))
+                    with explain_dtype_errors(self._name, "inner solve", "solve_dtype", master):
+                        results.append(self.solver(one, x0_b, *task_slice(lift(a), dims, b)))
                 xs = [lower(_solution_tree(r)) for r in results]
                 x = tree_map(lambda *ls: torch.stack(ls), *xs)
                 if all(isinstance(r, SolverResult) for r in results):
@@ -274,7 +283,8 @@ class Argmin(_Layer):
 
         def solve(x0_: Any, *a: Any) -> Any:
             x0_, a = lift(x0_), lift(a)
-            res = self.solver(obj, x0_, *a, batched=True) if strategy else self.solver(obj, x0_, *a)
+            with explain_dtype_errors(self._name, "inner solve", "solve_dtype", master):
+                res = self.solver(obj, x0_, *a, batched=True) if strategy else self.solver(obj, x0_, *a)
             return _with_solution(res, lower(_solution_tree(res))) if master is not None else res
 
         optimality = _sum_grad(obj)

@@ -37,7 +37,7 @@ from ._guards import (
     versions,
     warn_if_only_closed_over_tensors_need_grad,
 )
-from ._precision import autocast_off, cast, work_dtype
+from ._precision import autocast_off, cast, explain_dtype_errors, work_dtype
 from ._problem import ClosedBt, RootProblem, task_slice
 from ._result import LinearSolveResult, Status, report
 from ._traced import traced_apply, tracing
@@ -141,12 +141,13 @@ def _dict_leaf_keys(d: dict) -> list[Any]:
     return keys
 
 
-def _record_linear_solve(spec: CallSpec, res: LinearSolveResult, what: str) -> None:
+def _record_linear_solve(spec: CallSpec, res: LinearSolveResult, what: str, rhs: list[Tensor]) -> None:
     """Keep the solve's statistics in the layer's diagnostics; raise on NaN/Inf whatever
     ``on_failure`` says, else report non-convergence by ``on_failure``.
 
     "ignore" means "a fixed budget is expected", not "hide NaN": a NaN/Inf cotangent or
     Jacobian product would otherwise leave the solver's finite x = 0 as a silent zero gradient.
+    ``rhs`` (the cotangent or tangent) is read only to say where a NaN/Inf came from.
     """
     spec.diagnostics.backward = strip_backward(res)
     spec.diagnostics.backward_call = spec.call_id
@@ -154,14 +155,21 @@ def _record_linear_solve(spec: CallSpec, res: LinearSolveResult, what: str) -> N
     if Status.NONFINITE in statuses:
         tasks = [i for i, st in enumerate(statuses) if st is Status.NONFINITE] if res.task_status is not None else []
         where = f" for task(s) {tasks}" if tasks else ""
-        raise NonFiniteError(
-            f"{spec.name}: the {what} linear solve met a NaN or Inf{where} (in the cotangent or tangent, or in a "
-            f"Jacobian-vector product): {res.summary()}"
-        )
+        if not all(bool(torch.isfinite(t).all()) for t in rhs):
+            cause = f"the {'cotangent' if what == 'backward' else 'tangent'} holds a NaN or Inf"
+        else:
+            # A finite right-hand side: either the operator's products or the iterates overflowed.
+            cause = ("a Jacobian-vector product gave a NaN or Inf, or the solver's iterates grew without bound "
+                     "(a singular or indefinite system at x*, e.g. a Hessian with a zero direction: add an L2 term to the "
+                     "inner objective or use Proximal; or Neumann with alpha above 2/||A||)")
+        raise NonFiniteError(f"{spec.name}: the {what} linear solve met a NaN or Inf{where}: {cause}. {res.summary()}")
     if not res.success:  # the message reads values: only build it when it is needed
         failing = ""
         if res.task_status is not None:
             failing = f"; failing task(s): {[i for i, s in enumerate(res.task_status) if not s.ok]}"
+        if Status.NEGATIVE_CURVATURE in statuses:
+            failing += ("; CG needs a positive-definite system: for a symmetric indefinite or negative-definite "
+                        "Jacobian use linsolve=MINRES(), for a non-symmetric one GMRES()")
         report(False, f"{spec.name}: the {what} linear solve ({type(spec.linsolve).__name__}) did not converge: "
                f"{res.summary()}{failing}", spec.on_failure)
 
@@ -227,9 +235,10 @@ class _ImplicitFunction(torch.autograd.Function):
         t_args = list(tangents[1 + nx :])
         # The same precision policy as the backward's (bilevel/_precision.py).
         work = work_dtype(spec.backward_dtype, [*x_leaves, *arg_leaves])
-        with autocast_off(x_leaves[0].device.type):
+        with autocast_off(x_leaves[0].device.type), explain_dtype_errors(spec.name, "forward-mode solve", "backward_dtype",
+                                                                          work):
             s_leaves, res = backward_jvp(spec, cast(x_leaves, work), cast(arg_leaves, work), cast(t_args, work))
-        _record_linear_solve(spec, res, "forward-mode")
+        _record_linear_solve(spec, res, "forward-mode", [t for t in t_args if t is not None])
         return tuple(s.to(xl.dtype) for s, xl in zip(s_leaves, x_leaves))
 
     @staticmethod
@@ -260,10 +269,10 @@ class _ImplicitFunction(torch.autograd.Function):
         v_leaves = [torch.zeros_like(xl) if g is None else g for g, xl in zip(grads, x_leaves)]
         # The precision policy, applied once (docs/design.md §3, bilevel/_precision.py).
         work = work_dtype(spec.backward_dtype, [*x_leaves, *arg_leaves])
-        with autocast_off(x_leaves[0].device.type):
+        with autocast_off(x_leaves[0].device.type), explain_dtype_errors(spec.name, "backward", "backward_dtype", work):
             args_w = arg_leaves if work is None else cast([a.detach() for a in arg_leaves], work)
             out, res = backward_vjp(spec, cast(x_leaves, work), cast(v_leaves, work), args_w, need)
-        _record_linear_solve(spec, res, "backward")
+        _record_linear_solve(spec, res, "backward", v_leaves)
         return none_prefix + tuple(None if g is None else g.to(a.dtype) for g, a in zip(out, arg_leaves))
 
 
@@ -359,13 +368,21 @@ def _eager_apply(problem: RootProblem, name: str, diagnostics: Diagnostics, make
         # No gradient flows (there is nothing to differentiate), and no diagnostics.
         return tree_unflatten(x_def, [torch.empty_like(t, device="meta") for t in x_leaves])
     spec = make_spec(x_def, x_leaves, layout)
-    before = versions(arg_leaves)
+    before, before_x = versions(arg_leaves), versions(x_leaves)
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
     refuse_modified_arguments(name, arg_leaves, before, lambda: _leaf_labels(args, layout, problem.arg_labels))
+    if versions(x_leaves) != before_x:
+        raise BilevelValueError(
+            f"{name}: the solver modified the initial point x0 in place (its version counter changed): the caller's "
+            "tensor now holds an iterate, not what was passed. Copy it in the solver first (x = x0.clone())"
+        )
     if torch.is_grad_enabled() and not any(t.requires_grad for t in arg_leaves):
         # Costs one evaluation of F, and only here (grad mode on, no argument requiring
         # grad -- e.g. evaluation outside torch.no_grad()).
-        fn, xs, a = spec.optimality, list(out), spec.unpack([t.detach() for t in arg_leaves])
+        # In the backward's precision: F is what the backward would evaluate (an objective
+        # may not accept the inputs' mixed dtypes, e.g. bfloat16 data with float32 unknowns).
+        work = work_dtype(spec.backward_dtype, [*out, *arg_leaves])
+        fn, xs, a = spec.optimality, cast(list(out), work), spec.unpack(cast([t.detach() for t in arg_leaves], work))
         if spec.task_optimality is not None and spec.task_dims is not None:  # the loop strategy: task 0 suffices
             fn, xs, a = spec.task_optimality, [t[0] for t in out], task_slice(a, spec.task_dims, 0)
         with torch.enable_grad():

@@ -232,7 +232,7 @@ def refuse_second_order(name: str, mode: str) -> None:
         )
 
 
-def refuse_vmapped(name: str, mode: str, tensors: Sequence[Tensor], linsolve: Any = None) -> None:
+def refuse_vmapped(name: str, mode: str, tensors: Sequence[Tensor], linsolve: Any = None, symmetric: bool = True) -> None:
     """A batch of cotangents/tangents under ``vmap`` (``jacrev``, ``jacfwd``, ``hessian``,
     ``vmap`` of ``grad``) would drive the Krylov solver's data-dependent stopping tests with
     batched values: refuse with what to do instead, not torch's internal message."""
@@ -241,9 +241,9 @@ def refuse_vmapped(name: str, mode: str, tensors: Sequence[Tensor], linsolve: An
         raise UnsupportedError(
             f"{name}: vmapped {mode}-mode products through an implicit layer (jacrev, jacfwd, or vmap of "
             f"grad/vjp/jvp) need a linear solver without data-dependent host control: {type(linsolve).__name__} "
-            "to a tolerance stops on such tests. Use CG, MINRES or Neumann (to a tolerance: they then run all "
-            "their maxiter iterations), any solver with a fixed budget (steps=m), or compute Jacobian rows with "
-            "a Python loop of torch.func.vjp/jvp calls"
+            f"to a tolerance stops on such tests. Use {'CG, MINRES or Neumann' if symmetric else 'Neumann'} (to a "
+            "tolerance, all maxiter iterations then run), any solver with a fixed budget (steps=m), or "
+            "compute Jacobian rows with a Python loop of torch.func.vjp/jvp calls"
         )
 
 

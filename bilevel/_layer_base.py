@@ -13,6 +13,37 @@ from ._problem import RootProblem
 from ._traced import compile_boundary, tracing
 from ._types import BackwardDtype, HvpMode, OnFailure
 
+#: role -> (its module, what it is, what it is for) -- for the messages of check_solver_role.
+_ROLES = {
+    "solver": ("bilevel.solvers", "an inner solver", "for the forward problem, solver=..."),
+    "linsolve": ("bilevel.linsolve", "a linear solver", "for the backward's linear system, linsolve=..."),
+}
+
+
+def check_solver_role(role: str, obj: Any) -> None:
+    """``obj`` as the layer's ``solver`` (inner) or ``linsolve`` (backward): an instance from
+    its own module or any callable -- not a class, a string, or a solver of the other role,
+    whose call signature also fits (``(fn, x0)`` vs ``(matvec, b)``) and which would
+    silently solve something else (a linear solver as the inner one solved ``fn(x) = x0``)."""
+    from . import linsolve as _ls
+    from . import solvers as _solvers
+
+    if isinstance(obj, type):
+        raise BilevelTypeError(f"{role} must be a solver instance, e.g. {obj.__name__}(), got the class {obj.__name__}")
+    if isinstance(obj, str):
+        raise BilevelTypeError(f"{role} must be a solver instance (e.g. {_ROLES[role][0]}.{'Anderson' if role == 'solver' else 'GMRES'}()), "
+                               f"got the string {obj!r}")
+    classes = {"solver": (_solvers, _solvers.Solver), "linsolve": (_ls, _ls.LinearSolver)}
+    other = "linsolve" if role == "solver" else "solver"
+    name = type(obj).__name__
+    if isinstance(obj, classes[other][1]):
+        module, kind, _ = _ROLES[role]
+        alt = f"{module}.{name}()" if hasattr(classes[role][0], name) else f"one of {module}"
+        raise BilevelTypeError(f"{role}: {name} from {_ROLES[other][0]} is {_ROLES[other][1]} ({_ROLES[other][2]}); "
+                               f"as {kind} use {alt}")
+    if not callable(obj):
+        raise BilevelTypeError(f"{role} must be a {_ROLES[role][0]} solver or a callable, got {name}")
+
 
 class _Layer:
     """What every layer shares: the backward's configuration, diagnostics, and :meth:`_apply`.
@@ -21,6 +52,8 @@ class _Layer:
     """
 
     symmetric: ClassVar[bool] = False
+    #: The Jacobian is a Hessian at a minimum (Argmin, Proximal): CG is the default.
+    positive_definite: ClassVar[bool] = False
 
     def __init__(
         self, linsolve: Any = None, *, on_failure: OnFailure = "warn", hvp: HvpMode = "reverse",
@@ -30,9 +63,11 @@ class _Layer:
 
         sym = self.symmetric if symmetric is None else symmetric
         if linsolve is None:
-            linsolve = _ls.CG() if sym else _ls.GMRES()
-        if not isinstance(linsolve, _ls.LinearSolver) and not callable(linsolve):
-            raise BilevelTypeError(f"linsolve must be a bilevel.linsolve solver, got {type(linsolve).__name__}")
+            # CG where the Jacobian is a Hessian at a minimum (positive semi-definite); MINRES
+            # for any other symmetric one (a root condition may be negative definite or
+            # indefinite, where CG stops at its first step); GMRES otherwise.
+            linsolve = (_ls.CG() if self.positive_definite else _ls.MINRES()) if sym else _ls.GMRES()
+        check_solver_role("linsolve", linsolve)
         if getattr(linsolve, "requires_symmetric", False) and not sym:
             raise BilevelValueError(
                 f"{type(linsolve).__name__} needs a symmetric operator but {type(self).__name__}'s Jacobian is not "
@@ -54,6 +89,11 @@ class _Layer:
 
     def _apply(self, problem: RootProblem) -> Any:
         """Solve ``problem`` and return x*, differentiable w.r.t. the tensor trees in its args."""
+        if not isinstance(problem.batched, bool):
+            raise BilevelTypeError(
+                f"{self._name}: batched must be True or False, got {problem.batched!r} (the strategies 'auto', "
+                "'vmap' and 'loop' are Argmin's and Proximal's)"
+            )
         return implicit_apply(
             problem,
             linsolve=self.linsolve,
@@ -94,8 +134,10 @@ class ImplicitLayer(_Layer, abc.ABC):
     they build their ``(solve, optimality)`` pair per call instead of defining methods.
 
     Args:
-        linsolve: linear solver for the backward system (default: ``CG`` when the
-            Jacobian is symmetric, else ``GMRES``).
+        linsolve: linear solver for the backward system (default: ``MINRES`` when the
+            Jacobian is symmetric -- it may be indefinite --, else ``GMRES``;
+            :class:`Argmin` and :class:`Proximal`, whose Jacobian is a Hessian at a minimum,
+            default to ``CG``).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when the forward or
             the backward solve does not converge.
         hvp: how symmetric Jacobian-vector products are computed in the backward:
@@ -107,13 +149,17 @@ class ImplicitLayer(_Layer, abc.ABC):
             forward-mode rule).
         backward_dtype: the precision of the backward (the Jacobian products, the linear
             solve and its reductions, the argument VJP).  ``"auto"`` (default): float32
-            when the solution or an argument is float16/bfloat16 (the inner solver may run
+            (float64 beside a float64 input) when the solution or an argument is
+            float16/bfloat16 (the inner solver may run
             in half precision; the adjoint system, a sum of many products, should not),
             else the inputs' own dtype.  ``None``: always the inputs' dtype; a dtype: that
             one.  Gradients are returned in each input's dtype.
 
     Attributes:
         symmetric: class attribute; ``True`` when ``dF/dx`` is symmetric (an argmin).
+        positive_definite: class attribute; ``True`` when ``dF/dx`` is also positive
+            definite (the gradient of a strictly convex objective): the default linear
+            solver is then ``CG`` instead of ``MINRES``.
         diagnostics: :class:`~bilevel.Diagnostics` of the last forward and backward.
 
     Examples:

@@ -9,13 +9,19 @@ from typing import Any
 import torch
 
 from ._argmin import Argmin, _solution_tree, _with_solution
-from ._batching import InDims, arg_dims
-from ._errors import BilevelTypeError
-from ._layer_base import ImplicitLayer, _Layer
-from ._precision import check_dtype_policy, master_casts, work_dtype
+from ._batching import InDims, arg_dims, task_count
+from ._errors import BilevelTypeError, BilevelValueError
+from ._layer_base import ImplicitLayer, _Layer, check_solver_role
+from ._precision import (
+    check_dtype_policy,
+    explain_dtype_errors,
+    master_casts,
+    tensor_leaves,
+    work_dtype,
+)
 from ._problem import RootProblem
 from ._traced import compile_boundary
-from ._tree import tree_flatten, tree_map
+from ._tree import batch_size, tree_flatten, tree_map
 from ._types import BackwardDtype, HvpMode, OnFailure
 
 
@@ -36,9 +42,10 @@ class FixedPoint(_Layer):
             :class:`ImplicitLayer`).
         backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
         solve_dtype: the precision of the forward solve, as for :class:`Argmin`:
-            ``"auto"`` (default) iterates float16/bfloat16 unknowns in float32 -- iterate,
-            solver state, tolerance and ``fn``'s inputs -- and returns x* in the unknowns'
-            dtype; ``None`` iterates in the inputs' precision; a dtype forces one.
+            ``"auto"`` (default) iterates in float32 (float64 beside a float64 input) when
+            the unknowns or the arguments hold float16/bfloat16 tensors -- iterate, solver
+            state, tolerance and ``fn``'s inputs -- and returns x* in the unknowns' dtype;
+            ``None`` iterates in the inputs' precision; a dtype forces one.
 
     Call ``layer(x0, *args, batched=False, in_dims=0)``.
 
@@ -70,6 +77,7 @@ class FixedPoint(_Layer):
             from .solvers import FixedPointIteration
 
             solver = FixedPointIteration()
+        check_solver_role("solver", solver)
         self.fn = fn
         self.solver = solver
 
@@ -88,20 +96,24 @@ class FixedPoint(_Layer):
             x*, shaped like ``x0``.
         """
         fn = self.fn
-        if batched:
+        if batched is True:
             dims = arg_dims(args, in_dims)
+            n = batch_size(x0)
+            if any(d is not None for d in dims) and task_count(args, dims) != n:
+                raise BilevelValueError(f"{self._name}: x0 has {n} tasks but the task data has {task_count(args, dims)}")
             fn = torch.func.vmap(self.fn, in_dims=(0, *dims))
 
         # The inner solve's precision policy (bilevel/_precision.py): half-precision
         # unknowns iterate in float32 and x* comes back in their dtype.
         x_leaves = tree_flatten(x0)[0]
-        master = work_dtype(self.solve_dtype, x_leaves)
+        master = work_dtype(self.solve_dtype, [*x_leaves, *tensor_leaves(args)])
         self.diagnostics.solve_dtype = master
         lift, lower = master_casts(master, [t.dtype for t in x_leaves])
 
         def solve(x0_: Any, *a: Any) -> Any:
             x0_, a = lift(x0_), lift(a)
-            res = self.solver(fn, x0_, *a, batched=True) if batched else self.solver(fn, x0_, *a)
+            with explain_dtype_errors(self._name, "inner solve", "solve_dtype", master):
+                res = self.solver(fn, x0_, *a, batched=True) if batched else self.solver(fn, x0_, *a)
             return _with_solution(res, lower(_solution_tree(res))) if master is not None else res
 
         def optimality(x: Any, *a: Any) -> Any:
@@ -156,7 +168,8 @@ def custom_root(
 
     Args:
         optimality_fn: the root condition F(x, *args).
-        linsolve: backward linear solver (default ``CG()`` if ``symmetric`` else ``GMRES()``).
+        linsolve: backward linear solver (default ``MINRES()`` if ``symmetric`` else ``GMRES()``;
+            ``CG()`` is faster where ``dF/dx`` is also positive definite).
         symmetric: declare ``dF/dx`` symmetric (e.g. F is a gradient), enabling CG/MINRES.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence.
         hvp: ``"forward"`` or ``"reverse"`` (symmetric case; see :class:`ImplicitLayer`).

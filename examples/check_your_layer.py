@@ -17,7 +17,8 @@ from bilevel.testing import check_implicit_grad
 class Ridge(bilevel.ImplicitLayer):
     """x*(θ, λ) = argmin_x ½‖A x − b‖² + λ/2 ‖x − θ‖², solved exactly."""
 
-    symmetric = True  # optimality is a gradient: its Jacobian is symmetric, CG applies
+    symmetric = True  # optimality is a gradient: its Jacobian is symmetric
+    positive_definite = True  # of a strictly convex objective: CG (the default would be MINRES)
 
     def solve(self, x0, theta, lam, A, b):  # black box: a dense solve (x0 is not needed)
         H = A.T @ A + lam * torch.eye(A.shape[1], dtype=A.dtype)

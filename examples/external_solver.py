@@ -24,7 +24,7 @@ def loss(w, log_lam, X, y):  # torch: mean logistic loss + λ/2 ‖w‖²
 
 
 class ScipyLogistic(bilevel.ImplicitLayer):
-    symmetric = True  # the optimality map is a gradient: its Jacobian (a Hessian) is symmetric
+    symmetric = positive_definite = True  # the optimality map is a convex loss's gradient: CG applies
 
     def solve(self, w0, log_lam, X, y):  # the black box, on NumPy arrays
         Xn, yn, lam = X.numpy(), y.numpy(), float(np.exp(log_lam.item()))

@@ -42,6 +42,7 @@ class ExternalRidge(bilevel.ImplicitLayer):
     """Ridge regression solved in another process; differentiable in ρ, X and y."""
 
     symmetric = True  # the optimality map is a gradient: its Jacobian is the Hessian
+    positive_definite = True  # of a strictly convex objective: CG (the default would be MINRES)
 
     def __init__(self, pool: concurrent.futures.Executor) -> None:
         super().__init__(CG(rtol=1e-12, maxiter=500))

@@ -89,15 +89,18 @@ class Dense(LinearSolver):
             cols.append(tree_ravel(matvec(tree_of(e)), batched).reshape(nb, n).to(dtype))
         A = torch.stack(cols, dim=-1)  # (B, n, n)
 
-        eye = torch.eye(n, dtype=dtype, device=bf.device).expand(nb, n, n)
+        # The factorisations in at least float32 (half-precision SVD and LU are not implemented
+        # on every device); singularity is still judged at the operator's own precision.
+        work = torch.promote_types(dtype, torch.float32)
+        eye = torch.eye(n, dtype=work, device=bf.device).expand(nb, n, n)
         finite = torch.isfinite(A).flatten(1).all(1) & torch.isfinite(bf).all(1)
-        A_fin = torch.where(finite[:, None, None], A, eye)
+        A_fin = torch.where(finite[:, None, None], A.to(work), eye)
         sv = torch.linalg.svdvals(A_fin)  # descending
         singular = finite & (sv[:, -1] <= n * torch.finfo(dtype).eps * sv[:, 0])
         # Solve every task (identity stand-ins for the unusable ones), then pick per task.
-        A_use = torch.where((finite & ~singular)[:, None, None], A, eye)
-        xs, info = torch.linalg.solve_ex(A_use, bf.unsqueeze(-1))
-        xs = xs.squeeze(-1)
+        A_use = torch.where((finite & ~singular)[:, None, None], A.to(work), eye)
+        xs, info = torch.linalg.solve_ex(A_use, bf.to(work).unsqueeze(-1))
+        xs = xs.squeeze(-1).to(dtype)
         x_ok = torch.isfinite(xs).all(1) & (info == 0)
 
         success = zero_b | (finite & ~singular & x_ok)

@@ -179,7 +179,10 @@ class GMRES(LinearSolver):
             unused = torch.arange(k, device=device).unsqueeze(0) >= ncol.unsqueeze(1)  # (B, k)
             R = R + torch.diag_embed(unused.to(R.dtype))
             rhs = torch.where(unused, torch.zeros_like(R[:, 0, :]), torch.stack(g[:k], dim=-1))
-            y = torch.linalg.solve_triangular(R.to(dtype), rhs.unsqueeze(-1).to(dtype), upper=True).squeeze(-1)
+            # At least float32: the k x k system is tiny, and half-precision triangular solves
+            # are not implemented on every device (CPU).
+            small = torch.promote_types(dtype, torch.float32)
+            y = torch.linalg.solve_triangular(R.to(small), rhs.unsqueeze(-1).to(small), upper=True).squeeze(-1).to(dtype)
             for j in range(k):
                 x = tree_axpy(coef(y[:, j]), basis[j], x, batched)
 

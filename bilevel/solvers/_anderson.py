@@ -9,12 +9,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._errors import BilevelValueError
 from .._iterate import Outcome, Tally, iterate
 from .._result import SolverResult, Status, result_from_codes
 from .._tree import default_tol, tree_dtype, tree_flatten, tree_ravel, tree_unravel
 from .._validate import check_int, check_real, check_tol
 from ._base import Solver
+from ._checks import leaves_like_x0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,20 +130,8 @@ class Anderson(Solver):
         def apply(x: Tensor) -> Tensor:
             with torch.no_grad():
                 y = fn(unravel(x), *args)
-            if single and isinstance(y, Tensor):
-                if y.shape != shapes[0]:
-                    raise BilevelValueError(
-                        f"{name}: fn must return a tree shaped like x0 (a tensor of shape {tuple(shapes[0])}), "
-                        f"got a tensor of shape {tuple(y.shape)}"
-                    )
-                return ravel(y).detach()
-            leaves, d = tree_flatten(y)
-            if d != treedef or [leaf.shape for leaf in leaves] != shapes:
-                got = f"{d!r} with shapes {[tuple(leaf.shape) for leaf in leaves]}"
-                raise BilevelValueError(
-                    f"{name}: fn must return a tree shaped like x0 ({treedef!r} with shapes "
-                    f"{[tuple(s) for s in shapes]}), got {got}"
-                )
+            if not (single and isinstance(y, Tensor) and y.shape == shapes[0]):  # the fast path is one comparison
+                leaves_like_x0(name, "fn", y, treedef, shapes)
             return ravel(y).detach()
 
         def norm(v: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from .._tree import (
 )
 from .._validate import check_int, check_real, check_tol, is_real
 from ._base import Solver
+from ._checks import leaves_like_x0
 
 BroydenVariant = Literal["good", "bad"]
 """Broyden's two inverse updates: ``"good"`` (the first method) and ``"bad"`` (the second).
@@ -309,9 +310,7 @@ class Broyden(Solver):
             x = unflat(flat)
             with torch.no_grad():
                 y = fn(x, *args)
-            out, d = tree_flatten(y)
-            if d != treedef or [t.shape for t in out] != shapes:
-                raise BilevelValueError(f"{name}: {what} must return a tree shaped like x0 ({treedef!r}), got {d!r}")
+            leaves_like_x0(name, what, y, treedef, shapes)
             r = flat_of(y).detach().to(flat.dtype)
             return r - flat if fixed_point else r
 

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from .._autodiff import Objective
 from .._curvature import has_negative_curvature
-from .._errors import NonFiniteError
+from .._errors import BilevelValueError, NonFiniteError
 from .._result import SolverResult, Status, overall_status
-from .._tree import tree_norm, tree_size
+from .._tree import TreeDef, tree_flatten, tree_norm, tree_size
 
 
 def check_finite_value(v: Tensor, iteration: int, solver: str) -> None:
@@ -86,3 +86,26 @@ def with_minimum_check(res: SolverResult, objective: Objective, args: tuple, bat
         statuses = tuple(Status.NOT_A_MINIMUM if f else st for f, st in zip(flags, res.task_status))
         return dataclasses.replace(res, task_status=statuses, status=overall_status(statuses), n_hvp=res.n_hvp + steps)
     return dataclasses.replace(res, status=Status.NOT_A_MINIMUM, n_hvp=res.n_hvp + steps)
+
+
+def _layout(treedef: TreeDef, shapes: list[Any]) -> str:
+    if len(shapes) == 1 and treedef.num_leaves == 1 and repr(treedef) == "*":
+        return f"a tensor of shape {tuple(shapes[0])}"
+    return f"{treedef!r} with shapes {[tuple(s) for s in shapes]}"
+
+
+def leaves_like_x0(name: str, what: str, y: Any, treedef: TreeDef, shapes: list[Any]) -> list[Tensor]:
+    """The leaves of ``y = fn(x, ...)``, checked to be shaped like ``x0`` (``treedef``,
+    ``shapes``), with both layouts in the message when they are not -- one check for every
+    fixed-point and root solver."""
+    try:
+        leaves, d = tree_flatten(y)
+    except TypeError as e:
+        raise BilevelValueError(f"{name}: {what} must return a tree shaped like x0 ({_layout(treedef, shapes)}), "
+                                f"got {type(y).__name__}") from e
+    if d != treedef or [t.shape for t in leaves] != list(shapes):
+        raise BilevelValueError(
+            f"{name}: {what} must return a tree shaped like x0 ({_layout(treedef, shapes)}), "
+            f"got {_layout(d, [t.shape for t in leaves])}"
+        )
+    return leaves

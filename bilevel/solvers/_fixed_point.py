@@ -20,10 +20,12 @@ from .._tree import (
     tree_map,
     tree_norm,
     tree_sub,
+    tree_unflatten,
     tree_where,
 )
 from .._validate import check_int, check_real, check_tol, warn_renamed
 from ._base import Solver
+from ._checks import leaves_like_x0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,16 +94,17 @@ class FixedPointIteration(Solver):
         self._check_batched(batched)
         name = type(self).__name__
         tol = self.rtol if self.rtol is not None else default_tol(tree_dtype(x0))
-        _, treedef = tree_flatten(x0)
+        leaves0, treedef = tree_flatten(x0)
+        shapes, dtypes = [x.shape for x in leaves0], [x.dtype for x in leaves0]
         t = self.relaxation
 
         def apply(x: Any) -> Any:
             with torch.no_grad():
                 y = fn(x, *args)
-            leaves, d = tree_flatten(y)
-            if d != treedef:
-                raise BilevelValueError(f"{name}: fn must return a tree shaped like x0 ({treedef!r}), got {d!r}")
-            return tree_detach(y)
+            leaves = leaves_like_x0(name, "fn", y, treedef, shapes)
+            # The iterate keeps x0's dtypes, as Anderson and Broyden do (an autocast fn or a
+            # float64 argument may return another precision).
+            return tree_unflatten(treedef, [y_.detach().to(dt) for y_, dt in zip(leaves, dtypes)])
 
         x = tree_detach(x0)
         fx = apply(x)

@@ -291,3 +291,16 @@ def test_nonfinite_rhs(solver, bad):
     b = torch.tensor([1.0, bad, 2.0], dtype=torch.float64)
     res = solver(lambda v: 2.0 * v, b)
     assert res.status is Status.NONFINITE, res.summary()
+
+
+@pytest.mark.parametrize("solver", [GMRES(), Dense()], ids=["GMRES", "Dense"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_systems_solve_on_the_cpu(solver: LinearSolver, dtype: torch.dtype) -> None:
+    """Their small dense steps (GMRES's triangular solve, Dense's SVD and LU) have no
+    half-precision CPU kernels: they run in float32 and the solution comes back in ``dtype``."""
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=dtype)
+    b = torch.ones(2, dtype=dtype)
+    res = solver(lambda v: A @ v, b)
+    want = torch.linalg.solve(A.double(), b.double())
+    assert res.x.dtype == dtype and res.success
+    torch.testing.assert_close(res.x.double(), want, rtol=2e-2, atol=0)

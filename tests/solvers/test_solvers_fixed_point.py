@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from bilevel import Status
+from bilevel import BilevelValueError, Status
 from bilevel._tree import default_tol
-from bilevel.solvers import FixedPointIteration
+from bilevel.solvers import Anderson, Broyden, FixedPointIteration
 
 
 def _contraction(rho: float, seed: int = 0, d: int = 5):
@@ -109,3 +109,20 @@ def test_batched_nonfinite_per_task() -> None:
     assert res.task_status == (Status.SUCCESS, Status.NONFINITE)
     assert res.status is Status.NONFINITE
     assert torch.isfinite(res.x).all()
+
+
+@pytest.mark.parametrize("solver", [FixedPointIteration(), Anderson(), Broyden()], ids=lambda s: type(s).__name__)
+def test_a_wrongly_shaped_fn_output_names_both_shapes(solver) -> None:
+    b = torch.randn(3, 1)  # a column by mistake: fn broadcasts (3,) to (3, 3)
+    with pytest.raises(BilevelValueError, match=r"fn must return a tree shaped like x0 \(a tensor of shape \(3,\)\), "
+                                                r"got a tensor of shape \(3, 3\)"):
+        solver(lambda z, b: torch.tanh(z + b), torch.zeros(3), b)
+
+
+@pytest.mark.parametrize("solver", [FixedPointIteration(), Anderson(), Broyden()], ids=lambda s: type(s).__name__)
+def test_the_iterate_keeps_x0_s_dtype_when_fn_promotes(solver) -> None:
+    """A float64 argument (or autocast) changes fn's output dtype; every solver iterates in
+    x0's, as the layer returns x* in it."""
+    res = solver(lambda x, a: 0.5 * x + a, torch.zeros(2), torch.ones(2, dtype=torch.float64))
+    assert res.x.dtype == torch.float32 and res.success
+    torch.testing.assert_close(res.x, torch.full((2,), 2.0), rtol=1e-5, atol=0)
