@@ -103,7 +103,7 @@ def make_parser() -> argparse.ArgumentParser:
 def validate(cfg: argparse.Namespace) -> None:
     checks = [
         (cfg.epochs >= 1, "--epochs must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
-        (cfg.width >= 1, "--width must be >= 1"), (cfg.input_gain > 0, "--input-gain must be > 0"), (0 < cfg.rho < 1, "--rho must be in (0, 1)"),
+        (cfg.width >= 1, "--width must be >= 1"), (math.isfinite(cfg.input_gain) and cfg.input_gain > 0, "--input-gain must be a finite number > 0"), (0 < cfg.rho < 1, "--rho must be in (0, 1)"),
         (math.isfinite(cfg.lr) and cfg.lr > 0, "--lr must be a positive number"),
         (0 < cfg.rtol < 1, "--rtol must be in (0, 1)"), (0 < cfg.backward_rtol < 1, "--backward-rtol must be in (0, 1)"),
         (cfg.maxiter >= 1 and cfg.backward_maxiter >= 1, "--maxiter and --backward-maxiter must be >= 1"),
@@ -111,6 +111,9 @@ def validate(cfg: argparse.Namespace) -> None:
         (0 < cfg.phantom_damping <= 1, "--phantom-damping must be in (0, 1]"), (cfg.unroll >= 1, "--unroll must be >= 1"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+        (cfg.threads is None or cfg.threads >= 1, "--threads must be >= 1"),
+        (cfg.time_limit is None or (math.isfinite(cfg.time_limit) and cfg.time_limit > 0),
+         "--time-limit must be a finite number of seconds > 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -345,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(cfg.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+        if cfg.resume and not (out / "checkpoint.pt").exists():  # before the lock creates the folder
+            raise ValueError(f"--resume: no checkpoint in {str(out)!r}")
         with RunLock(out):
             ckpt = out / "checkpoint.pt"
             if cfg.overwrite:
@@ -358,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trainer = Trainer(cfg, data)
             if cfg.resume:
                 trainer.load(ckpt)
+                print(f"resumed from {ckpt}: epoch {trainer.epoch + 1}, step {trainer.step}", file=sys.stderr)
             else:
                 torch.manual_seed(cfg.seed)
                 (out / "config.json").write_text(json.dumps(vars(cfg), indent=2))

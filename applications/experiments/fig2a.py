@@ -82,6 +82,7 @@ from torch import Tensor
 
 import bilevel
 from applications import meta_gradients
+from applications.cliargs import OneLineParser, output_dir
 from bilevel.linsolve import CG
 from bilevel.solvers import GradientDescent
 from bilevel.tree import tree_relative_error
@@ -425,7 +426,7 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m applications.experiments.fig2a",
         description="iMAML paper, Figure 2a: meta-gradient accuracy of MAML, FOMAML and iMAML "
         "against inner steps and compute, on synthetic linear regression with a closed-form meta-gradient.",
@@ -466,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--max-steps, --tasks, --dim, --support and --query must be >= 1")
     if any(n < 1 for n in args.cg_steps):
         p.error("--cg-steps must be >= 1")
+    if not (args.noise >= 0 and math.isfinite(args.noise)):
+        p.error("--noise must be a finite number >= 0")
+    output_dir(p, args.out)  # before the run: a bad --out fails in one line, not after the work
 
     # Tiny matrices: extra threads only add synchronisation (and slow down sharply when the
     # cores are shared); restore the caller's setting afterwards.
@@ -479,7 +483,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = args.out / "fig2a.csv", args.out / "fig2a.png"
     write_csv(rows, csv_path)
     setting = (

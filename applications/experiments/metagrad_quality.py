@@ -69,6 +69,7 @@ from torch.func import functional_call, grad
 
 import bilevel
 from applications import meta_gradients
+from applications.cliargs import OneLineParser, nonneg_int, output_dir, positive_float, positive_int
 from bilevel import Status
 from bilevel.linsolve import CG, MINRES
 from bilevel.tree import tree_cosine, tree_detach, tree_norm, tree_relative_error
@@ -531,30 +532,30 @@ def _names(s: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m applications.experiments.metagrad_quality",
         description="Quality of iMAML's implicit meta-gradient against the exact implicit gradient and the "
         "unrolled derivative, with the curvature that decides whether it is well posed.",
     )
     p.add_argument("--data-root", required=True, help="Omniglot data folder (e.g. ../shared/data/omniglot)")
     p.add_argument("--checkpoint", default=None, help="training checkpoint; default: a seeded fresh initialisation")
-    p.add_argument("--ways", type=int, default=None, help="default 5 (or the checkpoint's)")
-    p.add_argument("--shots", type=int, default=None, help="default 1 (or the checkpoint's)")
-    p.add_argument("--queries", type=int, default=None, help="default 15 (or the checkpoint's)")
-    p.add_argument("--filters", type=int, default=None, help="default 64 (or the checkpoint's)")
-    p.add_argument("--tasks", type=int, default=4, help="training episodes to average over")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the episodes and Lanczos")
+    p.add_argument("--ways", type=positive_int, default=None, help="default 5 (or the checkpoint's)")
+    p.add_argument("--shots", type=positive_int, default=None, help="default 1 (or the checkpoint's)")
+    p.add_argument("--queries", type=positive_int, default=None, help="default 15 (or the checkpoint's)")
+    p.add_argument("--filters", type=positive_int, default=None, help="default 64 (or the checkpoint's)")
+    p.add_argument("--tasks", type=positive_int, default=4, help="training episodes to average over")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the initialisation, the episodes and Lanczos")
     p.add_argument("--lams", type=_floats, default=(0.1, 0.5, 2.0), help="comma-separated λ values")
     p.add_argument("--dampings", type=_floats, default=(0.0, 1.0), help="comma-separated backward dampings δ")
     p.add_argument("--krylov", type=_ints, default=(1, 2, 5, 10, 20, 50), help="comma-separated Krylov budgets")
     p.add_argument("--linsolves", type=_names, default=("cg", "minres"), help="comma-separated: cg, minres")
-    p.add_argument("--inner-steps", type=int, default=None, help="inner GD steps K (default 16 or the checkpoint's)")
-    p.add_argument("--inner-lr", type=float, default=None, help="inner GD step size (default 0.1 or the checkpoint's)")
-    p.add_argument("--tight-maxiter", type=int, default=500, help="MINRES budget of the tight reference")
-    p.add_argument("--lanczos", type=int, default=30, help="Lanczos steps for the extreme eigenvalues of H")
+    p.add_argument("--inner-steps", type=positive_int, default=None, help="inner GD steps K (default 16 or the checkpoint's)")
+    p.add_argument("--inner-lr", type=positive_float, default=None, help="inner GD step size (default 0.1 or the checkpoint's)")
+    p.add_argument("--tight-maxiter", type=positive_int, default=500, help="MINRES budget of the tight reference")
+    p.add_argument("--lanczos", type=positive_int, default=30, help="Lanczos steps for the extreme eigenvalues of H")
     p.add_argument("--out", default=str(DEFAULT_RESULTS), help="output folder")
     p.add_argument("--tag", default=None, help="file name tag (default 'init' or 'step<N>' of the checkpoint)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     return p
 
 
@@ -573,8 +574,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from applications.imaml.models import build_model
     from applications.imaml.tasks import make_task_source
 
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not Path(args.data_root).is_dir():
+        parser.error(f"--data-root {args.data_root}: no such folder (the Omniglot data, e.g. ../shared/data/omniglot)")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    output_dir(parser, args.out)
+    torch.set_num_threads(args.threads)
     ckpt_cfg: dict[str, Any] = {}
     ckpt: dict[str, Any] | None = None
     if args.checkpoint is not None:

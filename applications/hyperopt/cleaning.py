@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +53,8 @@ from tqdm import tqdm
 import bilevel
 from bilevel.linsolve import CG
 from bilevel.solvers import NewtonCG
+
+from ..cliargs import OneLineParser, output_dir, positive_int
 
 DT = torch.float64
 Params = dict[str, torch.Tensor]
@@ -354,11 +356,6 @@ def tune_alpha(seed: int, a: argparse.Namespace, grid: Sequence[float], log: Any
 # --------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _floats(text: str, name: str, parser: argparse.ArgumentParser) -> list[float]:
     try:
         vals = [float(v) for v in text.split(",")]
@@ -380,11 +377,11 @@ def _seeds(text: str, parser: argparse.ArgumentParser) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m applications.hyperopt [clean]", description=(__doc__ or "").split("\n\n")[0])
+    p = OneLineParser(prog="python -m applications.hyperopt [clean]", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--seeds", default="0", help="comma-separated seeds (split, corruption); the tables give the mean")
     p.add_argument("--noise", type=float, default=0.5, help="fraction of training labels corrupted, in [0, 1)")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the fixed inner L2 strength of hyper-cleaning")
-    p.add_argument("--hyper-steps", type=int, default=150, help="Adam steps on the example weights")
+    p.add_argument("--hyper-steps", type=positive_int, default=150, help="Adam steps on the example weights")
     p.add_argument("--outer-lr", type=float, default=0.3, help="Adam learning rate on the example logits w")
     p.add_argument("--grid", default=DEFAULT_GRID, help="comma-separated L2 strengths for the baselines")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds within the validation set")
@@ -392,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=int, default=300, help="the test set is the rest of the 1797 digits")
     p.add_argument("--tune-alpha", default=None, metavar="GRID",
                    help="instead of the experiment: choose the inner alpha from GRID on the validation set only")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="output folder (default runs/hyperopt-clean)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -417,7 +414,7 @@ def main(argv: Sequence[str] | None = None, *, log: Any = print) -> int:
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     out = Path(a.out or "runs/hyperopt-clean")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(parser, out)
     started = time.perf_counter()
 
     if a.tune_alpha is not None:

@@ -33,4 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"(choose from {', '.join(COMMANDS)})", file=sys.stderr)
             return 2
     module = importlib.import_module(f"applications.hyperopt.{COMMANDS[command]}")
-    return int(module.main(args))
+    try:
+        return int(module.main(args))
+    except KeyboardInterrupt:  # these runs have no checkpoint: say so in one line
+        print(f"python -m applications.hyperopt {command}: interrupted (nothing to resume: run it again)", file=sys.stderr)
+        return 130

@@ -49,12 +49,12 @@ from tqdm import tqdm
 import bilevel
 from bilevel.linsolve import CG, Neumann
 
+from ..cliargs import OneLineParser, output_dir, positive_int
 from .cleaning import (
     DEFAULT_ALPHA,
     DT,
     Params,
     Problem,
-    _Parser,
     _seeds,
     evaluate,
     inner_objective,
@@ -251,16 +251,16 @@ def run_seed(seed: int, keys: list[str], a: argparse.Namespace, log: Any) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m applications.hyperopt compare", description=(__doc__ or "").split("\n\n")[0])
+    p = OneLineParser(prog="python -m applications.hyperopt compare", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated: cgK, cg-tol, neumannK, first-order, unrolledT")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--hyper-steps", type=int, default=100, help="hyper-steps per method (they take turns)")
+    p.add_argument("--hyper-steps", type=positive_int, default=100, help="hyper-steps per method (they take turns)")
     p.add_argument("--outer-lr", type=float, default=0.3)
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the fixed inner L2 strength")
     p.add_argument("--noise", type=float, default=0.5)
     p.add_argument("--n-train", type=int, default=900)
     p.add_argument("--n-val", type=int, default=300)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", default=None, help="output folder (default runs/hyperopt-compare)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None, *, log: Any = print) -> int:
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     out = Path(a.out or "runs/hyperopt-compare")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(parser, out)
     started = time.perf_counter()
     log(f"hypergradient estimators on data hyper-cleaning: {len(keys)} methods, {a.hyper_steps} interleaved hyper-steps, "
         f"seeds {','.join(map(str, seeds))}; outputs in {out}")

@@ -51,6 +51,8 @@ import bilevel
 from bilevel.linsolve import CG
 from bilevel.solvers import NewtonCG
 
+from ..cliargs import OneLineParser, nonneg_int, output_dir, positive_int
+
 DT = torch.float64
 CLASSES = 10
 SIDE = 8
@@ -193,11 +195,11 @@ def distill(layer: bilevel.Argmin, data: dict[str, torch.Tensor], init: torch.Te
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m applications.hyperopt distill",
+    p = OneLineParser(prog="python -m applications.hyperopt distill",
                                 description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--init", default="means", choices=("means", "random"),
                    help="start from the class means of the training images or from N(0, 1) noise")
-    p.add_argument("--outer-steps", type=int, default=300, help="Adam steps on the images")
+    p.add_argument("--outer-steps", type=positive_int, default=300, help="Adam steps on the images")
     p.add_argument("--outer-lr", type=float, default=0.02, help="Adam's first step (cosine-decayed to 0)")
     p.add_argument("--alpha", type=float, default=0.01, help="L2 strength of the inner problem (the start with --learn-alpha)")
     p.add_argument("--learn-alpha", action="store_true", help="learn log α with the images")
@@ -205,10 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated L2 strengths the baselines are tuned on")
     p.add_argument("--draws", type=int, default=10, help="random draws of real images for the baselines")
     p.add_argument("--per-class", type=int, default=10, help="real images per class of the main baseline")
-    p.add_argument("--inner-maxiter", type=int, default=100, help="Newton-CG iterations per inner solve")
+    p.add_argument("--inner-maxiter", type=positive_int, default=100, help="Newton-CG iterations per inner solve")
     p.add_argument("--limit", type=int, default=None, help="use only this many digits (a quick run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="runs/hyperopt-distill", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -242,7 +244,7 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], Any] = print
     if int(counts.min()) < a.per_class:
         fail(f"--per-class {a.per_class} exceeds the smallest class of the training set ({int(counts.min())} images)")
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(parser, out)
     lines: list[str] = []
 
     def say(line: str) -> None:

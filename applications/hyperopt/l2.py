@@ -38,7 +38,11 @@ import bilevel
 from bilevel.linsolve import CG
 from bilevel.solvers import ScipyMinimize
 
+from ..cliargs import OneLineParser, nonneg_int, output_dir, positive_int
+
 DT = torch.float64
+#: The smallest --limit: 50/25/25 splits of fewer leave classes out of the validation or test set.
+MIN_LIMIT = 100
 
 
 def load(dataset: str, seed: int, limit: int | None = None) -> dict[str, torch.Tensor]:
@@ -108,16 +112,16 @@ def grid_search(data: dict[str, torch.Tensor], grid: Sequence[float], layer: bil
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m applications.hyperopt l2", description=(__doc__ or "").split("\n\n")[0])
+    p = OneLineParser(prog="python -m applications.hyperopt l2", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--dataset", default="digits", choices=("digits", "breast_cancer"))
-    p.add_argument("--outer-steps", type=int, default=60, help="Adam steps on the log-strengths")
+    p.add_argument("--outer-steps", type=positive_int, default=60, help="Adam steps on the log-strengths")
     p.add_argument("--outer-lr", type=float, default=0.1)
-    p.add_argument("--inner-maxiter", type=int, default=500, help="L-BFGS-B iterations per inner solve")
+    p.add_argument("--inner-maxiter", type=positive_int, default=500, help="L-BFGS-B iterations per inner solve")
     p.add_argument("--grid", type=str, default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1",
                    help="comma-separated single strengths for the baseline")
     p.add_argument("--limit", type=int, default=None, help="use only this many examples (a quick run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="output folder (default runs/hyperopt-<dataset>)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -132,10 +136,13 @@ def main(argv: Sequence[str] | None = None, *, log: Any = print) -> int:
         parser.exit(2, f"{parser.prog}: error: --grid must be comma-separated numbers, got {a.grid!r}\n")
     if not (a.outer_steps >= 1 and a.outer_lr > 0 and math.isfinite(a.outer_lr) and all(g > 0 and math.isfinite(g) for g in grid)):
         parser.exit(2, f"{parser.prog}: error: --outer-steps must be >= 1 and --outer-lr and the grid finite and > 0\n")
+    if a.limit is not None and a.limit < MIN_LIMIT:
+        parser.exit(2, f"{parser.prog}: error: --limit must be at least {MIN_LIMIT} (a quarter of them is the test "
+                       f"set, and every split needs examples of each class), got {a.limit}\n")
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     out = Path(a.out or f"runs/hyperopt-{a.dataset}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(parser, out)
     data = load(a.dataset, a.seed, a.limit)
     d, c = data["x_train"].shape[1], int(data["classes"])
     log(f"{a.dataset}: {len(data['y_train'])} train / {len(data['y_val'])} validation / {len(data['y_test'])} test, "
@@ -154,15 +161,17 @@ def main(argv: Sequence[str] | None = None, *, log: Any = print) -> int:
     try:
         for step in bar:
             sol = layer(x0, rho, data["x_train"], data["y_train"])
-            val_loss = F.cross_entropy(data["x_val"] @ sol["W"] + sol["b"], data["y_val"])
-            opt.zero_grad()
-            val_loss.backward()
-            opt.step()
             x0 = {k: v.detach().clone() for k, v in sol.items()}
+            # One row describes one state: the solution and the strengths it was solved with
+            # (before this step's update of ρ).
             res = evaluate(x0, data)
             rows.append({"step": step, **{k: f"{v:.6g}" for k, v in res.items()},
                          "strength_min": f"{float(torch.exp(rho.detach()).min()):.4g}",
                          "strength_max": f"{float(torch.exp(rho.detach()).max()):.4g}"})
+            val_loss = F.cross_entropy(data["x_val"] @ sol["W"] + sol["b"], data["y_val"])
+            opt.zero_grad()
+            val_loss.backward()
+            opt.step()
             bar.set_postfix(val=f"{res['val_loss']:.4f}", refresh=False)
     finally:
         bar.close()

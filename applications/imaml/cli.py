@@ -12,7 +12,6 @@ application's page, docs/applications/imaml.md).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..cliargs import nonneg_int, positive_float, positive_int
 from . import plot
 from .algorithms import ALGORITHMS
 from .checkpoint import CHECKPOINT_NAME
@@ -40,31 +40,25 @@ DEFAULT_RUN = dict(dataset="sinusoid", algorithm="imaml", shots=5, meta_steps=10
 # (the times: docs/applications/imaml.md, "Quick start").
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        f = float(s)  # "1e9": an integer written in scientific notation
-        if not (math.isfinite(f) and f == int(f)):
-            raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}") from None
-        v = int(f)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
-    return v
+def _defaults_help(what: int) -> str:
+    """The per-algorithm, per-dataset default of the inner steps (0), the inner step size (1)
+    or the backward's Krylov steps (2), read from the registry the configuration uses (a
+    hand-written list went stale when the Omniglot defaults changed)."""
+    parts = []
+    for name, alg in ALGORITHMS.items():
+        if what == 2 and not alg.implicit:
+            continue
+        cells = []
+        for dataset, d in alg.inner_defaults.items():
+            five, twenty = d.for_ways(5), d.for_ways(20)
+            if what == 2:
+                cells.append(f"{dataset} {d.cg_steps}")
+            elif dataset == "sinusoid" or five[what] == twenty[what]:
+                cells.append(f"{dataset} {five[what]:g}")
+            else:
+                cells.append(f"{dataset} {five[what]:g} ({twenty[what]:g} above 5-way)")
+        parts.append(f"{name}: {', '.join(cells)}")
+    return "; ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,24 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", choices=DATASETS, required=True)
     g.add_argument("--data-root", default=None, help="data folder (Omniglot/Mini-ImageNet); env BILEVEL_OMNIGLOT / BILEVEL_MINIIMAGENET")
     g.add_argument("--download", action="store_true", help="Omniglot: download the official zips into --data-root if absent")
-    g.add_argument("--ways", type=_positive_int, default=None, help="classes per episode (default 5; ignored for sinusoid)")
-    g.add_argument("--shots", type=_positive_int, default=None, help="support examples per class (default 1; sinusoid 5)")
-    g.add_argument("--queries", type=_positive_int, default=None, help="query examples per class (default 15; sinusoid 10)")
+    g.add_argument("--ways", type=positive_int, default=None, help="classes per episode (default 5; ignored for sinusoid)")
+    g.add_argument("--shots", type=positive_int, default=None, help="support examples per class (default 1; sinusoid 5)")
+    g.add_argument("--queries", type=positive_int, default=None, help="query examples per class (default 15; sinusoid 10)")
     g.add_argument("--split-scheme", choices=("maml", "vinyals"), default=None, help="Omniglot character split (default maml)")
     g = t.add_argument_group("algorithm")
     g.add_argument("--algorithm", choices=tuple(ALGORITHMS), default="imaml")
-    g.add_argument("--meta-steps", type=_nonneg_int, default=None, help="meta-iterations (default 30000; sinusoid 70000)")
-    g.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-iteration (default 32 Omniglot 5-way, 16 20-way / sinusoid, 4 Mini-ImageNet)")
-    g.add_argument("--inner-steps", type=_nonneg_int, default=None, help="inner GD/SGD steps, iMAML-HF: Newton iterations (default: iMAML-GD 16, MAML/FOMAML 1 (5 for 20-way), "
-                   "Reptile 10, iMAML-HF 5; docs/applications/imaml.md, 'Algorithms and defaults')")
-    g.add_argument("--inner-lr", type=_positive_float, default=None, help="inner step size (default: Omniglot 0.1, MAML/FOMAML 5-way 0.4; sinusoid and Mini-ImageNet 0.01)")
-    g.add_argument("--lam", type=_positive_float, default=None, help="proximal weight λ of iMAML, initial value if learned (default: Omniglot 0.1, sinusoid 1, Mini-ImageNet 0.5; "
+    g.add_argument("--meta-steps", type=nonneg_int, default=None, help="meta-iterations (default 30000; sinusoid 70000)")
+    g.add_argument("--meta-batch", type=positive_int, default=None, help="tasks per meta-iteration (default 32 Omniglot 5-way, 16 20-way / sinusoid, 4 Mini-ImageNet)")
+    g.add_argument("--inner-steps", type=nonneg_int, default=None, help="inner GD/SGD steps, iMAML-HF: Newton iterations "
+                   f"(default {_defaults_help(0)}; docs/applications/imaml.md, 'Algorithms and defaults')")
+    g.add_argument("--inner-lr", type=positive_float, default=None, help=f"inner step size (default {_defaults_help(1)})")
+    g.add_argument("--lam", type=positive_float, default=None, help="proximal weight λ of iMAML, initial value if learned (default: Omniglot 0.1, sinusoid 1, Mini-ImageNet 0.5; "
                    "2 with --recipe imaml-dev)")
     g.add_argument("--learn-lam", action="store_true", default=None, help="learn one λ per parameter tensor (iMAML)")
     g.add_argument("--lam-min", type=float, default=None, help="floor of a learned λ: λ = lam_min + softplus(ρ) (default 0.1)")
-    g.add_argument("--lam-lr", type=_positive_float, default=None, help="Adam lr of the λ parameters ρ (default 0.01)")
-    g.add_argument("--cg-steps", type=_positive_int, default=None, help="Krylov (CG/MINRES) iterations of the iMAML backward solve (default 5)")
-    g.add_argument("--cg-tol", type=_positive_float, default=None, help="relative CG tolerance (stop early; default dtype's)")
+    g.add_argument("--lam-lr", type=positive_float, default=None, help="Adam lr of the λ parameters ρ (default 0.01)")
+    g.add_argument("--cg-steps", type=positive_int, default=None, help="Krylov (CG/MINRES) iterations of the iMAML backward solve (default "
+                   f"{_defaults_help(2)}; 5 with --recipe imaml-dev)")
+    g.add_argument("--cg-tol", type=positive_float, default=None, help="relative CG tolerance (stop early; default dtype's)")
     g.add_argument("--linsolve", choices=("cg", "minres"), default=None,
                    help="Krylov solver of iMAML's backward (default minres for Omniglot/Mini-ImageNet, whose batch-norm Hessians are "
                    "indefinite; cg for sinusoid; cg is the paper's)")
@@ -123,34 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query-batching", choices=("auto", "vmap", "loop"), default=None,
                    help="how every algorithm runs its query pass over the tasks: vmap, a loop, or auto (default: the faster, "
                    "measured once per shape)")
-    g.add_argument("--power-iters", type=_nonneg_int, default=None,
+    g.add_argument("--power-iters", type=nonneg_int, default=None,
                    help="Lanczos steps (bilevel.hessian_extremes) per meta-step estimating inner_lr·(H_max+λ) for the log (default 0: off)")
-    g.add_argument("--hf-cg-steps", type=_positive_int, default=None, help="at most this many CG iterations per Newton step of iMAML-HF, NewtonCG(linsolve=CG(maxiter=N)) (default 5)")
-    g.add_argument("--outer-lr", type=_positive_float, default=None, help="Adam learning rate of the meta-parameters (default 0.001)")
-    g.add_argument("--adam-eps", type=_positive_float, default=None, help="Adam eps of the outer optimiser (default 1e-8; 1e-3 with --recipe imaml-dev)")
-    g.add_argument("--filters", type=_positive_int, default=None, help="conv filters (default 64 Omniglot, 32 Mini-ImageNet)")
+    g.add_argument("--hf-cg-steps", type=positive_int, default=None, help="at most this many CG iterations per Newton step of iMAML-HF, NewtonCG(linsolve=CG(maxiter=N)) (default 5)")
+    g.add_argument("--outer-lr", type=positive_float, default=None, help="Adam learning rate of the meta-parameters (default 0.001)")
+    g.add_argument("--adam-eps", type=positive_float, default=None, help="Adam eps of the outer optimiser (default 1e-8; 1e-3 with --recipe imaml-dev)")
+    g.add_argument("--filters", type=positive_int, default=None, help="conv filters (default 64 Omniglot, 32 Mini-ImageNet)")
     g = t.add_argument_group("run")
-    g.add_argument("--seed", type=_nonneg_int, default=None, help="seed of the initialisation and the training tasks (default 0)")
+    g.add_argument("--seed", type=nonneg_int, default=None, help="seed of the initialisation and the training tasks (default 0)")
     g.add_argument("--device", default=None, help="default cuda if available else cpu")
     g.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default float32")
     g.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<algorithm>-...)")
-    g.add_argument("--checkpoint-every", type=_positive_int, default=None, help="meta-steps between checkpoints (default 500)")
-    g.add_argument("--time-limit", type=_positive_float, default=None,
+    g.add_argument("--checkpoint-every", type=positive_int, default=None, help="meta-steps between checkpoints (default 500)")
+    g.add_argument("--time-limit", type=positive_float, default=None,
                    help="stop training after this many seconds (at a step boundary, with a checkpoint): a compute budget")
-    g.add_argument("--time-budget", type=_positive_float, default=None,
+    g.add_argument("--time-budget", type=positive_float, default=None,
                    help="stop once the run has trained this many seconds (log.csv's elapsed_seconds: meta-steps only, "
                    "validation excluded, counted across --resume): equal-time comparisons of algorithms")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
     g.add_argument("--overwrite", action="store_true", help="start over even if OUT/checkpoint.pt exists")
     g.add_argument("--evaluate", action="store_true", help="evaluate on the test episodes after training")
-    g.add_argument("--eval-episodes", type=_positive_int, default=None, help="test episodes (default 600)")
-    g.add_argument("--eval-batch", type=_positive_int, default=None, help="episodes per batched evaluation step")
-    g.add_argument("--eval-seed", type=_nonneg_int, default=None, help="seed of the test and validation episodes (default 0)")
-    g.add_argument("--eval-every", type=_nonneg_int, default=None,
+    g.add_argument("--eval-episodes", type=positive_int, default=None, help="test episodes (default 600)")
+    g.add_argument("--eval-batch", type=positive_int, default=None, help="episodes per batched evaluation step")
+    g.add_argument("--eval-seed", type=nonneg_int, default=None, help="seed of the test and validation episodes (default 0)")
+    g.add_argument("--eval-every", type=nonneg_int, default=None,
                    help="validate every N meta-steps on the validation split (val.csv, best.pt); Omniglot then trains on the "
                    "training characters without the validation ones (default 0: off)")
-    g.add_argument("--val-episodes", type=_positive_int, default=None, help="validation episodes (default 200)")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--val-episodes", type=positive_int, default=None, help="validation episodes (default 200)")
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: 1 for sinusoid, whose tiny MLP only loses from intra-op threads; "
                    "else torch's default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -158,11 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on test episodes")
     e.add_argument("--checkpoint", required=True, help="path of a checkpoint.pt written by train; metrics.json goes beside it")
-    e.add_argument("--episodes", type=_positive_int, default=600, help="test episodes (default 600)")
-    e.add_argument("--batch", type=_positive_int, default=None, help="episodes per batched adaptation")
+    e.add_argument("--episodes", type=positive_int, default=600, help="test episodes (default 600)")
+    e.add_argument("--batch", type=positive_int, default=None, help="episodes per batched adaptation")
     e.add_argument("--device", default=None, help="default: the training device (CPU if CUDA is missing)")
     e.add_argument("--data-root", default=None, help="override the data folder stored in the checkpoint")
-    e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    e.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=_evaluate_command)
     plot.add_parser(sub)  # func: plot.run
@@ -199,14 +194,13 @@ def _resume_config(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] = print) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv:
-        return _default_run(log)
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:  # options but no command
+    args = parser.parse_args(argv) if argv else None
+    if args is not None and getattr(args, "func", None) is None:  # options but no command
         parser.print_help()
         return 2
     try:
-        return int(args.func(args, log=log))
+        # The embedded default run ends like any train command on Ctrl-C: one line, exit 130.
+        return _default_run(log) if args is None else int(args.func(args, log=log))
     except TrainingInterrupted as err:
         sys.stderr.write(f"{parser.prog}: {err}\n")
         return 130
@@ -221,6 +215,8 @@ def _train_command(args: argparse.Namespace, *, log: Callable[[str], None] = pri
     """``train``: meta-train (joining a torchrun process group if there is one), then with
     ``--evaluate`` evaluate the last checkpoint."""
     restart = restart_count()  # > 0: torchrun restarted the group after a failure (.elastic)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it over: pass one of them")
     try:
         kw = _resume_config(args) if args.resume else {k: getattr(args, k) for k in _TRAIN_KEYS}
     except (ValueError, OSError) as err:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import torch
@@ -216,7 +217,8 @@ def resolve_config(**kw: Any) -> RunConfig:
         dtype=get("dtype", "float32"),
         filters=kw.get("filters"),
         split_scheme=get("split_scheme", "maml"),
-        data_root=kw.get("data_root"),
+        # Absolute: the checkpoint records it, and evaluate / --resume may run from another folder.
+        data_root=os.path.abspath(kw["data_root"]) if kw.get("data_root") else None,
         out=get("out", default_out_dir(dataset, algorithm, ways, shots)),
         checkpoint_every=get("checkpoint_every", 500),
         eval_episodes=get("eval_episodes", 600),

@@ -148,10 +148,12 @@ def build_model(
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"square images expected, got {h}x{w}")
+    if filters is not None and filters < 1:  # not `filters or 64`: 0 would build a 64-filter net silently
+        raise ValueError(f"filters must be >= 1, got {filters}")
     if dataset == "omniglot":
-        return ConvNet(c, ways, filters or 64, strided=True, image_size=h)
+        return ConvNet(c, ways, 64 if filters is None else filters, strided=True, image_size=h)
     if dataset == "miniimagenet":
-        return ConvNet(c, ways, filters or 32, strided=False, image_size=h)
+        return ConvNet(c, ways, 32 if filters is None else filters, strided=False, image_size=h)
     raise ValueError(f"unknown dataset {dataset!r}")
 
 

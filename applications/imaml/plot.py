@@ -543,7 +543,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (each with a log.csv)")
     p.add_argument("--out", default=None,
-                   help="PNG to write (default RUN_DIR/curves.png for one run, else ./curves.png)")
+                   help="PNG to write, or a folder to write curves.png in (default RUN_DIR/curves.png for one run, "
+                   "else ./curves.png)")
     p.add_argument("--labels", default=None, help="comma-separated legend labels, one per run")
     p.add_argument("--title", default=None, help="figure title (default: the dataset setting)")
     p.add_argument("--by-seed", action="store_true",
@@ -581,6 +582,12 @@ def run(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> int:
     if labels is not None and len(labels) != len(folders):
         raise ValueError(f"--labels has {len(labels)} labels for {len(folders)} run folders; give one per run")
     out = Path(args.out) if args.out else (folders[0] / "curves.png" if len(folders) == 1 else Path("curves.png"))
+    # What is written is what is printed: a folder gets curves.png inside it, and a name
+    # without a suffix the .png that matplotlib would add.
+    if out.is_dir():
+        out = out / "curves.png"
+    elif not out.suffix:
+        out = out.with_suffix(".png")
     if getattr(args, "by_seed", False):
         log(f"wrote {plot_time_to_accuracy(folders, out, title=args.title)}")
     else:

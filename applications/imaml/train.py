@@ -359,6 +359,10 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     budget of training seconds for the whole run (see :meth:`Trainer.run`).
     """
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log, dist_ctx=dist_ctx)
+    if resume:
+        left = cfg.meta_steps - trainer.step
+        log(f"resumed from meta-step {trainer.step} ({trainer.ckpt_path}); "
+            + (f"{left} meta-steps to go" if left > 0 else f"already at or past --meta-steps {cfg.meta_steps}: nothing to train"))
     try:
         return trainer.run(time_limit=time_limit, time_budget=time_budget)
     except KeyboardInterrupt:

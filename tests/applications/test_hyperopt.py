@@ -30,6 +30,16 @@ def test_small_run_lowers_the_validation_loss(tmp_path: Path) -> None:
         assert 0 <= res["learned"][f"{part}_acc"] <= 1 and math.isfinite(res["learned"][f"{part}_loss"])
     assert (tmp_path / "log.csv").exists() and (tmp_path / "strengths.png").exists()
     assert any("best single strength" in ln for ln in lines) and any("learned per-feature" in ln for ln in lines)
+    # One row, one state: row 0 is the grid's best strength and its validation loss.
+    import csv
+
+    with open(tmp_path / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    alpha = res["grid_best_strength"]
+    assert math.isclose(float(rows[0]["strength_min"]), alpha, rel_tol=1e-3)
+    assert math.isclose(float(rows[0]["strength_max"]), alpha, rel_tol=1e-3)
+    assert math.isclose(float(rows[0]["val_loss"]), res["val_loss_start"], rel_tol=1e-4)
 
 
 def test_hypergradient_matches_finite_differences() -> None:

@@ -187,3 +187,15 @@ def test_subcommand_several_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         run(parser.parse_args(["plot", str(a), "--out", "o.png", "--fits"]))
     with pytest.raises(ValueError, match="labels"):
         run(parser.parse_args(["plot", str(a), str(b), "--labels", "x"]))
+
+
+def test_out_naming_a_folder_or_a_name_without_suffix_prints_what_it_writes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _write_run(tmp_path / "a")
+    parser = _plot_parser()
+    assert run(parser.parse_args(["plot", str(a), "--out", str(a)])) == 0  # an existing folder
+    assert capsys.readouterr().out.splitlines() == [f"wrote {a / 'curves.png'}"]
+    _assert_png(a / "curves.png")
+    assert run(parser.parse_args(["plot", str(a), "--out", str(tmp_path / "pic")])) == 0  # no suffix
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'pic.png'}"]
+    _assert_png(tmp_path / "pic.png")
