@@ -41,8 +41,12 @@ class Diagnostics:
             gradient and one Hessian-vector product for all tasks, per strategy (``None``
             when the strategy was given or not measured).
         solve_dtype: the precision :class:`~bilevel.Argmin`, :class:`~bilevel.Proximal`
-            or :class:`~bilevel.FixedPoint` solved the last call's inner problem in, when not the unknowns' own (``None``):
-            ``torch.float32`` for float16/bfloat16 unknowns with ``solve_dtype="auto"``.
+            or :class:`~bilevel.FixedPoint` solved the last call's inner problem in, when
+            not the inputs' own (``None``): ``torch.float32`` for float16/bfloat16 inputs
+            with ``solve_dtype="auto"``.
+        forward_norm: what ``forward.grad_norm`` measures, for the printed line:
+            ``"gradient norm"`` (a minimisation), ``"residual norm"`` (a fixed point:
+            ``||fn(x) - x||``).
         traced: whether the last call ran inside a ``torch.compile`` graph (the traced
             path of fixed-budget layers, docs/works-with.md): a graph reads nothing on
             the host, so ``forward`` and ``backward`` are then left at ``None``.
@@ -69,6 +73,7 @@ class Diagnostics:
     strategy_seconds: dict[str, float] | None = None
     solve_dtype: torch.dtype | None = None
     traced: bool = False
+    forward_norm: str = "gradient norm"
 
     def start_call(self) -> int:
         """Number a new call and clear the forward statistics (returns the call's number)."""
@@ -83,7 +88,7 @@ class Diagnostics:
             lines.append("traced: the last call ran inside a torch.compile graph (no statuses or statistics)")
         if self.forward is not None:
             f = self.forward
-            gn = "" if f.grad_norm is None else f", gradient norm {_fmt(f.grad_norm)}"
+            gn = "" if f.grad_norm is None else f", {self.forward_norm} {_fmt(f.grad_norm)}"
             lines.append(f"forward : {f.status} after {f.iterations} iterations{gn}")
         if self.backward is not None:
             lines.append(f"backward: {self.backward.summary()}")
@@ -121,6 +126,8 @@ def strip_forward(res: Any) -> SolverResult:
             value_monotone=None if res.value_monotone is None else res.value_monotone.detach(),
         )
     status = getattr(res, "status", None)
+    if isinstance(status, str) and status.upper() in Status.__members__:  # a user solver's "SUCCESS"
+        status = Status[status.upper()]
     return SolverResult(
         x=None,
         status=status if isinstance(status, Status) else Status.UNKNOWN,

@@ -71,6 +71,7 @@ class FixedPoint(_Layer):
     ) -> None:
         super().__init__(linsolve, on_failure=on_failure, backward_dtype=backward_dtype)
         self.solve_dtype = check_dtype_policy("solve_dtype", solve_dtype)
+        self.diagnostics.forward_norm = "residual norm"  # the solvers' grad_norm is ||fn(x) - x||
         if not callable(fn):
             raise BilevelTypeError("fn must be callable")
         if solver is None:

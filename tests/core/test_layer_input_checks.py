@@ -195,3 +195,24 @@ def test_library_solvers_leave_x0_alone() -> None:
             warnings.simplefilter("error")
             bilevel.FixedPoint(_half_plus, solver=solver)(z0, torch.ones(2, dtype=DT))
         assert torch.equal(z0, torch.zeros(2, dtype=DT))
+
+
+def test_fixed_point_diagnostics_call_its_norm_a_residual() -> None:
+    layer = bilevel.FixedPoint(_half_plus)
+    layer(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT, requires_grad=True)).sum().backward()
+    assert layer.diagnostics.forward_norm == "residual norm"
+    assert "iterations, residual norm" in str(layer.diagnostics).splitlines()[0]
+    argmin = bilevel.Argmin(lambda x, a: ((x - a) ** 2).sum())
+    argmin(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT))
+    assert "gradient norm" in str(argmin.diagnostics)
+
+
+def test_a_user_solver_s_status_named_by_a_string_is_understood() -> None:
+    class Result:
+        def __init__(self, x: torch.Tensor, status: str) -> None:
+            self.x, self.status, self.iterations = x, status, 3
+
+    for status, ok in (("SUCCESS", True), ("max_iterations", False)):
+        layer = bilevel.FixedPoint(_half_plus, solver=lambda fn, x0, a, s=status: Result(2 * a, s), on_failure="ignore")
+        layer(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT))
+        assert layer.diagnostics.forward.status.name == status.upper() and layer.diagnostics.forward.success is ok
