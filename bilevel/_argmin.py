@@ -105,10 +105,9 @@ class Argmin(_Layer):
         hvp: ``"reverse"`` or ``"forward"`` Hessian-vector products in the backward (see
             :class:`ImplicitLayer`).
         backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
-        solve_dtype: the precision of the inner solve: ``"auto"`` (default) solves a
-            problem with float16/bfloat16 unknowns or arguments in float32 (float64 if an
-            input is float64) -- iterate, solver state, tolerance and the objective's
-            inputs; the solution is returned in the unknowns' dtype (a master copy, as in
+        solve_dtype: the precision of the inner solve: ``"auto"`` (default) lifts the
+            float16/bfloat16 unknowns and arguments to float32 (a float64 one stays float64)
+            -- iterate, solver state, tolerance and the objective's inputs; the solution is returned in the unknowns' dtype (a master copy, as in
             mixed-precision training); ``None`` solves in the inputs' precision; a dtype
             forces one.  A half-precision tensor the objective closes over is not lifted:
             pass it as an argument.  Under ``torch.autocast`` the objective's
@@ -158,7 +157,7 @@ class Argmin(_Layer):
             from .solvers import NewtonCG
 
             solver = NewtonCG()
-        check_solver_role("solver", solver)
+        check_solver_role("solver", solver, example="NewtonCG")
         self.objective = objective
         self.solver = solver
 
@@ -248,6 +247,7 @@ class Argmin(_Layer):
     def _problem(
         self, objective: Callable[..., Tensor], x0: Any, args: tuple, dims: tuple, strategy: str | None,
         damping: float = 0.0, closed_bt: ClosedBt | None = None, arg_labels: tuple[str, ...] | None = None,
+        x0_copied: bool = False,
     ) -> RootProblem:
         """The ``(solve, optimality)`` pair of one call.  ``strategy``: None (one task),
         ``"vmap"`` or ``"loop"`` (a batch of tasks)."""
@@ -258,7 +258,7 @@ class Argmin(_Layer):
         # precision training): a bfloat16 solve stops at bfloat16's tolerance, far from φ*.
         x_leaves = tree_flatten(x0)[0]
         master = work_dtype(self.solve_dtype, [*x_leaves, *tensor_leaves(args)])
-        self.diagnostics.solve_dtype = master
+        self.diagnostics.solve_dtype = None if master is None else master.dtype
         lift, lower = master_casts(master, [t.dtype for t in x_leaves])
         if strategy == "loop":
             optimality_one = _sum_grad(one)
@@ -267,10 +267,11 @@ class Argmin(_Layer):
 
             def solve_loop(x0_: Any, *a: Any) -> Any:
                 results = []
+                x0_, a = lift(x0_), lift(a)  # once, not per task
                 for b in range(batch_size(x0_)):
-                    x0_b = tree_map(lambda t, b=b: t[b], lift(x0_))
+                    x0_b = tree_map(lambda t, b=b: t[b], x0_)
                     with explain_dtype_errors(self._name, "inner solve", "solve_dtype", master):
-                        results.append(self.solver(one, x0_b, *task_slice(lift(a), dims, b)))
+                        results.append(self.solver(one, x0_b, *task_slice(a, dims, b)))
                 xs = [lower(_solution_tree(r)) for r in results]
                 x = tree_map(lambda *ls: torch.stack(ls), *xs)
                 if all(isinstance(r, SolverResult) for r in results):
@@ -279,7 +280,7 @@ class Argmin(_Layer):
 
             # The backward uses task_optimality task by task (the batched optimality is unused then).
             return RootProblem(solve_loop, optimality_one, x0, args, True, True, task_optimality=optimality_one,
-                               task_dims=dims, closed_bt=closed_bt, arg_labels=arg_labels)
+                               task_dims=dims, closed_bt=closed_bt, arg_labels=arg_labels, x0_copied=x0_copied)
 
         def solve(x0_: Any, *a: Any) -> Any:
             x0_, a = lift(x0_), lift(a)
@@ -291,7 +292,7 @@ class Argmin(_Layer):
         if damping:
             optimality = _damped(optimality, damping)
         return RootProblem(solve, optimality, x0, args, True, strategy is not None, closed_bt=closed_bt,
-                           arg_labels=arg_labels)
+                           arg_labels=arg_labels, x0_copied=x0_copied)
 
     @compile_boundary
     def __call__(self, x0: Any, *args: Any, batched: Batched = False, in_dims: InDims = 0) -> Any:

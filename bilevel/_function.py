@@ -371,7 +371,7 @@ def _eager_apply(problem: RootProblem, name: str, diagnostics: Diagnostics, make
     before, before_x = versions(arg_leaves), versions(x_leaves)
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
     refuse_modified_arguments(name, arg_leaves, before, lambda: _leaf_labels(args, layout, problem.arg_labels))
-    if versions(x_leaves) != before_x:
+    if not problem.x0_copied and versions(x_leaves) != before_x:
         raise BilevelValueError(
             f"{name}: the solver modified the initial point x0 in place (its version counter changed): the caller's "
             "tensor now holds an iterate, not what was passed. Copy it in the solver first (x = x0.clone())"
@@ -384,7 +384,7 @@ def _eager_apply(problem: RootProblem, name: str, diagnostics: Diagnostics, make
         work = work_dtype(spec.backward_dtype, [*out, *arg_leaves])
         fn, xs, a = spec.optimality, cast(list(out), work), spec.unpack(cast([t.detach() for t in arg_leaves], work))
         if spec.task_optimality is not None and spec.task_dims is not None:  # the loop strategy: task 0 suffices
-            fn, xs, a = spec.task_optimality, [t[0] for t in out], task_slice(a, spec.task_dims, 0)
+            fn, xs, a = spec.task_optimality, [t[0] for t in xs], task_slice(a, spec.task_dims, 0)
         with torch.enable_grad():
             F = tree_flatten(fn(tree_unflatten(x_def, [t.detach() for t in xs]), *a))[0]
         warn_if_only_closed_over_tensors_need_grad(F, name)

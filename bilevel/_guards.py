@@ -241,7 +241,7 @@ def refuse_vmapped(name: str, mode: str, tensors: Sequence[Tensor], linsolve: An
         raise UnsupportedError(
             f"{name}: vmapped {mode}-mode products through an implicit layer (jacrev, jacfwd, or vmap of "
             f"grad/vjp/jvp) need a linear solver without data-dependent host control: {type(linsolve).__name__} "
-            f"to a tolerance stops on such tests. Use {'CG, MINRES or Neumann' if symmetric else 'Neumann'} (to a "
+            f"to a tolerance stops on such tests. Use {'CG, MINRES or Neumann' if symmetric else 'Neumann or Broyden'} (to a "
             "tolerance, all maxiter iterations then run), any solver with a fixed budget (steps=m), or "
             "compute Jacobian rows with a Python loop of torch.func.vjp/jvp calls"
         )

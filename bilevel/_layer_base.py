@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, ClassVar
 
 from ._diagnostics import Diagnostics
@@ -20,7 +21,7 @@ _ROLES = {
 }
 
 
-def check_solver_role(role: str, obj: Any) -> None:
+def check_solver_role(role: str, obj: Any, example: str = "GMRES") -> None:
     """``obj`` as the layer's ``solver`` (inner) or ``linsolve`` (backward): an instance from
     its own module or any callable -- not a class, a string, or a solver of the other role,
     whose call signature also fits (``(fn, x0)`` vs ``(matvec, b)``) and which would
@@ -31,8 +32,7 @@ def check_solver_role(role: str, obj: Any) -> None:
     if isinstance(obj, type):
         raise BilevelTypeError(f"{role} must be a solver instance, e.g. {obj.__name__}(), got the class {obj.__name__}")
     if isinstance(obj, str):
-        raise BilevelTypeError(f"{role} must be a solver instance (e.g. {_ROLES[role][0]}.{'Anderson' if role == 'solver' else 'GMRES'}()), "
-                               f"got the string {obj!r}")
+        raise BilevelTypeError(f"{role} must be a solver instance (e.g. {_ROLES[role][0]}.{example}()), got the string {obj!r}")
     classes = {"solver": (_solvers, _solvers.Solver), "linsolve": (_ls, _ls.LinearSolver)}
     other = "linsolve" if role == "solver" else "solver"
     name = type(obj).__name__
@@ -89,11 +89,8 @@ class _Layer:
 
     def _apply(self, problem: RootProblem) -> Any:
         """Solve ``problem`` and return x*, differentiable w.r.t. the tensor trees in its args."""
-        if not isinstance(problem.batched, bool):
-            raise BilevelTypeError(
-                f"{self._name}: batched must be True or False, got {problem.batched!r} (the strategies 'auto', "
-                "'vmap' and 'loop' are Argmin's and Proximal's)"
-            )
+        if not isinstance(problem.batched, bool):  # 1, numpy.bool_: a plain bool from here on
+            problem = dataclasses.replace(problem, batched=self._batched_flag(problem.batched))
         return implicit_apply(
             problem,
             linsolve=self.linsolve,
@@ -105,6 +102,15 @@ class _Layer:
             # Asked only while dynamo traces: an eager call (the hot path) skips the question.
             traceable=tracing() and self._untraceable(problem.batched) is None,
         )
+
+    def _batched_flag(self, batched: Any) -> bool:
+        """``batched`` of a root layer (one vmapped solve or none) as a bool, or a clear error."""
+        if isinstance(batched, str) or batched not in (True, False):
+            raise BilevelTypeError(
+                f"{self._name}: batched must be True or False, got {batched!r} (the strategies 'auto', "
+                "'vmap' and 'loop' are Argmin's and Proximal's)"
+            )
+        return bool(batched)
 
     def _untraceable(self, batched: Any = False) -> str | None:
         """Why ``torch.compile`` cannot trace a call with this ``batched`` (``None``: it can;
@@ -148,9 +154,9 @@ class ImplicitLayer(_Layer, abc.ABC):
             map, vmap-friendly, falling back to reverse mode for operations without a
             forward-mode rule).
         backward_dtype: the precision of the backward (the Jacobian products, the linear
-            solve and its reductions, the argument VJP).  ``"auto"`` (default): float32
-            (float64 beside a float64 input) when the solution or an argument is
-            float16/bfloat16 (the inner solver may run
+            solve and its reductions, the argument VJP).  ``"auto"`` (default): the
+            float16/bfloat16 tensors lifted to float32 when the solution or an argument is
+            in half precision (a float64 one stays float64; the inner solver may run
             in half precision; the adjoint system, a sum of many products, should not),
             else the inputs' own dtype.  ``None``: always the inputs' dtype; a dtype: that
             one.  Gradients are returned in each input's dtype.

@@ -2,25 +2,25 @@
 (``backward_dtype``), each decided once per call (docs/design.md §3).
 
 The inner solve: when the unknowns or the arguments hold float16/bfloat16 tensors, the
-problem is solved in float32 (or float64, when an input is float64: nothing is lowered) and
-x* returned in the unknowns' dtypes -- a master copy, as in mixed-precision training
+half-precision tensors are lifted to float32 (a float64 one stays float64: nothing is
+lowered) and x* returned in the unknowns' dtypes -- a master copy, as in mixed-precision training
 (:func:`master_casts`) -- because a solver whose tolerance follows bfloat16's epsilon
 stops far from x*.
 
 The backward: the adjoint system is a sum of many Jacobian products: in half precision it loses the
 meta-gradient even when the inner solver may run in half precision.  So the backward
 (the operator products, the linear solve and its reductions, the argument VJP) runs in
-``backward_dtype`` -- ``"auto"``: float32 (float64 beside a float64 input) when the
-solution or an argument is float16/bfloat16 -- and never under autocast, even when ``backward()`` is called inside
-an autocast region; each gradient is returned in its input's dtype.
+``backward_dtype`` -- ``"auto"``: the float16/bfloat16 tensors lifted to float32 when the
+solution or an argument is in half precision -- and never under autocast, even when
+``backward()`` is called inside an autocast region; each gradient is returned in its input's dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,20 +38,33 @@ def check_dtype_policy(name: str, policy: Any) -> Any:
     return policy
 
 
-def work_dtype(policy: Any, tensors: Sequence[Tensor]) -> torch.dtype | None:
-    """The dtype a computation on ``tensors`` runs in, if not the inputs' own (``None``).
+class Work(NamedTuple):
+    """The precision a computation runs in: ``dtype``, and whether only narrower floating
+    tensors are lifted to it (``"auto"``: half precision becomes float32, a float64 tensor
+    beside it stays float64 -- nothing is lowered, and nothing becomes slower than float32)
+    or every floating tensor is cast (a dtype given by the user)."""
 
-    ``"auto"``: when any tensor is float16/bfloat16, the widest of float32 and the tensors'
-    dtypes -- half precision is lifted, and a float64 tensor beside a bfloat16 one is never
-    lowered.  A dtype: that one.  ``None``: the inputs' own."""
+    dtype: torch.dtype
+    lift_only: bool
+
+
+def work_dtype(policy: Any, tensors: Sequence[Tensor]) -> Work | None:
+    """The precision a computation on ``tensors`` runs in, if not the inputs' own (``None``).
+
+    ``"auto"``: float32 for the float16/bfloat16 tensors when there is one.  A dtype: that
+    one for every floating tensor.  ``None``: the inputs' own."""
     if policy is None:
         return None
     floats = [t.dtype for t in tensors if t.is_floating_point()]
     if policy == "auto":
-        if not any(d in _HALF for d in floats):
-            return None
-        return functools.reduce(torch.promote_types, floats, torch.float32)
-    return policy if any(d != policy for d in floats) else None
+        return Work(torch.float32, True) if any(d in _HALF for d in floats) else None
+    return Work(policy, False) if any(d != policy for d in floats) else None
+
+
+def _to(t: Tensor, work: Work) -> Tensor:
+    if not t.is_floating_point() or (work.lift_only and t.dtype.itemsize >= work.dtype.itemsize):
+        return t
+    return t.to(work.dtype)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -71,12 +84,12 @@ def autocast_off(device_type: str) -> Iterator[None]:
         yield
 
 
-def cast(tensors: Sequence[Any], dtype: torch.dtype | None) -> list[Any]:
-    """The floating tensors in ``dtype`` (everything else, ``None`` included, unchanged;
-    all unchanged when ``dtype`` is ``None``)."""
-    if dtype is None:
+def cast(tensors: Sequence[Any], work: Work | None) -> list[Any]:
+    """The floating tensors in ``work``'s precision (everything else, ``None`` included,
+    unchanged; all unchanged when ``work`` is ``None``)."""
+    if work is None:
         return list(tensors)
-    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
+    return [_to(t, work) if isinstance(t, Tensor) else t for t in tensors]
 
 
 def tensor_leaves(tree: Any) -> list[Tensor]:
@@ -87,9 +100,9 @@ def tensor_leaves(tree: Any) -> list[Tensor]:
         return [t for a in tree for t in tensor_leaves(a)] if isinstance(tree, tuple) else []
 
 
-def master_casts(master: torch.dtype | None, dtypes: list[torch.dtype]) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """``(lift, lower)``: floating tensors of any tree to ``master``, and the unknowns back
-    to their own ``dtypes`` (identities when there is no master precision)."""
+def master_casts(master: Work | None, dtypes: list[torch.dtype]) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """``(lift, lower)``: floating tensors of any tree to ``master``'s precision, and the
+    unknowns back to their own ``dtypes`` (identities when there is no master precision)."""
     if master is None:
         return (lambda t: t), (lambda t: t)
 
@@ -98,7 +111,7 @@ def master_casts(master: torch.dtype | None, dtypes: list[torch.dtype]) -> tuple
             leaves, d = tree_flatten(tree)
         except TypeError:  # a static (non-tensor) argument, or a tuple of arguments holding one
             return tuple(lift(a) for a in tree) if isinstance(tree, tuple) else tree
-        return tree_unflatten(d, [t.to(master) if t.is_floating_point() else t for t in leaves])
+        return tree_unflatten(d, [_to(t, master) for t in leaves])
 
     def lower(tree: Any) -> Any:
         leaves, d = tree_flatten(tree)
@@ -107,24 +120,34 @@ def master_casts(master: torch.dtype | None, dtypes: list[torch.dtype]) -> tuple
     return lift, lower
 
 
+def _floating_names(msg: str) -> set[str]:
+    """The floating dtypes a torch error message names (``Float``, ``c10::BFloat16``,
+    ``torch.float16``...), normalised."""
+    alias = {"half": "float16", "float": "float32", "double": "float64"}
+    words = re.findall(r"\b(bfloat16|float16|float32|float64|half|float|double)\b", msg.lower())
+    return {alias.get(w, w) for w in words}
+
+
 @contextlib.contextmanager
-def explain_dtype_errors(name: str, what: str, option: str, dtype: torch.dtype | None) -> Iterator[None]:
-    """Re-raise torch's dtype-mismatch error from a computation that a precision policy lifted
-    to ``dtype`` with what is the usual cause: a half-precision tensor that the user's
-    function closes over, which the policy cannot see (a no-op when nothing was lifted)."""
-    if dtype is None:
+def explain_dtype_errors(name: str, what: str, option: str, work: Work | None) -> Iterator[None]:
+    """Re-raise torch's error about two floating dtypes that do not mix, from a computation
+    whose inputs a precision policy cast to ``work``, with what is the usual cause: a tensor
+    in another precision that the user's function closes over, which the policy cannot
+    see (a no-op when nothing was cast; any other error passes through)."""
+    if work is None:
         yield
         return
     try:
         yield
     except RuntimeError as e:
         msg = str(e)
-        if "dtype" not in msg and "scalar type" not in msg:
+        if ("dtype" not in msg and "scalar type" not in msg) or len(_floating_names(msg)) < 2:
             raise
-        short = str(dtype).replace("torch.", "")
+        short = str(work.dtype).replace("torch.", "")
         raise BilevelTypeError(
             f"{name}: the {what} ran in {short} (the layer's {option}) and failed on a dtype "
-            f"mismatch ({msg.splitlines()[0]}): a half-precision tensor the function closes over stays as it is. "
+            f"mismatch ({msg.splitlines()[0]}): a tensor in another precision that the function closes over stays as "
+            "it is. "
             f"Pass it as an argument of the layer (it is then lifted too), or set {option}=None to run in the "
             "inputs' precision"
         ) from e

@@ -38,6 +38,8 @@ class RootProblem:
         closed_bt: a closed form of the argument product ``Bᵀw`` (:data:`ClosedBt`).
         arg_labels: how messages name each argument (default ``args[i]``), e.g. ``theta``
             for the meta-parameters that :class:`~bilevel.Proximal` passes first.
+        x0_copied: ``x0`` is the layer's own copy (:class:`~bilevel.Proximal`'s of θ), which
+            a solver may update in place; otherwise that is refused (it is the caller's).
     """
 
     solve: Callable[..., Any]
@@ -50,6 +52,7 @@ class RootProblem:
     task_dims: tuple[int | None, ...] | None = None
     closed_bt: ClosedBt | None = None
     arg_labels: tuple[str, ...] | None = None
+    x0_copied: bool = False
 
 
 def task_slice(args: tuple, dims: Sequence[int | None], b: int) -> tuple:

@@ -279,7 +279,7 @@ class Proximal(Argmin):
         closed = proximal_closed_bt(len(tree_flatten(theta)[0]), scalar_lam, strategy is not None)
         labels = ("theta", "lam", *(f"args[{i}]" for i in range(len(args))))
         return self._apply(self._problem(objective, x0, (theta, lam_t, *args), dims, strategy, self.damping, closed,
-                                         labels))
+                                         labels, x0_copied=True))
 
 
 @eager_only  # evaluates the loss: part of the layer's eager region under torch.compile

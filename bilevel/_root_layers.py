@@ -42,9 +42,9 @@ class FixedPoint(_Layer):
             :class:`ImplicitLayer`).
         backward_dtype: the precision of the backward (see :class:`ImplicitLayer`).
         solve_dtype: the precision of the forward solve, as for :class:`Argmin`:
-            ``"auto"`` (default) iterates in float32 (float64 beside a float64 input) when
-            the unknowns or the arguments hold float16/bfloat16 tensors -- iterate, solver
-            state, tolerance and ``fn``'s inputs -- and returns x* in the unknowns' dtype;
+            ``"auto"`` (default) lifts the float16/bfloat16 unknowns and arguments to
+            float32 -- iterate, solver state, tolerance and ``fn``'s inputs -- and returns
+            x* in the unknowns' dtype;
             ``None`` iterates in the inputs' precision; a dtype forces one.
 
     Call ``layer(x0, *args, batched=False, in_dims=0)``.
@@ -78,7 +78,7 @@ class FixedPoint(_Layer):
             from .solvers import FixedPointIteration
 
             solver = FixedPointIteration()
-        check_solver_role("solver", solver)
+        check_solver_role("solver", solver, example="Anderson")
         self.fn = fn
         self.solver = solver
 
@@ -97,7 +97,8 @@ class FixedPoint(_Layer):
             x*, shaped like ``x0``.
         """
         fn = self.fn
-        if batched is True:
+        batched = self._batched_flag(batched)
+        if batched:
             dims = arg_dims(args, in_dims)
             n = batch_size(x0)
             if any(d is not None for d in dims) and task_count(args, dims) != n:
@@ -108,7 +109,7 @@ class FixedPoint(_Layer):
         # unknowns iterate in float32 and x* comes back in their dtype.
         x_leaves = tree_flatten(x0)[0]
         master = work_dtype(self.solve_dtype, [*x_leaves, *tensor_leaves(args)])
-        self.diagnostics.solve_dtype = master
+        self.diagnostics.solve_dtype = None if master is None else master.dtype
         lift, lower = master_casts(master, [t.dtype for t in x_leaves])
 
         def solve(x0_: Any, *a: Any) -> Any:

@@ -130,13 +130,15 @@ def test_a_nan_cotangent_is_named() -> None:
 # precision: nothing lowered, and a closed-over half-precision tensor explained
 # --------------------------------------------------------------------------------------
 def test_a_float64_leaf_beside_a_bfloat16_one_keeps_float64() -> None:
+    """``solve_dtype``/``backward_dtype='auto'`` lift half precision to float32 and lower
+    nothing (they once cast every input to float32)."""
     a = torch.tensor([1 / 3], dtype=DT, requires_grad=True)
     b = torch.tensor([0.5, 0.25], dtype=torch.bfloat16, requires_grad=True)
     x0 = {"u": torch.zeros(2, dtype=torch.bfloat16), "v": torch.zeros(1, dtype=DT)}
     layer = bilevel.FixedPoint(lambda z, a, b: {"u": 0.5 * z["u"] + b, "v": 0.5 * z["v"] + a},
                                solver=sv.FixedPointIteration(rtol=1e-15, maxiter=500))
     x = layer(x0, a, b)
-    assert layer.diagnostics.solve_dtype == DT
+    assert layer.diagnostics.solve_dtype == torch.float32  # the half leaf lifted; the float64 one left as it is
     assert x["u"].dtype == torch.bfloat16 and x["v"].dtype == DT
     assert float((x["v"] - 2 * a).detach().abs()) < 1e-14  # float32 rounding would leave ~1e-8
     (x["v"].sum() + x["u"].float().sum()).backward()
@@ -166,10 +168,18 @@ def test_a_closed_over_half_precision_tensor_is_explained() -> None:
 # --------------------------------------------------------------------------------------
 # FixedPoint's batched calls, and the initial point
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", ["loop", "auto", "bogus", 1])
+@pytest.mark.parametrize("bad", ["loop", "auto", "bogus", 2])
 def test_fixed_point_batched_must_be_a_bool(bad: object) -> None:
     with pytest.raises(BilevelTypeError, match="batched must be True or False"):
         bilevel.FixedPoint(_half_plus)(torch.zeros(2, 2), torch.ones(2, 2), batched=bad)  # type: ignore[arg-type]
+
+
+def test_fixed_point_batched_accepts_bool_like_values() -> None:
+    import numpy as np
+
+    want = bilevel.FixedPoint(_half_plus)(torch.zeros(2, 2), torch.ones(2, 2), batched=True)
+    for flag in (1, np.bool_(True)):
+        torch.testing.assert_close(bilevel.FixedPoint(_half_plus)(torch.zeros(2, 2), torch.ones(2, 2), batched=flag), want)
 
 
 def test_fixed_point_task_count_mismatch_is_named() -> None:
@@ -216,3 +226,40 @@ def test_a_user_solver_s_status_named_by_a_string_is_understood() -> None:
         layer = bilevel.FixedPoint(_half_plus, solver=lambda fn, x0, a, s=status: Result(2 * a, s), on_failure="ignore")
         layer(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT))
         assert layer.diagnostics.forward.status.name == status.upper() and layer.diagnostics.forward.success is ok
+
+
+def test_half_precision_loop_strategy_evaluates_without_gradients() -> None:
+    """The closed-over-tensor check of an evaluation call (no argument requiring grad)
+    evaluates F in the backward's precision, task 0 of the loop included."""
+    layer = bilevel.Argmin(lambda x, a, b: 0.5 * ((a @ x - b) ** 2).mean() + 0.5 * x @ x)
+    a, b = torch.randn(3, 20, 4).to(torch.bfloat16), torch.randn(3, 20).to(torch.bfloat16)
+    x = layer(torch.zeros(3, 4, dtype=torch.bfloat16), a, b, batched="loop")
+    assert x.shape == (3, 4) and x.dtype == torch.bfloat16
+
+
+def _grad(f, x, *args):
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        return torch.autograd.grad(f(xg, *args), xg)[0]
+
+
+def test_proximal_lets_a_solver_update_its_own_copy_of_theta_in_place() -> None:
+    def solver(f, x0, *args, batched=False):
+        for _ in range(200):
+            x0.sub_(0.1 * _grad(f, x0, *args))  # in place, on the layer's copy of θ
+        return x0
+
+    theta = torch.ones(3, dtype=DT, requires_grad=True)
+    target = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
+    phi = bilevel.Proximal(lambda p, t: ((p - t) ** 2).sum(), 1.0, solver=solver)(theta, target)
+    torch.testing.assert_close(phi.detach(), (2 * target + theta.detach()) / 3)  # argmin (p−t)² + ½(p−θ)²
+    torch.testing.assert_close(theta.detach(), torch.ones(3, dtype=DT))
+
+
+def test_an_unrelated_error_inside_a_lifted_solve_passes_through() -> None:
+    def fn(z, b, idx):
+        return z * 0.5 + b.index_select(0, idx.float())  # a float index: the user's bug, whose message says "dtype"
+
+    with pytest.raises(RuntimeError, match="dtype") as err:
+        bilevel.FixedPoint(fn)(torch.zeros(3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16), torch.arange(3))
+    assert not isinstance(err.value, BilevelTypeError)
