@@ -94,8 +94,9 @@ def test_omniglot_train_evaluate(algorithm: str, tmp_path: Path, capsys: pytest.
 
 
 def test_resume_continues_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Fixed strategies: "auto" is timed per process, and runs a and b are compared bitwise.
     common = ["--dataset", "sinusoid", "--meta-batch", "4", "--inner-steps", "4", "--learn-lam", "--no-progress",
-              "--device", "cpu"]
+              "--device", "cpu", "--batching", "vmap", "--query-batching", "vmap"]
     a, b = tmp_path / "a", tmp_path / "b"
     _run(["train", *common, "--meta-steps", "6", "--out", str(a)], capsys)
     _run(["train", *common, "--meta-steps", "3", "--out", str(b)], capsys)

@@ -29,8 +29,9 @@ def _val(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+# Fixed strategies: "auto" is timed per process, and two runs are compared exactly.
 COMMON = ["--dataset", "sinusoid", "--meta-batch", "4", "--inner-steps", "3", "--eval-every", "2", "--val-episodes", "20",
-          "--no-progress", "--device", "cpu"]
+          "--no-progress", "--device", "cpu", "--batching", "vmap", "--query-batching", "vmap"]
 
 
 def test_eval_every_writes_curve_and_best_checkpoint(tmp_path: Path) -> None:
