@@ -22,6 +22,7 @@ from ._batching import (
 from ._errors import BilevelTypeError, BilevelValueError
 from ._layer_base import _Layer, check_solver_role
 from ._precision import (
+    Work,
     check_dtype_policy,
     explain_dtype_errors,
     master_casts,
@@ -53,6 +54,32 @@ def _scalar_objective(objective: Callable[..., Tensor], name: str) -> Callable[.
         return v
 
     return f
+
+
+def solve_precision(layer: Any, x0: Any, args: tuple) -> tuple[Work | None, Callable[[Any], Any], Callable[[Any], Any]]:
+    """The precision policy of ``layer``'s inner solve for one call (``layer.solve_dtype``,
+    bilevel/_precision.py): ``(master, lift, lower)``, recorded in its diagnostics.
+    Half-precision unknowns and arguments are lifted to float32 and the solution comes
+    back in the unknowns' dtypes (a master copy, as in mixed-precision training): a
+    bfloat16 solve would stop at bfloat16's tolerance, far from x*."""
+    x_leaves = tree_flatten(x0)[0]
+    master = work_dtype(layer.solve_dtype, [*x_leaves, *tensor_leaves(args)])
+    layer.diagnostics.solve_dtype = None if master is None else master.dtype
+    lift, lower = master_casts(master, [t.dtype for t in x_leaves])
+    return master, lift, lower
+
+
+def in_master_precision(name: str, master: Work | None, lift: Callable[[Any], Any], lower: Callable[[Any], Any],
+                        call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call(x0, *args)`` (an inner solve) run on lifted inputs, its solution lowered back."""
+
+    def solve(x0_: Any, *a: Any) -> Any:
+        x0_, a = lift(x0_), lift(a)
+        with explain_dtype_errors(name, "inner solve", "solve_dtype", master):
+            res = call(x0_, *a)
+        return _with_solution(res, lower(_solution_tree(res))) if master is not None else res
+
+    return solve
 
 
 def _with_solution(res: Any, x: Any) -> Any:
@@ -252,14 +279,7 @@ class Argmin(_Layer):
         """The ``(solve, optimality)`` pair of one call.  ``strategy``: None (one task),
         ``"vmap"`` or ``"loop"`` (a batch of tasks)."""
         one, obj = self._objectives(objective, strategy, dims)
-        # The precision policy of the inner solve: half-precision unknowns are solved as a
-        # float32 problem (iterate, optimiser state, tolerance and the objective's inputs),
-        # and the solution comes back in the inputs' dtypes (a master copy, as in mixed-
-        # precision training): a bfloat16 solve stops at bfloat16's tolerance, far from φ*.
-        x_leaves = tree_flatten(x0)[0]
-        master = work_dtype(self.solve_dtype, [*x_leaves, *tensor_leaves(args)])
-        self.diagnostics.solve_dtype = None if master is None else master.dtype
-        lift, lower = master_casts(master, [t.dtype for t in x_leaves])
+        master, lift, lower = solve_precision(self, x0, args)
         if strategy == "loop":
             optimality_one = _sum_grad(one)
             if damping:
@@ -282,11 +302,10 @@ class Argmin(_Layer):
             return RootProblem(solve_loop, optimality_one, x0, args, True, True, task_optimality=optimality_one,
                                task_dims=dims, closed_bt=closed_bt, arg_labels=arg_labels, x0_copied=x0_copied)
 
-        def solve(x0_: Any, *a: Any) -> Any:
-            x0_, a = lift(x0_), lift(a)
-            with explain_dtype_errors(self._name, "inner solve", "solve_dtype", master):
-                res = self.solver(obj, x0_, *a, batched=True) if strategy else self.solver(obj, x0_, *a)
-            return _with_solution(res, lower(_solution_tree(res))) if master is not None else res
+        def call(x0_: Any, *a: Any) -> Any:
+            return self.solver(obj, x0_, *a, batched=True) if strategy else self.solver(obj, x0_, *a)
+
+        solve = in_master_precision(self._name, master, lift, lower, call)
 
         optimality = _sum_grad(obj)
         if damping:

@@ -8,20 +8,14 @@ from typing import Any
 
 import torch
 
-from ._argmin import Argmin, _solution_tree, _with_solution
+from ._argmin import Argmin, in_master_precision, solve_precision
 from ._batching import InDims, arg_dims, task_count
 from ._errors import BilevelTypeError, BilevelValueError
 from ._layer_base import ImplicitLayer, _Layer, check_solver_role
-from ._precision import (
-    check_dtype_policy,
-    explain_dtype_errors,
-    master_casts,
-    tensor_leaves,
-    work_dtype,
-)
+from ._precision import check_dtype_policy
 from ._problem import RootProblem
 from ._traced import compile_boundary
-from ._tree import batch_size, tree_flatten, tree_map
+from ._tree import batch_size, tree_map
 from ._types import BackwardDtype, HvpMode, OnFailure
 
 
@@ -105,18 +99,10 @@ class FixedPoint(_Layer):
                 raise BilevelValueError(f"{self._name}: x0 has {n} tasks but the task data has {task_count(args, dims)}")
             fn = torch.func.vmap(self.fn, in_dims=(0, *dims))
 
-        # The inner solve's precision policy (bilevel/_precision.py): half-precision
-        # unknowns iterate in float32 and x* comes back in their dtype.
-        x_leaves = tree_flatten(x0)[0]
-        master = work_dtype(self.solve_dtype, [*x_leaves, *tensor_leaves(args)])
-        self.diagnostics.solve_dtype = None if master is None else master.dtype
-        lift, lower = master_casts(master, [t.dtype for t in x_leaves])
+        def call(x0_: Any, *a: Any) -> Any:
+            return self.solver(fn, x0_, *a, batched=True) if batched else self.solver(fn, x0_, *a)
 
-        def solve(x0_: Any, *a: Any) -> Any:
-            x0_, a = lift(x0_), lift(a)
-            with explain_dtype_errors(self._name, "inner solve", "solve_dtype", master):
-                res = self.solver(fn, x0_, *a, batched=True) if batched else self.solver(fn, x0_, *a)
-            return _with_solution(res, lower(_solution_tree(res))) if master is not None else res
+        solve = in_master_precision(self._name, *solve_precision(self, x0, args), call)
 
         def optimality(x: Any, *a: Any) -> Any:
             # x − fn(x), not fn(x) − x: same root and gradient, but I − J has its spectrum

@@ -96,11 +96,14 @@ class FixedPointIteration(Solver):
         tol = self.rtol if self.rtol is not None else default_tol(tree_dtype(x0))
         leaves0, treedef = tree_flatten(x0)
         shapes, dtypes = [x.shape for x in leaves0], [x.dtype for x in leaves0]
+        single = isinstance(x0, Tensor)
         t = self.relaxation
 
         def apply(x: Any) -> Any:
             with torch.no_grad():
                 y = fn(x, *args)
+            if single and isinstance(y, Tensor) and y.shape == shapes[0] and y.dtype == dtypes[0]:
+                return y.detach()  # the usual case, checked in one comparison per iteration
             leaves = leaves_like_x0(name, "fn", y, treedef, shapes)
             # The iterate keeps x0's dtypes, as Anderson and Broyden do (an autocast fn or a
             # float64 argument may return another precision).
