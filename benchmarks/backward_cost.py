@@ -183,7 +183,7 @@ def time_backward(prob: MLPRegression, args: argparse.Namespace, device: torch.d
     v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for k, p in phi_star.items()}
     grad_fn = torch.func.grad(prob.objective)
 
-    def hvp(_: Any) -> Any:  # as the library's backward operator: forward-over-reverse
+    def hvp(_: Any) -> Any:  # as the layer's backward operator with hvp='forward': forward-over-reverse
         return torch.func.jvp(lambda p: grad_fn(p, th, prob.X, prob.y), (phi_star,), (v,))[1]
 
     def grad(_: Any) -> Any:

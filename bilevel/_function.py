@@ -87,6 +87,10 @@ class CallSpec:
     call_id: int = 0
     # The precision of the backward ("auto": float32 for half-precision inputs).
     backward_dtype: Any = "auto"
+    # Checks of what the solve may have done to its inputs (in-place modification), run
+    # right after it and before its status is reported: a ConvergenceWarning caused by a
+    # modified argument must not come before the error that names the cause.
+    after_solve: Callable[[], None] | None = None
 
     def unpack(self, leaves: list[Tensor] | tuple[Tensor, ...]) -> tuple:
         """The positional arguments rebuilt from their flat tensor leaves."""
@@ -186,6 +190,8 @@ class _ImplicitFunction(torch.autograd.Function):
         args = spec.unpack([t.detach() for t in flat[nx:]])
         with torch.no_grad(), suspended_saved_tensor_hooks():
             out = spec.solve(x0, *args)
+        if spec.after_solve is not None:
+            spec.after_solve()
         x = solution_of(out, spec.name)
         leaves = check_solution(x, spec.x_def, spec.x_meta, spec.batched, spec.name)
         diag = spec.diagnostics
@@ -367,15 +373,18 @@ def _eager_apply(problem: RootProblem, name: str, diagnostics: Diagnostics, make
         # values that do not exist; the solution has the initial point's shapes and dtypes.
         # No gradient flows (there is nothing to differentiate), and no diagnostics.
         return tree_unflatten(x_def, [torch.empty_like(t, device="meta") for t in x_leaves])
-    spec = make_spec(x_def, x_leaves, layout)
     before, before_x = versions(arg_leaves), versions(x_leaves)
+
+    def unmodified() -> None:
+        refuse_modified_arguments(name, arg_leaves, before, lambda: _leaf_labels(args, layout, problem.arg_labels))
+        if not problem.x0_copied and versions(x_leaves) != before_x:
+            raise BilevelValueError(
+                f"{name}: the solver modified the initial point x0 in place (its version counter changed): the "
+                "caller's tensor now holds an iterate, not what was passed. Copy it in the solver first (x = x0.clone())"
+            )
+
+    spec = dataclasses.replace(make_spec(x_def, x_leaves, layout), after_solve=unmodified)
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
-    refuse_modified_arguments(name, arg_leaves, before, lambda: _leaf_labels(args, layout, problem.arg_labels))
-    if not problem.x0_copied and versions(x_leaves) != before_x:
-        raise BilevelValueError(
-            f"{name}: the solver modified the initial point x0 in place (its version counter changed): the caller's "
-            "tensor now holds an iterate, not what was passed. Copy it in the solver first (x = x0.clone())"
-        )
     if torch.is_grad_enabled() and not any(t.requires_grad for t in arg_leaves):
         # Costs one evaluation of F, and only here (grad mode on, no argument requiring
         # grad -- e.g. evaluation outside torch.no_grad()).

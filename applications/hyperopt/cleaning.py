@@ -65,7 +65,7 @@ DEFAULT_ALPHA = 0.01
 
 
 @dataclass
-class Problem:
+class CleaningProblem:
     """One seeded split of digits with corrupted training labels (all tensors float64 / long)."""
 
     x_train: torch.Tensor
@@ -79,7 +79,7 @@ class Problem:
     classes: int
 
 
-def load(seed: int, noise: float = 0.5, n_train: int = 900, n_val: int = 300) -> Problem:
+def load(seed: int, noise: float = 0.5, n_train: int = 900, n_val: int = 300) -> CleaningProblem:
     """Digits split ``n_train`` / ``n_val`` / the rest (seeded), standardised with the training
     statistics; ``round(noise · n_train)`` training labels replaced by a different class."""
     from sklearn.datasets import load_digits
@@ -106,7 +106,7 @@ def load(seed: int, noise: float = 0.5, n_train: int = 900, n_val: int = 300) ->
     def lab(a: np.ndarray) -> torch.Tensor:
         return torch.tensor(a, dtype=torch.long)
 
-    return Problem(t(z[tr]), lab(y_noisy), lab(y_true), torch.tensor(corrupted), t(z[va]), lab(y[va]), t(z[te]),
+    return CleaningProblem(t(z[tr]), lab(y_noisy), lab(y_true), torch.tensor(corrupted), t(z[va]), lab(y[va]), t(z[te]),
                    lab(y[te]), classes)
 
 
@@ -177,7 +177,7 @@ def _best(scores: dict[float, tuple[float, float]]) -> float:
     return min(scores, key=lambda a: (-scores[a][1], scores[a][0]))
 
 
-def tune_on_validation(prob: Problem, x: torch.Tensor, y: torch.Tensor, grid: Sequence[float]) -> tuple[float, Params]:
+def tune_on_validation(prob: CleaningProblem, x: torch.Tensor, y: torch.Tensor, grid: Sequence[float]) -> tuple[float, Params]:
     """α chosen on the validation set (which the model does not train on)."""
     sols = _path(x, y, grid, prob.classes)
     scores = {a: evaluate(p, prob.x_val, prob.y_val) for a, p in sols.items()}
@@ -185,7 +185,7 @@ def tune_on_validation(prob: Problem, x: torch.Tensor, y: torch.Tensor, grid: Se
     return a, sols[a]
 
 
-def tune_by_cv(prob: Problem, x: torch.Tensor | None, y: torch.Tensor | None, grid: Sequence[float], folds: int,
+def tune_by_cv(prob: CleaningProblem, x: torch.Tensor | None, y: torch.Tensor | None, grid: Sequence[float], folds: int,
                seed: int) -> tuple[float, Params]:
     """α by ``folds``-fold cross-validation over the validation set, which is part of the
     training data here: each fold is held out in turn and the model trains on ``x`` (may be
@@ -221,7 +221,7 @@ BASELINES = {
 }
 
 
-def run_baselines(prob: Problem, grid: Sequence[float], folds: int, seed: int) -> dict[str, dict[str, Any]]:
+def run_baselines(prob: CleaningProblem, grid: Sequence[float], folds: int, seed: int) -> dict[str, dict[str, Any]]:
     clean = ~prob.corrupted
     jobs: dict[str, Callable[[], tuple[float, Params]]] = {
         "noisy": lambda: tune_on_validation(prob, prob.x_train, prob.y_train, grid),
@@ -251,7 +251,7 @@ class CleaningRun:
     failures: dict[str, int]
 
 
-def hyperclean(prob: Problem, alpha: float, steps: int, lr: float, *, x_outer: torch.Tensor | None = None,
+def hyperclean(prob: CleaningProblem, alpha: float, steps: int, lr: float, *, x_outer: torch.Tensor | None = None,
                y_outer: torch.Tensor | None = None, progress: bool = True, desc: str = "hyper-steps",
                evaluate_on: Sequence[tuple[str, torch.Tensor, torch.Tensor]] | None = None) -> CleaningRun:
     """Adam on the example logits w (σ(w) = ½ at the start) for ``steps`` hyper-steps.

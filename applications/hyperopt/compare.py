@@ -53,8 +53,8 @@ from ..cliargs import OneLineParser, output_dir, positive_int
 from .cleaning import (
     DEFAULT_ALPHA,
     DT,
+    CleaningProblem,
     Params,
-    Problem,
     _seeds,
     evaluate,
     inner_objective,
@@ -137,7 +137,7 @@ class _Saved:
 @dataclass
 class Method:
     key: str
-    prob: Problem
+    prob: CleaningProblem
     alpha: float
     eta: float
     lr: float
@@ -201,7 +201,7 @@ class Method:
         return float(outer.detach())
 
 
-def reference_hypergradient(prob: Problem, alpha: float, start: Params) -> torch.Tensor:
+def reference_hypergradient(prob: CleaningProblem, alpha: float, start: Params) -> torch.Tensor:
     layer = make_layer(CG(rtol=1e-10, maxiter=5000))
     w = torch.zeros(len(prob.y_train), dtype=DT, requires_grad=True)
     sol = layer(start, w, prob.x_train, prob.y_train, alpha)

@@ -434,6 +434,17 @@ def plot_sinusoid_fits(checkpoint: str | Path, out_png: str | Path, *, tasks: in
 
 _SEED_SUFFIX = re.compile(r"-s(\d+)$")
 _LINESTYLES = ("-", "--", ":", "-.")
+#: One colour per algorithm, the same in every figure, when the configurations are the
+#: algorithms themselves (the protocol scripts' ``maml-s0``, ``imaml-s1``, ...).
+ALGORITHM_COLORS = {"imaml": "C0", "maml": "C1", "fomaml": "C2", "reptile": "C3", "imaml-hf": "C4"}
+
+
+def _colors(names: Sequence[str], plt: Any) -> list[Any]:
+    """A colour per configuration: the algorithm's own where every name is an algorithm,
+    else in order (matplotlib's ten, or tab20's twenty beyond ten)."""
+    if set(names) <= ALGORITHM_COLORS.keys():
+        return [ALGORITHM_COLORS[n] for n in names]
+    return [f"C{i % 10}" if len(names) <= 10 else plt.get_cmap("tab20")(i % 20) for i in range(len(names))]
 
 
 def _group_and_seed(run: _Run) -> tuple[str, int]:
@@ -455,7 +466,8 @@ def plot_time_to_accuracy(
     order: Sequence[str] | None = None,
 ) -> Path:
     """Validation metric against training seconds and against meta-steps: one colour per
-    configuration, one line style per seed (so that many runs stay readable).
+    configuration (per algorithm the same in every figure: ``ALGORITHM_COLORS``), one line
+    style per seed (so that many runs stay readable).
 
     A run's configuration is its folder name without the ``-s<seed>`` suffix (the protocol
     scripts' naming: ``imaml-s0``, ``imaml-s1`` share a colour), else its label without the
@@ -487,8 +499,7 @@ def plot_time_to_accuracy(
     plt = _pyplot()
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
     try:
-        for i, g in enumerate(names):
-            color = f"C{i % 10}" if len(names) <= 10 else plt.get_cmap("tab20")(i % 20)
+        for g, color in zip(names, _colors(names, plt)):
             tests = []
             for seed, r in sorted(groups[g], key=lambda t: t[0]):
                 v = r.val

@@ -30,6 +30,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from ._builders import make_logistic, make_mlp, make_quadratic, make_ridge, make_softmax
 from ._gradcheck import (
     GradCheckEntry,
     GradCheckError,
@@ -37,18 +38,10 @@ from ._gradcheck import (
     check_implicit_grad,
     default_tolerances,
 )
-from ._problems import (
-    DTYPES,
-    PARAM_KINDS,
+from ._problem import DTYPES, PARAM_KINDS, BilevelProblem, Layout
+from ._strategies import (
     PROBLEM_NAMES,
-    BilevelProblem,
-    Layout,
     logistic_problems,
-    make_logistic,
-    make_mlp,
-    make_quadratic,
-    make_ridge,
-    make_softmax,
     mlp_proximal_problems,
     problems,
     quadratic_problems,

@@ -220,6 +220,21 @@ def test_time_to_accuracy_plot_groups_seeds(tmp_path: Path, capsys: pytest.Captu
         plot_time_to_accuracy([bare], tmp_path / "none.png")
 
 
+def test_an_algorithm_keeps_its_colour_in_every_figure() -> None:
+    # The 5-way and 20-way figures order their configurations by result; MAML must not be
+    # one colour in one and another in the other.
+    from applications.imaml.plot import ALGORITHM_COLORS, _colors, _pyplot
+
+    plt = _pyplot()
+    five, twenty = _colors(["maml", "imaml", "fomaml"], plt), _colors(["maml", "fomaml", "imaml"], plt)
+    assert dict(zip(["maml", "imaml", "fomaml"], five)) == dict(zip(["maml", "fomaml", "imaml"], twenty))
+    assert len(set(ALGORITHM_COLORS.values())) == len(ALGORITHM_COLORS)
+    # Other configurations (a sweep) take colours in order, distinct beyond ten.
+    assert _colors(["a", "b"], plt) == ["C0", "C1"]
+    many = _colors([f"cfg{i}" for i in range(12)], plt)
+    assert len({tuple(c) for c in many}) == 12
+
+
 def test_report_writes_the_equal_time_table_and_figure(tmp_path: Path) -> None:
     from applications.imaml.cli import main
     from applications.imaml.report import main as report_main

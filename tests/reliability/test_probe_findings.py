@@ -4,6 +4,7 @@ misleading failure or a silently wrong result (issue 22)."""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,19 @@ def test_an_objective_that_modifies_its_data_in_place_is_refused(batched: bool, 
         layer(torch.zeros(3, dtype=DT, requires_grad=True), x, y, batched="vmap" if batched else False)
 
 
+def test_the_in_place_error_comes_before_a_convergence_warning_it_caused() -> None:
+    # Data scaled at every evaluation makes the default solver's line search fail; the
+    # ConvergenceWarning (an error in this test run) must not hide the error naming the cause.
+    def drifting_loss(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x.mul_(1.01)
+        return _sq(p, x, y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bilevel.ConvergenceWarning)
+        with pytest.raises(bilevel.BilevelValueError, match=re.escape("modified args[0] in place")):
+            bilevel.Proximal(drifting_loss, 1.0)(torch.zeros(3, dtype=DT, requires_grad=True), X.clone(), Y)
+
+
 def test_a_modified_dict_argument_is_named_by_its_key() -> None:
     def loss(w: torch.Tensor, data: dict) -> torch.Tensor:
         data["y"].add_(0.0)
@@ -107,5 +121,8 @@ def test_the_imaml_cli_refuses_an_out_that_is_a_file(tmp_path: Path, capsys: pyt
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--dataset", "sinusoid", "--meta-steps", "1", "--out", str(f), "--no-progress"])
     assert info.value.code == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    out, err_text = capsys.readouterr()
+    err = [ln for ln in err_text.splitlines() if ln.strip()]
     assert len(err) == 1 and "is a file, not a folder" in err[0]
+    assert "training" not in out  # refused before it announces a run
+    assert f.read_text() == "x"

@@ -9,7 +9,8 @@ import torch
 
 from bilevel import BilevelValueError, Status
 from bilevel._tree import default_tol
-from bilevel.solvers import Anderson, Broyden, FixedPointIteration
+from bilevel.solvers import FixedPointIteration
+from tests.registry import solvers
 
 
 def _contraction(rho: float, seed: int = 0, d: int = 5):
@@ -111,7 +112,7 @@ def test_batched_nonfinite_per_task() -> None:
     assert torch.isfinite(res.x).all()
 
 
-@pytest.mark.parametrize("solver", [FixedPointIteration(), Anderson(), Broyden()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("solver", solvers("inner", tags={"fixed_point"}))
 def test_a_wrongly_shaped_fn_output_names_both_shapes(solver) -> None:
     b = torch.randn(3, 1)  # a column by mistake: fn broadcasts (3,) to (3, 3)
     with pytest.raises(BilevelValueError, match=r"fn must return a tree shaped like x0 \(a tensor of shape \(3,\)\), "
@@ -119,7 +120,7 @@ def test_a_wrongly_shaped_fn_output_names_both_shapes(solver) -> None:
         solver(lambda z, b: torch.tanh(z + b), torch.zeros(3), b)
 
 
-@pytest.mark.parametrize("solver", [FixedPointIteration(), Anderson(), Broyden()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("solver", solvers("inner", tags={"fixed_point"}))
 def test_the_iterate_keeps_x0_s_dtype_when_fn_promotes(solver) -> None:
     """A float64 argument (or autocast) changes fn's output dtype; every solver iterates in
     x0's, as the layer returns x* in it."""
