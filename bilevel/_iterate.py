@@ -210,3 +210,31 @@ def _settle(verifier: Verifier[S], state: S, tally: Tally, *, restart: bool) -> 
     if restart:
         state = verifier.restart(state, again)
     return state
+
+
+class History:
+    """A per-iteration record of one per-task quantity (a residual norm), kept on the device.
+
+    ``step = history.recording(step, read)`` wraps a driver step so that after every step
+    ``read(state)`` -- a ``(B,)`` or 0-d tensor -- is appended; nothing is read on the host,
+    so a fixed budget stays sync-free.  :meth:`tensor` stacks the record: ``(T + 1,)``
+    unbatched, ``(T + 1, B)`` batched, entry 0 the starting value; a task that has stopped
+    keeps its last value (the solvers leave a stopped task's state unchanged).
+    """
+
+    def __init__(self, first: Tensor) -> None:
+        self.values = [first.detach()]
+
+    def recording(self, step: Callable[[S, Any], tuple[S, Any]], read: Callable[[S], Tensor]) -> Callable[[S, Any], tuple[S, Any]]:
+        def recorded(state: S, active: Any) -> tuple[S, Any]:
+            state, outcome = step(state, active)
+            self.values.append(read(state).detach())
+            return state, outcome
+
+        return recorded
+
+    def tensor(self, batched: bool) -> Tensor:
+        if batched:
+            return torch.stack(self.values)
+        return torch.stack([v.reshape(()) for v in self.values])
+

@@ -164,6 +164,12 @@ class SolverResult(SolveResult):
             it, so ``False`` signals a step size too large for the problem: oscillation.
         task_status: per-task statuses in batched mode, else ``None``.
         task_iterations: per-task iteration counts ``(B,)`` in batched mode, else ``None``.
+        residual_history: the residual norm at ``x0`` and after every iteration, ``(T + 1,)``
+            or ``(T + 1, B)`` batched (``T = iterations``; a task that stopped earlier
+            repeats its last value): ``||fn(x) - x||`` for the fixed-point solvers
+            (:class:`~bilevel.solvers.FixedPointIteration`, :class:`~bilevel.solvers.Anderson`,
+            :class:`~bilevel.solvers.Broyden`), ``||F(x)||`` for ``Broyden.root``; ``None``
+            for the other solvers.  Kept on the device: recording it reads nothing on the host.
 
     Examples:
         >>> import torch
@@ -187,6 +193,7 @@ class SolverResult(SolveResult):
     grad_norm_initial: Tensor | None = None
     grad_norm_monotone: Tensor | None = None
     value_monotone: Tensor | None = None
+    residual_history: Tensor | None = None
 
 
 R = TypeVar("R", SolverResult, LinearSolveResult)
@@ -197,11 +204,16 @@ def result_from_codes(cls: type[R], x: Any, codes: Tensor, iters: Tensor, batche
     (:meth:`bilevel._iterate.Tally.codes`); one host sync.  Unbatched, the per-task tensor
     ``fields`` of one element become 0-d."""
     statuses = status_from_codes(codes)
+    n = (int(iters.max()) if iters.numel() else 0) if batched else int(iters.reshape(-1)[0])
+    # A history has one entry per step run; a last step in which no task moved (all that
+    # were left turned non-finite) only repeated the last values: T + 1 entries are kept.
+    fields = {k: v[: n + 1] if k.endswith("_history") and isinstance(v, Tensor) else v for k, v in fields.items()}
     if batched:
-        return cls(x=x, status=overall_status(statuses), iterations=int(iters.max()) if iters.numel() else 0,
-                   task_status=statuses, task_iterations=iters, **fields)
-    fields = {k: v.reshape(()) if isinstance(v, Tensor) and v.numel() == 1 else v for k, v in fields.items()}
-    return cls(x=x, status=statuses[0], iterations=int(iters.reshape(-1)[0]), **fields)
+        return cls(x=x, status=overall_status(statuses), iterations=n, task_status=statuses, task_iterations=iters,
+                   **fields)
+    fields = {k: v.reshape(()) if isinstance(v, Tensor) and v.numel() == 1 and not k.endswith("_history") else v
+              for k, v in fields.items()}
+    return cls(x=x, status=statuses[0], iterations=n, **fields)
 
 
 def stack_results(results: Sequence[R], x: Any) -> R:
@@ -223,6 +235,10 @@ def stack_results(results: Sequence[R], x: Any) -> R:
             fields[f.name] = "; ".join(f"task {i}: {m}" for i, m in enumerate(vals) if m)
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
             fields[f.name] = sum(vals)
+        elif f.name.endswith("_history") and all(isinstance(v, Tensor) for v in vals):
+            # (T_i + 1,) per task -> (max T + 1, B): a task that stopped repeats its last value.
+            n = max(v.shape[0] for v in vals)
+            fields[f.name] = torch.stack([torch.cat([v, v[-1:].expand(n - v.shape[0])]) for v in vals], 1)
         elif all(isinstance(v, Tensor) for v in vals):
             fields[f.name] = torch.stack([v.reshape(()) for v in vals])
         else:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._iterate import Outcome, Tally, iterate
+from .._iterate import History, Outcome, Tally, iterate
 from .._result import SolverResult, Status, result_from_codes
 from .._tree import default_tol, tree_dtype, tree_flatten, tree_ravel, tree_unravel
 from .._validate import check_int, check_real, check_tol
@@ -209,7 +209,8 @@ class Anderson(Solver):
             return (x, fx, res, k + 1), Outcome(moved=moved, stopped={Status.NONFINITE: bad, Status.SUCCESS: moved & converged(res, x)})
 
         # One host sync per iteration (the stopping test).
-        x, _, res, _ = iterate(step, (x, fx, res, 0), tally, maxiter=self.maxiter)
+        history = History(res)
+        x, _, res, _ = iterate(history.recording(step, lambda st: st[2]), (x, fx, res, 0), tally, maxiter=self.maxiter)
         out = unravel(x) if single else tree_unravel(x0, x if batched else x[0], batched)
         return result_from_codes(SolverResult, out, tally.codes(Status.MAX_ITERATIONS), tally.iters, batched,
-                                 grad_norm=res, n_fun=counts["fun"], n_grad=0)
+                                 grad_norm=res, n_fun=counts["fun"], n_grad=0, residual_history=history.tensor(batched))

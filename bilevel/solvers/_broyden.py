@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .._errors import BilevelTypeError, BilevelValueError
-from .._iterate import Outcome, Tally, iterate
+from .._iterate import History, Outcome, Tally, iterate
 from .._result import SolverResult, Status, result_from_codes
 from .._tree import (
     batch_size,
@@ -324,7 +324,9 @@ class Broyden(Solver):
             residual, x, g, threshold=threshold, memory=self.memory, variant=self.variant,
             initial_jacobian=self.initial_jacobian,
         )
+        history = History(state["gnorm"])
         # One host sync per iteration (the stopping test).
-        state = iterate(step, state, tally, maxiter=self.maxiter)
+        state = iterate(history.recording(step, lambda st: st["gnorm"]), state, tally, maxiter=self.maxiter)
         return result_from_codes(SolverResult, unflat(state["x"]), tally.codes(Status.MAX_ITERATIONS), tally.iters,
-                                 batched, grad_norm=state["gnorm"], n_fun=counts["eval"] + 1, n_grad=0)
+                                 batched, grad_norm=state["gnorm"], n_fun=counts["eval"] + 1, n_grad=0,
+                                 residual_history=history.tensor(batched))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._errors import BilevelValueError
-from .._iterate import Outcome, Tally, iterate
+from .._iterate import History, Outcome, Tally, iterate
 from .._result import SolverResult, Status, result_from_codes
 from .._tree import (
     default_tol,
@@ -133,7 +133,8 @@ class FixedPointIteration(Solver):
             res = torch.where(moved, res_new, res)
             return (x, fx, res), Outcome(moved=moved, stopped={Status.NONFINITE: bad, Status.SUCCESS: moved & converged(res, x)})
 
+        history = History(res)
         # One host sync per iteration (the stopping test).
-        x, _, res = iterate(step, (x, fx, res), tally, maxiter=self.maxiter)
+        x, _, res = iterate(history.recording(step, lambda st: st[2]), (x, fx, res), tally, maxiter=self.maxiter)
         return result_from_codes(SolverResult, x, tally.codes(Status.MAX_ITERATIONS), tally.iters, batched,
-                                 grad_norm=res, n_fun=counts["fun"], n_grad=0)
+                                 grad_norm=res, n_fun=counts["fun"], n_grad=0, residual_history=history.tensor(batched))

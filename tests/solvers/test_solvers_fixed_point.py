@@ -127,3 +127,67 @@ def test_the_iterate_keeps_x0_s_dtype_when_fn_promotes(solver) -> None:
     res = solver(lambda x, a: 0.5 * x + a, torch.zeros(2), torch.ones(2, dtype=torch.float64))
     assert res.x.dtype == torch.float32 and res.success
     torch.testing.assert_close(res.x, torch.full((2,), 2.0), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("solver", solvers("inner", tags={"fixed_point"}))
+def test_residual_history_starts_at_x0_and_ends_at_the_result(solver) -> None:
+    m, c, _ = _contraction(0.8, seed=3)
+    x0 = torch.zeros(5, dtype=torch.float64)
+    res = solver(_affine, x0, m, c)
+    h = res.residual_history
+    assert res.status is Status.SUCCESS
+    assert h.shape == (res.iterations + 1,) and h.dtype == torch.float64
+    # Entry 0 is ||fn(x0) - x0||, computed here independently; the last is the result's.
+    assert float(h[0]) == pytest.approx(float(torch.linalg.vector_norm(_affine(x0, m, c) - x0)), rel=1e-12)
+    assert float(h[-1]) == pytest.approx(float(res.grad_norm), rel=1e-12)
+    # The history is that of the returned iterate: its last entry is the residual of res.x.
+    assert float(h[-1]) == pytest.approx(float(torch.linalg.vector_norm(_affine(res.x, m, c) - res.x)), rel=1e-6, abs=1e-13)
+    assert float(h[-1]) < 1e-6 * float(h[0])
+
+
+@pytest.mark.parametrize("solver", solvers("inner", tags={"fixed_point"}))
+def test_batched_residual_history_is_each_task_s_own(solver) -> None:
+    """Column b of the batched history is task b's unbatched history, then its last value
+    repeated while the other tasks still iterate."""
+    tasks = [_contraction(rho, seed=s) for rho, s in ((0.3, 1), (0.9, 2))]
+    m = torch.stack([t[0] for t in tasks])
+    c = torch.stack([t[1] for t in tasks])
+    x0 = torch.zeros(2, 5, dtype=torch.float64)
+    batched = solver(torch.vmap(_affine), x0, m, c, batched=True)
+    h = batched.residual_history
+    assert h.shape == (batched.iterations + 1, 2)
+    for b in range(2):
+        own = solver(_affine, x0[b], m[b], c[b]).residual_history
+        n = int(batched.task_iterations[b])
+        assert own.shape == (n + 1,)
+        torch.testing.assert_close(h[: n + 1, b], own, rtol=1e-9, atol=1e-14)
+        assert torch.equal(h[n:, b], h[n, b].expand(h.shape[0] - n))
+
+
+@pytest.mark.parametrize("solver", solvers("inner", tags={"fixed_point"}))
+def test_residual_history_of_a_non_finite_map_holds_the_last_finite_residuals(solver) -> None:
+    def jumps(x: torch.Tensor) -> torch.Tensor:  # NaN once the iterate passes 3
+        return torch.where(x > 3, torch.full_like(x, float("nan")), x + 1.0)
+
+    res = solver(jumps, torch.zeros(2, dtype=torch.float64))
+    assert res.status is Status.NONFINITE
+    assert res.residual_history.shape == (res.iterations + 1,)
+    assert torch.isfinite(res.residual_history).all()
+    assert float(res.residual_history[-1]) == float(res.grad_norm)
+
+
+def test_broyden_root_history_is_the_norm_of_f() -> None:
+    from bilevel.solvers import Broyden
+
+    res = Broyden(initial_jacobian=12.0, rtol=1e-12).root(lambda x: x**3 - 2.0, torch.ones(2, dtype=torch.float64))
+    h = res.residual_history
+    assert res.status is Status.SUCCESS and h.shape == (res.iterations + 1,)
+    assert float(h[0]) == pytest.approx(math.sqrt(2.0), rel=1e-12)  # ||1 - 2|| over two entries
+    assert float(h[-1]) == pytest.approx(float(res.grad_norm), rel=1e-12) and float(h[-1]) < 1e-10
+
+
+def test_the_other_solvers_have_no_residual_history() -> None:
+    from bilevel.solvers import GradientDescent
+
+    res = GradientDescent(lr=0.1, steps=3)(lambda x: (x**2).sum(), torch.ones(2, dtype=torch.float64))
+    assert res.residual_history is None
