@@ -124,6 +124,7 @@ def strip_forward(res: Any) -> SolverResult:
             grad_norm_initial=None if res.grad_norm_initial is None else res.grad_norm_initial.detach(),
             grad_norm_monotone=None if res.grad_norm_monotone is None else res.grad_norm_monotone.detach(),
             value_monotone=None if res.value_monotone is None else res.value_monotone.detach(),
+            residual_history=None if res.residual_history is None else res.residual_history.detach(),
         )
     status = getattr(res, "status", None)
     if isinstance(status, str) and status.upper() in Status.__members__:  # a user solver's "SUCCESS"

@@ -87,10 +87,15 @@ class CallSpec:
     call_id: int = 0
     # The precision of the backward ("auto": float32 for half-precision inputs).
     backward_dtype: Any = "auto"
-    # Checks of what the solve may have done to its inputs (in-place modification), run
-    # right after it and before its status is reported: a ConvergenceWarning caused by a
-    # modified argument must not come before the error that names the cause.
-    after_solve: Callable[[], None] | None = None
+    # The eager path's check that the solve modified no input in place (version counters),
+    # run in ``forward`` right after the solve -- before its status is reported, so that a
+    # ConvergenceWarning caused by a modified argument does not come before the error that
+    # names the cause -- on the tensors the solve saw (under torch.func.vmap, the slices,
+    # whose counters are the caller's).  ``x0_copied``: x0 is the layer's own copy, which
+    # the solver may update in place; ``arg_labels``: the arguments' names in messages.
+    check_inputs: bool = False
+    x0_copied: bool = False
+    arg_labels: tuple[str, ...] | None = None
 
     def unpack(self, leaves: list[Tensor] | tuple[Tensor, ...]) -> tuple:
         """The positional arguments rebuilt from their flat tensor leaves."""
@@ -135,6 +140,18 @@ def _leaf_labels(args: tuple, layout: list[tuple], labels: tuple[str, ...] | Non
         else:
             out.extend(f"{base} (leaf {j})" for j in range(entry[2]))
     return out
+
+
+def _refuse_modified_inputs(spec: CallSpec, flat: tuple[Tensor, ...], before: list[int]) -> None:
+    """Raise if the solve modified an argument or (unless it is the layer's copy) x0 in place."""
+    nx = spec.x_def.num_leaves
+    refuse_modified_arguments(spec.name, flat[nx:], before[nx:],
+                              lambda: _leaf_labels(spec.unpack(flat[nx:]), spec.layout, spec.arg_labels))
+    if not spec.x0_copied and versions(flat[:nx]) != before[:nx]:
+        raise BilevelValueError(
+            f"{spec.name}: the solver modified the initial point x0 in place (its version counter changed): the "
+            "caller's tensor now holds an iterate, not what was passed. Copy it in the solver first (x = x0.clone())"
+        )
 
 
 def _dict_leaf_keys(d: dict) -> list[Any]:
@@ -188,10 +205,13 @@ class _ImplicitFunction(torch.autograd.Function):
         # Detached: a solver that differentiates its objective itself must not build graphs
         # through the inputs that require grad (the layer's own backward is the IFT).
         args = spec.unpack([t.detach() for t in flat[nx:]])
-        with torch.no_grad(), suspended_saved_tensor_hooks():
-            out = spec.solve(x0, *args)
-        if spec.after_solve is not None:
-            spec.after_solve()
+        before = versions(flat) if spec.check_inputs else None
+        try:
+            with torch.no_grad(), suspended_saved_tensor_hooks():
+                out = spec.solve(x0, *args)
+        finally:  # also when the solve raises: a modified input is then the likelier cause
+            if before is not None:
+                _refuse_modified_inputs(spec, flat, before)
         x = solution_of(out, spec.name)
         leaves = check_solution(x, spec.x_def, spec.x_meta, spec.batched, spec.name)
         diag = spec.diagnostics
@@ -359,6 +379,8 @@ def _call_spec(problem: RootProblem, x_def: TreeDef, x_leaves: list[Tensor], lay
         closed_bt=problem.closed_bt,
         call_id=diagnostics.start_call() if call_id is None else call_id,
         backward_dtype=backward_dtype,
+        x0_copied=problem.x0_copied,
+        arg_labels=problem.arg_labels,
     )
 
 
@@ -366,24 +388,13 @@ def _call_spec(problem: RootProblem, x_def: TreeDef, x_leaves: list[Tensor], lay
 def _eager_apply(problem: RootProblem, name: str, diagnostics: Diagnostics, make_spec: Callable[..., CallSpec]) -> Any:
     """:func:`implicit_apply`'s eager path: every check, statistics in the diagnostics."""
     diagnostics.traced = False
-    args = problem.args
     x_leaves, x_def, arg_leaves, layout = _flat_inputs(problem, name, eager=True)
     if any(t.device.type == "meta" for t in (*x_leaves, *arg_leaves)):
         # A shape-only run (e.g. a model built on the meta device): no solver can run on
         # values that do not exist; the solution has the initial point's shapes and dtypes.
         # No gradient flows (there is nothing to differentiate), and no diagnostics.
         return tree_unflatten(x_def, [torch.empty_like(t, device="meta") for t in x_leaves])
-    before, before_x = versions(arg_leaves), versions(x_leaves)
-
-    def unmodified() -> None:
-        refuse_modified_arguments(name, arg_leaves, before, lambda: _leaf_labels(args, layout, problem.arg_labels))
-        if not problem.x0_copied and versions(x_leaves) != before_x:
-            raise BilevelValueError(
-                f"{name}: the solver modified the initial point x0 in place (its version counter changed): the "
-                "caller's tensor now holds an iterate, not what was passed. Copy it in the solver first (x = x0.clone())"
-            )
-
-    spec = dataclasses.replace(make_spec(x_def, x_leaves, layout), after_solve=unmodified)
+    spec = dataclasses.replace(make_spec(x_def, x_leaves, layout), check_inputs=True)
     out = _ImplicitFunction.apply(spec, *[t.detach() for t in x_leaves], *arg_leaves)
     if torch.is_grad_enabled() and not any(t.requires_grad for t in arg_leaves):
         # Costs one evaluation of F, and only here (grad mode on, no argument requiring

@@ -216,8 +216,8 @@ class History:
     """A per-iteration record of one per-task quantity (a residual norm), kept on the device.
 
     ``step = history.recording(step, read)`` wraps a driver step so that after every step
-    ``read(state)`` -- a ``(B,)`` or 0-d tensor -- is appended; nothing is read on the host,
-    so a fixed budget stays sync-free.  :meth:`tensor` stacks the record: ``(T + 1,)``
+    ``read(state)`` -- a ``(B,)`` or 0-d tensor -- is appended; recording adds no host
+    read to the loop.  :meth:`tensor` stacks the record: ``(T + 1,)``
     unbatched, ``(T + 1, B)`` batched, entry 0 the starting value; a task that has stopped
     keeps its last value (the solvers leave a stopped task's state unchanged).
     """

@@ -169,7 +169,7 @@ class SolverResult(SolveResult):
             repeats its last value): ``||fn(x) - x||`` for the fixed-point solvers
             (:class:`~bilevel.solvers.FixedPointIteration`, :class:`~bilevel.solvers.Anderson`,
             :class:`~bilevel.solvers.Broyden`), ``||F(x)||`` for ``Broyden.root``; ``None``
-            for the other solvers.  Kept on the device: recording it reads nothing on the host.
+            for the other solvers.  Kept on the device: recording it adds no host read.
 
     Examples:
         >>> import torch

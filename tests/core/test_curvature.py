@@ -101,15 +101,3 @@ def test_batched_hessian_extremes_with_few_steps_stay_inside_each_spectrum():
     for i in range(B):
         eig = torch.linalg.eigvalsh(dense_hessian(_one(x, i), a[i], c[i]))
         assert eig[0] - 1e-9 <= lo[i] <= hi[i] <= eig[-1] + 1e-9
-
-
-def test_hessian_extremes_match_the_unbatched_estimate_per_task():
-    # Batching changes nothing but the layout: each task's estimate is that of its own call
-    # with the same budget and seed.
-    x, a, c = _data(5)
-    lo, hi = bilevel.hessian_extremes(lambda z, a_, c_: torch.vmap(objective)(z, a_, c_), x, a, c,
-                                      batched=True, steps=N_W + N_B)
-    for i in range(B):
-        lo1, hi1 = bilevel.hessian_extremes(objective, _one(x, i), a[i], c[i], steps=N_W + N_B)
-        torch.testing.assert_close(lo[i], lo1, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(hi[i], hi1, rtol=1e-9, atol=1e-9)

@@ -62,17 +62,60 @@ def test_an_objective_that_modifies_its_data_in_place_is_refused(batched: bool, 
         layer(torch.zeros(3, dtype=DT, requires_grad=True), x, y, batched="vmap" if batched else False)
 
 
-def test_the_in_place_error_comes_before_a_convergence_warning_it_caused() -> None:
-    # Data scaled at every evaluation makes the default solver's line search fail; the
-    # ConvergenceWarning (an error in this test run) must not hide the error naming the cause.
-    def drifting_loss(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x.mul_(1.01)
-        return _sq(p, x, y)
+class _ScalingSolver:
+    """A solver whose objective evaluations scale the data in place (as a buggy objective
+    would) and that then reports a non-converged solve."""
 
+    def __call__(self, objective, x0, *args, batched=False):
+        objective(x0, *args)
+        return bilevel.SolverResult(x=x0.clone(), status=bilevel.Status.MAX_ITERATIONS, iterations=1)
+
+
+def _scaling_loss(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x.mul_(1.01)
+    return _sq(p, x, y)
+
+
+def test_the_in_place_error_comes_before_a_convergence_warning_it_caused() -> None:
+    # The ConvergenceWarning (an error here) must not hide the error naming the cause.
     with warnings.catch_warnings():
         warnings.simplefilter("error", bilevel.ConvergenceWarning)
         with pytest.raises(bilevel.BilevelValueError, match=re.escape("modified args[0] in place")):
-            bilevel.Proximal(drifting_loss, 1.0)(torch.zeros(3, dtype=DT, requires_grad=True), X.clone(), Y)
+            bilevel.Argmin(_scaling_loss, solver=_ScalingSolver())(torch.zeros(3, dtype=DT), X.clone(), Y)
+
+
+def test_an_in_place_modification_under_torch_func_vmap_is_refused() -> None:
+    # Under vmap the layer sees wrapped tensors whose version counters never move; the
+    # check runs on the slices the solve saw, which share the caller's counter.
+    layer = bilevel.Proximal(_scaling_loss, 1.0, solver=GradientDescent(lr=0.1, steps=2))
+    xs = X.expand(2, 20, 3).clone()
+    theta = torch.zeros(3, dtype=DT, requires_grad=True)
+    with pytest.raises(bilevel.BilevelValueError, match=re.escape("modified args[0] in place")):
+        torch.func.vmap(lambda x, y: layer(theta, x, y), in_dims=(0, None))(xs, Y)
+
+
+def test_an_in_place_modification_is_named_even_when_the_solve_then_fails() -> None:
+    def failing(objective, x0, *args, batched=False):
+        objective(x0, *args)
+        raise RuntimeError("the solver gave up")
+
+    with pytest.raises(bilevel.BilevelValueError, match=re.escape("modified args[0] in place")) as info:
+        bilevel.Argmin(_scaling_loss, solver=failing)(torch.zeros(3, dtype=DT), X.clone(), Y)
+    assert "the solver gave up" in str(info.value.__context__)
+
+
+def test_the_initial_point_is_not_kept_alive_by_the_layer_s_graph() -> None:
+    import gc
+    import weakref
+
+    x0 = torch.zeros(3, dtype=DT)
+    ref = weakref.ref(x0)
+    a = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    out = bilevel.Argmin(lambda w, a, x, y: _sq(w, x, y) + a * (w ** 2).sum())(x0, a, X, Y)
+    del x0
+    gc.collect()
+    assert ref() is None  # the graph (alive through out) holds the solution, not x0
+    out.sum().backward()
 
 
 def test_a_modified_dict_argument_is_named_by_its_key() -> None:
