@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import NoReturn
 
-__all__ = ["OneLineParser", "nonneg_int", "output_dir", "positive_float", "positive_int"]
+__all__ = ["OneLineParser", "nonneg_int", "output_dir", "positive_float", "positive_int", "refuse_file_out"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -61,6 +61,15 @@ def positive_float(s: str) -> float:
     return v
 
 
+def refuse_file_out(out: str | Path, option: str = "--out") -> Path:
+    """``out`` as a path; ``NotADirectoryError`` (an ``OSError``, which the programs print as
+    one line) when it names an existing file."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {str(path)!r} is a file, not a folder: choose a folder for the run")
+    return path
+
+
 def output_dir(parser: argparse.ArgumentParser, path: str | Path, option: str = "--out") -> Path:
     """``path`` created as a folder (with its parents), or the parser's one-line error and
     exit status 2 when it cannot be: a file of that name, no permission, a read-only place."""
@@ -68,8 +77,9 @@ def output_dir(parser: argparse.ArgumentParser, path: str | Path, option: str = 
     def fail(why: str) -> NoReturn:
         parser.exit(2, f"{parser.prog}: error: {option} {path}: {why}\n")
 
-    out = Path(path)
-    if out.exists() and not out.is_dir():
+    try:
+        out = refuse_file_out(path, option)
+    except NotADirectoryError:
         fail("is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)

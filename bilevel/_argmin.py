@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -20,14 +18,13 @@ from ._batching import (
     task_count,
 )
 from ._errors import BilevelTypeError, BilevelValueError
+from ._guards import solution_of
 from ._layer_base import _Layer, check_solver_role
 from ._precision import (
-    Work,
     check_dtype_policy,
     explain_dtype_errors,
-    master_casts,
-    tensor_leaves,
-    work_dtype,
+    in_master_precision,
+    solve_precision,
 )
 from ._problem import ClosedBt, RootProblem, task_slice
 from ._result import SolverResult, stack_results
@@ -35,10 +32,6 @@ from ._traced import compile_boundary, tracing, untraceable_linsolve, untraceabl
 from ._transforms import any_dual, any_wrapped
 from ._tree import batch_size, is_tree, tree_flatten, tree_map
 from ._types import BackwardDtype, Batched, HvpMode, OnFailure
-
-
-def _solution_tree(result: Any) -> Any:
-    return result.x if hasattr(result, "x") and not isinstance(result, Tensor) else result
 
 
 def _scalar_objective(objective: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
@@ -54,43 +47,6 @@ def _scalar_objective(objective: Callable[..., Tensor], name: str) -> Callable[.
         return v
 
     return f
-
-
-def solve_precision(layer: Any, x0: Any, args: tuple) -> tuple[Work | None, Callable[[Any], Any], Callable[[Any], Any]]:
-    """The precision policy of ``layer``'s inner solve for one call (``layer.solve_dtype``,
-    bilevel/_precision.py): ``(master, lift, lower)``, recorded in its diagnostics.
-    Half-precision unknowns and arguments are lifted to float32 and the solution comes
-    back in the unknowns' dtypes (a master copy, as in mixed-precision training): a
-    bfloat16 solve would stop at bfloat16's tolerance, far from x*."""
-    x_leaves = tree_flatten(x0)[0]
-    master = work_dtype(layer.solve_dtype, [*x_leaves, *tensor_leaves(args)])
-    layer.diagnostics.solve_dtype = None if master is None else master.dtype
-    lift, lower = master_casts(master, [t.dtype for t in x_leaves])
-    return master, lift, lower
-
-
-def in_master_precision(name: str, master: Work | None, lift: Callable[[Any], Any], lower: Callable[[Any], Any],
-                        call: Callable[..., Any]) -> Callable[..., Any]:
-    """``call(x0, *args)`` (an inner solve) run on lifted inputs, its solution lowered back."""
-
-    def solve(x0_: Any, *a: Any) -> Any:
-        x0_, a = lift(x0_), lift(a)
-        with explain_dtype_errors(name, "inner solve", "solve_dtype", master):
-            res = call(x0_, *a)
-        return _with_solution(res, lower(_solution_tree(res))) if master is not None else res
-
-    return solve
-
-
-def _with_solution(res: Any, x: Any) -> Any:
-    """The solver's result with its solution replaced (a dataclass, an object with ``.x``, or the tree itself)."""
-    if dataclasses.is_dataclass(res) and not isinstance(res, type):
-        return dataclasses.replace(res, x=x)
-    if hasattr(res, "x"):
-        out = copy.copy(res)
-        out.x = x
-        return out
-    return x
 
 
 def _sum_grad(objective: Callable[..., Tensor]) -> Callable[..., Any]:
@@ -292,7 +248,7 @@ class Argmin(_Layer):
                     x0_b = tree_map(lambda t, b=b: t[b], x0_)
                     with explain_dtype_errors(self._name, "inner solve", "solve_dtype", master):
                         results.append(self.solver(one, x0_b, *task_slice(a, dims, b)))
-                xs = [lower(_solution_tree(r)) for r in results]
+                xs = [lower(solution_of(r, self._name)) for r in results]
                 x = tree_map(lambda *ls: torch.stack(ls), *xs)
                 if all(isinstance(r, SolverResult) for r in results):
                     return stack_results(results, x)

@@ -18,6 +18,8 @@ solution or an argument is in half precision -- and never under autocast, even w
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ._errors import BilevelTypeError, BilevelValueError
+from ._guards import solution_of
 from ._tree import tree_flatten, tree_unflatten
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -151,3 +154,40 @@ def explain_dtype_errors(name: str, what: str, option: str, work: Work | None) -
             f"Pass it as an argument of the layer (it is then lifted too), or set {option}=None to run in the "
             "inputs' precision"
         ) from e
+
+
+def solve_precision(layer: Any, x0: Any, args: tuple) -> tuple[Work | None, Callable[[Any], Any], Callable[[Any], Any]]:
+    """The precision policy of ``layer``'s inner solve for one call (``layer.solve_dtype``):
+    ``(master, lift, lower)``, recorded in its diagnostics.  Half-precision unknowns and
+    arguments are lifted to float32 and the solution comes back in the unknowns' dtypes (a
+    master copy, as in mixed-precision training): a bfloat16 solve would stop at
+    bfloat16's tolerance, far from x*."""
+    x_leaves = tree_flatten(x0)[0]
+    master = work_dtype(layer.solve_dtype, [*x_leaves, *tensor_leaves(args)])
+    layer.diagnostics.solve_dtype = None if master is None else master.dtype
+    lift, lower = master_casts(master, [t.dtype for t in x_leaves])
+    return master, lift, lower
+
+
+def in_master_precision(name: str, master: Work | None, lift: Callable[[Any], Any], lower: Callable[[Any], Any],
+                        call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call(x0, *args)`` (an inner solve) run on lifted inputs, its solution lowered back
+    into the solver's result (a dataclass, an object with ``.x``, or the tree itself)."""
+
+    def solve(x0_: Any, *a: Any) -> Any:
+        x0_, a = lift(x0_), lift(a)
+        with explain_dtype_errors(name, "inner solve", "solve_dtype", master):
+            res = call(x0_, *a)
+        if master is None:
+            return res
+        x = lower(solution_of(res, name))
+        if dataclasses.is_dataclass(res) and not isinstance(res, type):
+            return dataclasses.replace(res, x=x)
+        if hasattr(res, "x") and not isinstance(res, Tensor):
+            out = copy.copy(res)
+            out.x = x
+            return out
+        return x
+
+    return solve
+

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from ._argmin import Argmin, in_master_precision, solve_precision
+from ._argmin import Argmin
 from ._batching import InDims, arg_dims, task_count
 from ._errors import BilevelTypeError, BilevelValueError
 from ._layer_base import ImplicitLayer, _Layer, check_solver_role
-from ._precision import check_dtype_policy
+from ._precision import check_dtype_policy, in_master_precision, solve_precision
 from ._problem import RootProblem
 from ._traced import compile_boundary
 from ._tree import batch_size, tree_map

@@ -43,6 +43,7 @@ from tqdm import tqdm
 import bilevel
 from bilevel import linsolve, solvers
 
+from ..cliargs import refuse_file_out
 from ..imaml.checkpoint import (
     atomic_torch_save,
     capture_rng_state,
@@ -345,9 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate(cfg)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        out = Path(cfg.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+        out = refuse_file_out(cfg.out)
         if cfg.resume and not (out / "checkpoint.pt").exists():  # before the lock creates the folder
             raise ValueError(f"--resume: no checkpoint in {str(out)!r}")
         with RunLock(out):

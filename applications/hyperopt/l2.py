@@ -137,8 +137,8 @@ def main(argv: Sequence[str] | None = None, *, log: Any = print) -> int:
     if not (a.outer_steps >= 1 and a.outer_lr > 0 and math.isfinite(a.outer_lr) and all(g > 0 and math.isfinite(g) for g in grid)):
         parser.exit(2, f"{parser.prog}: error: --outer-steps must be >= 1 and --outer-lr and the grid finite and > 0\n")
     if a.limit is not None and a.limit < MIN_LIMIT:
-        parser.exit(2, f"{parser.prog}: error: --limit must be at least {MIN_LIMIT} (a quarter of them is the test "
-                       f"set, and every split needs examples of each class), got {a.limit}\n")
+        parser.error(f"--limit must be at least {MIN_LIMIT} (a quarter of them is the test set, and every split "
+                     f"needs examples of each class), got {a.limit}")
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     out = Path(a.out or f"runs/hyperopt-{a.dataset}")

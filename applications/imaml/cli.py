@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..cliargs import nonneg_int, positive_float, positive_int
+from ..cliargs import nonneg_int, positive_float, positive_int, refuse_file_out
 from . import plot
 from .algorithms import ALGORITHMS
 from .checkpoint import CHECKPOINT_NAME
@@ -228,8 +228,7 @@ def _train_command(args: argparse.Namespace, *, log: Callable[[str], None] = pri
     if args.download:
         _download(kw)
     cfg = resolve_config(**kw)
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():  # before announcing the run (RunDir checks it too)
-        raise ValueError(f"--out {cfg.out!r} is a file, not a folder: choose a folder for the run")
+    refuse_file_out(cfg.out)  # before the run is announced
     _set_threads(args.threads, cfg.dataset, cfg.device)
     ctx = setup_from_env(cfg.device)  # torchrun: join the process group (else one process)
     resume, overwrite = args.resume, args.overwrite

@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
+from ..cliargs import refuse_file_out
+
 __all__ = ["RUN_FILES", "RunLock", "RunLockedError", "discard_old_run", "new_run_id", "read_run_id",
            "remove_stale_temporaries"]
 
@@ -42,9 +44,7 @@ class RunLock:
 
     def __init__(self, out: str | os.PathLike[str]) -> None:
         self._f: IO[str] | None = None  # set first: release() must work whatever fails below
-        self.out = Path(out)
-        if self.out.exists() and not self.out.is_dir():
-            raise NotADirectoryError(f"--out {str(self.out)!r} is a file, not a folder: choose a folder for the run")
+        self.out = refuse_file_out(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / LOCK_NAME
         self._f = open(self.path, "a+")  # noqa: SIM115 (held until release)

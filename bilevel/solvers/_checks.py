@@ -89,7 +89,7 @@ def with_minimum_check(res: SolverResult, objective: Objective, args: tuple, bat
 
 
 def _layout(treedef: TreeDef, shapes: list[Any]) -> str:
-    if len(shapes) == 1 and treedef.num_leaves == 1 and repr(treedef) == "*":
+    if repr(treedef) == "*":  # a single tensor
         return f"a tensor of shape {tuple(shapes[0])}"
     return f"{treedef!r} with shapes {[tuple(s) for s in shapes]}"
 
